@@ -1,0 +1,128 @@
+"""Watch, after each synchronising backward, what a ``find_unused_parameters=False`` plan assumed.
+
+Two things can break such a plan later in training: a parameter the plan counted on gets no gradient
+(DDP then waits forever on a bucket on the other ranks and raises "Expected to have finished
+reduction" on this one), or a parameter the plan DDP-ignored wakes up (its gradient is then never
+averaged and replicas drift apart silently). After backward the guard
+
+1. zero-fills the gradients the plan expects to be missing on this rank (see :mod:`mmddp_hooks.plan`);
+2. asks the reducer whether the iteration finalised; if not, it zero-fills every parameter still
+   without a gradient, which completes the missing buckets exactly as ``find_unused_parameters=True``
+   would and releases the peers waiting on them (the iteration is rescued);
+3. all-reduces one small int vector: per ignored parameter, how many ranks gave it a gradient, plus the
+   number of rescued parameters. When any is non-zero, every rank learns it from the same collective,
+   averages the woken ignored gradients by hand, and reports a switch to a safe plan, so all ranks
+   rebuild DDP at the same iteration.
+
+Step 3 is one all-reduce of ``len(plan.ignore) + 1`` ints per step, the whole cost of the guard.
+"""
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .explain import explain_unused_error
+from .reducer_params import ReducerParam, reducer_params
+
+
+def zero_fill(params: List[torch.Tensor]) -> None:
+    """Run each parameter's AccumulateGrad with zeros, firing DDP's reducer hook for it."""
+    if params:
+        torch.autograd.backward(params, [torch.zeros_like(p) for p in params])
+
+
+def reducer_finalized(reducer) -> bool:
+    try:
+        reducer._check_reducer_finalized()
+    except RuntimeError:
+        return False
+    return True
+
+
+class PlanGuard:
+    """Per-rank state of the guard for one applied plan."""
+
+    def __init__(self, module: nn.Module, fill: List[str], ignore: List[str]) -> None:
+        named = dict(module.named_parameters())
+        self.params: List[ReducerParam] = reducer_params(module)
+        self.fill = [named[n] for n in fill]
+        self.ignore_names = list(ignore)
+        self.ignored = [named[n] for n in ignore]
+        self._woke = torch.zeros(len(self.ignored) + 1, dtype=torch.int32)
+        self._handles = [p.register_post_accumulate_grad_hook(self._waker(i))
+                         for i, p in enumerate(self.ignored)]
+        self.rescued_steps = 0
+
+    def _waker(self, i: int):
+        def wake(_: torch.Tensor) -> None:
+            self._woke[i] = 1
+        return wake
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def after_backward(self, reducer) -> Optional[str]:
+        """Fill, rescue, agree. Returns why every rank must switch to a safe plan, or None."""
+        zero_fill([p for p in self.fill if p.grad is None])
+        rescued: List[str] = []
+        if not reducer_finalized(reducer):
+            missing = [rp for rp in self.params if rp.param.grad is None]
+            zero_fill([rp.param for rp in missing])
+            rescued = [rp.name for rp in missing]
+            if not reducer_finalized(reducer):
+                self._raise_unfinalized(reducer)
+        flags = self._woke.clone()
+        flags[-1] = len(rescued)
+        self._woke.zero_()
+        dist.all_reduce(flags)
+        if not bool(flags.any()):
+            return None
+        return self._agree_on_switch(flags, rescued)
+
+    def _raise_unfinalized(self, reducer) -> None:
+        try:
+            reducer._check_reducer_finalized()
+        except RuntimeError as e:
+            raise type(e)(explain_unused_error(str(e), self.params) + (
+                '\n[mmddp_hooks] the guard could not rescue this iteration: some parameters '
+                'without a new gradient still hold one from an earlier backward (gradient '
+                'accumulation or grads not set to None). Use find_unused_parameters=True.')) from e
+
+    def _agree_on_switch(self, flags: torch.Tensor, rescued: List[str]) -> str:
+        """Rare path, entered by every rank together: average woken ignored grads, name causes."""
+        woke = [i for i in range(len(self.ignored)) if int(flags[i]) > 0]
+        if woke:
+            self._average_ignored(flags)
+        local = {'rank': dist.get_rank(), 'rescued': rescued,
+                 'woke': [self.ignore_names[i] for i in woke if self.ignored[i].grad is not None]}
+        everyone: List = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+        self.rescued_steps += 1
+        parts = []
+        for r in everyone:
+            if r['rescued']:
+                parts.append(f"rank {r['rank']}: {len(r['rescued'])} parameters the plan counted on "
+                             f"got no gradient ({', '.join(r['rescued'][:8])}"
+                             f"{' ...' if len(r['rescued']) > 8 else ''}); rescued with zero "
+                             'gradients as find_unused_parameters=True would')
+            if r['woke']:
+                parts.append(f"rank {r['rank']}: ignored parameters woke up "
+                             f"({', '.join(r['woke'][:8])}); their gradients were averaged by hand")
+        return '; '.join(parts)
+
+    def _average_ignored(self, flags: torch.Tensor) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.ignored]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for i, p in enumerate(self.ignored):
+            n = p.numel()
+            if int(flags[i]) > 0:
+                p.grad = flat[offset:offset + n].view_as(p).clone()
+            else:
+                p.grad = None  # unused on every rank: None, as find_unused_parameters=True leaves it
+            offset += n

@@ -1,0 +1,3 @@
+from .ddp_autotune_hook import DDPAutoTuneHook
+
+__all__ = ['DDPAutoTuneHook']

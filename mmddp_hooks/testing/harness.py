@@ -1,0 +1,190 @@
+"""Run a function on N gloo CPU ranks with a hard timeout that kills the whole process group.
+
+Each rank is a fresh interpreter (``python -m mmddp_hooks.testing._worker``) with torchrun's
+environment variables, so code under test sees exactly what it would see under ``torchrun``. All ranks
+share one process group (POSIX pgid): on timeout, or shortly after one rank fails while its peers wait in
+a collective, the harness SIGKILLs the group, dataloader workers included. A hung collective therefore
+fails the test with each rank's output instead of hanging the suite.
+"""
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+OUTPUT_TAIL_CHARS = 6000
+
+
+class DistTestFailure(AssertionError):
+    """Raised by :meth:`DistRunResult.values` when any rank failed, hung or was killed."""
+
+
+@dataclass
+class RankResult:
+    rank: int
+    exitcode: Optional[int]
+    value: Any = None
+    error: Optional[str] = None
+    output: str = ''
+
+    @property
+    def ok(self) -> bool:
+        return self.exitcode == 0 and self.error is None
+
+
+@dataclass
+class DistRunResult:
+    world_size: int
+    timed_out: bool
+    elapsed: float
+    ranks: List[RankResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.timed_out and all(r.ok for r in self.ranks)
+
+    def describe(self) -> str:
+        head = (f'{self.world_size} ranks, {self.elapsed:.1f}s'
+                + (', TIMED OUT (process group killed)' if self.timed_out else ''))
+        parts = [head]
+        for r in self.ranks:
+            status = 'ok' if r.ok else f'FAILED (exit code {r.exitcode})'
+            parts.append(f'--- rank {r.rank}: {status}')
+            if r.error:
+                parts.append(r.error.rstrip())
+            if r.output.strip():
+                parts.append('[output]\n' + r.output[-OUTPUT_TAIL_CHARS:].rstrip())
+        return '\n'.join(parts)
+
+    def values(self) -> List[Any]:
+        """Each rank's return value, or :class:`DistTestFailure` with every rank's output."""
+        if not self.ok:
+            raise DistTestFailure(self.describe())
+        return [r.value for r in self.ranks]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _read_result(path: Path) -> Dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        with path.open('rb') as f:
+            return pickle.load(f)
+    except Exception as e:  # a half-written file from a killed rank
+        return {'error': f'could not read the rank result: {e!r}'}
+
+
+def run_on_ranks(fn: Callable[..., Any],
+                 world_size: int = 2,
+                 *,
+                 args: Sequence[Any] = (),
+                 kwargs: Optional[Dict[str, Any]] = None,
+                 timeout: float = 120.0,
+                 backend: str = 'gloo',
+                 env: Optional[Dict[str, str]] = None,
+                 failure_grace: float = 5.0) -> DistRunResult:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks with an initialised process group.
+
+    ``fn`` must be importable by reference (a module-level function). Each rank's return value must
+    be picklable. The process group is torn down (barrier + destroy) after ``fn`` returns.
+
+    Args:
+        timeout: wall-clock seconds for the whole run; past it every rank is killed.
+        failure_grace: seconds the other ranks get to finish after one rank failed, before the group
+            is killed (a peer of a failed rank usually waits in a collective forever).
+        env: extra environment variables for every rank.
+    """
+    kwargs = kwargs or {}
+    workdir = Path(tempfile.mkdtemp(prefix='mmddp_ranks_'))
+    spec = workdir / 'spec.pkl'
+    with spec.open('wb') as f:
+        pickle.dump((fn, tuple(args), kwargs, backend, timeout), f)
+    base_env = dict(os.environ)
+    base_env.update({
+        'WORLD_SIZE': str(world_size),
+        'LOCAL_WORLD_SIZE': str(world_size),
+        'MASTER_ADDR': '127.0.0.1',
+        'MASTER_PORT': str(free_port()),
+        'PYTHONPATH': os.pathsep.join(p for p in sys.path if p),
+        'PYTHONUNBUFFERED': '1',
+        'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1'),
+    })
+    base_env.update(env or {})
+
+    procs: List[subprocess.Popen] = []
+    logs = []
+    pgid = 0
+    start = time.monotonic()
+    try:
+        for rank in range(world_size):
+            rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
+            log = (workdir / f'rank{rank}.log').open('wb')
+            logs.append(log)
+            group = pgid
+            procs.append(subprocess.Popen(
+                [sys.executable, '-m', 'mmddp_hooks.testing._worker', str(spec), str(rank),
+                 str(workdir / f'rank{rank}.result')],
+                env=rank_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=lambda g=group: os.setpgid(0, g)))
+            if rank == 0:
+                pgid = procs[0].pid
+        timed_out = _wait(procs, start + timeout, failure_grace)
+    finally:
+        if pgid:
+            _kill_group(pgid)
+        for p in procs:
+            p.wait()
+        for log in logs:
+            log.close()
+    elapsed = time.monotonic() - start
+    result = DistRunResult(world_size=world_size, timed_out=timed_out, elapsed=elapsed)
+    for rank, proc in enumerate(procs):
+        payload = _read_result(workdir / f'rank{rank}.result')
+        output = (workdir / f'rank{rank}.log').read_text(errors='replace')
+        error = payload.get('error')
+        if 'value' not in payload and error is None:
+            error = ('rank produced no result: killed after a timeout or a peer failure'
+                     if proc.returncode and proc.returncode < 0 else 'rank produced no result')
+        result.ranks.append(RankResult(rank=rank, exitcode=proc.returncode,
+                                       value=payload.get('value'), error=error, output=output))
+    return result
+
+
+def _wait(procs: List[subprocess.Popen], deadline: float, failure_grace: float) -> bool:
+    """Poll until every rank exits; True if the deadline passed first."""
+    first_failure: Optional[float] = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return False
+        now = time.monotonic()
+        if now >= deadline:
+            return True
+        if first_failure is None and any(c not in (None, 0) for c in codes):
+            first_failure = now
+        if first_failure is not None and now - first_failure >= failure_grace:
+            return False  # peers of a failed rank: killed by the caller's finally
+        time.sleep(0.02)
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int = 2, **kw: Any) -> List[Any]:
+    """:func:`run_on_ranks` then :meth:`DistRunResult.values`: the rank values, or a test failure."""
+    return run_on_ranks(fn, world_size, **kw).values()

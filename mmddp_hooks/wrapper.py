@@ -1,0 +1,161 @@
+"""``ReconfigurableDDP``: MMDistributedDataParallel that can change its DDP settings mid-training.
+
+DDP fixes ``find_unused_parameters``, ``static_graph`` and the ignored set when it builds its reducer.
+This wrapper re-runs DDP's constructor on itself (every rank, same iteration), so ``runner.model`` stays
+the same object: the optimizer keeps its parameters and state, and hooks holding ``runner.model`` or
+``runner.model.module`` (EMA, checkpointing) keep working. It also makes CPU/gloo runs work as they
+would on GPUs: ``device_ids`` is dropped for CPU modules and SyncBN is reverted to BN.
+"""
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
+from mmengine.model.utils import detect_anomalous_params
+from mmengine.optim import OptimWrapper
+from mmengine.registry import MODEL_WRAPPERS
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import dist as ddist
+from .guard import PlanGuard
+from .plan import DDPPlan
+from .probe import UsageProbe
+from .reducer_params import ignore_keys_for, reducer_params
+from .report import Usage
+
+# The DDP keyword arguments a rebuild carries over from the config (plus what the plan overrides).
+_CARRIED = ('broadcast_buffers', 'bucket_cap_mb', 'gradient_as_bucket_view', 'process_group',
+            'dim', 'output_device', 'device_ids', 'static_graph', 'find_unused_parameters')
+_MODULE_HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called',
+                      '_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_backward_hooks',
+                      '_backward_pre_hooks', '_state_dict_hooks', '_state_dict_pre_hooks',
+                      '_load_state_dict_pre_hooks', '_load_state_dict_post_hooks')
+
+
+def _on_cpu(module: nn.Module) -> bool:
+    return all(p.device.type == 'cpu' for p in module.parameters())
+
+
+@MODEL_WRAPPERS.register_module()
+class ReconfigurableDDP(MMDistributedDataParallel):
+    """Drop-in for ``MMDistributedDataParallel`` whose DDP settings can be replaced by a plan.
+
+    Args:
+        module: the model to wrap.
+        detect_anomalous_params: as in ``MMDistributedDataParallel``.
+        **kwargs: ``DistributedDataParallel`` arguments. ``device_ids``/``output_device`` are dropped
+            for CPU modules (DDP rejects them there; MMEngine always passes ``[LOCAL_RANK]``).
+    """
+
+    def __init__(self, module: nn.Module, detect_anomalous_params: bool = False,
+                 **kwargs: Any) -> None:
+        if _on_cpu(module):
+            kwargs.pop('device_ids', None)
+            kwargs.pop('output_device', None)
+            module = revert_sync_batchnorm(module)
+        super().__init__(module=module, detect_anomalous_params=detect_anomalous_params, **kwargs)
+        self.config_kwargs: Dict[str, Any] = {k: v for k, v in kwargs.items() if k in _CARRIED}
+        self.plan: Optional[DDPPlan] = None
+        self.probe: Optional[UsageProbe] = None
+        self.guard: Optional[PlanGuard] = None
+        self.switch_log: List[str] = []
+
+    @classmethod
+    def from_ddp(cls, ddp: DistributedDataParallel) -> 'ReconfigurableDDP':
+        """Re-wrap a model that a runner already wrapped in (MM)DistributedDataParallel."""
+        ddp.reducer._remove_autograd_hooks()
+        kwargs = dict(find_unused_parameters=ddp.find_unused_parameters,
+                      broadcast_buffers=ddp.broadcast_buffers,
+                      bucket_cap_mb=ddp.bucket_bytes_cap / (1024 * 1024),
+                      gradient_as_bucket_view=ddp.gradient_as_bucket_view,
+                      static_graph=ddp.static_graph, process_group=ddp.process_group)
+        if ddp.device_ids:
+            kwargs['device_ids'] = ddp.device_ids
+        return cls(ddp.module, getattr(ddp, 'detect_anomalous_params', False), **kwargs)
+
+    # ----------------------------------------------------------------------------------- rebuild
+    def rebuild(self, find_unused_parameters: bool, static_graph: bool = False,
+                ignore: Union[List[str], None] = None) -> None:
+        """Rebuild DDP on this object with new settings. A collective: call on every rank."""
+        module = self.module
+        self.reducer._remove_autograd_hooks()
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            module, ignore_keys_for(module, ignore or []))
+        kwargs = dict(self.config_kwargs, find_unused_parameters=find_unused_parameters,
+                      static_graph=static_graph)
+        training = self.training
+        hooks = {k: getattr(self, k) for k in _MODULE_HOOK_DICTS if hasattr(self, k)}
+        comm_hooks = list(self._comm_hooks)
+        MMDistributedDataParallel.__init__(self, module, self.detect_anomalous_params, **kwargs)
+        for k, v in hooks.items():
+            setattr(self, k, v)
+        self.train(training)
+        for hook, state in comm_hooks:
+            self.register_comm_hook(state, hook)
+
+    def start_probe(self) -> None:
+        """Probe under ``find_unused_parameters=True`` (cannot crash) and record usage."""
+        self._drop_guard()
+        self.rebuild(find_unused_parameters=True)
+        self.probe = UsageProbe(reducer_params(self.module))
+
+    def finish_probe(self) -> Usage:
+        """Stop recording and combine every rank's usage (a collective)."""
+        assert self.probe is not None, 'finish_probe() without start_probe()'
+        probe, self.probe = self.probe, None
+        probe.close()
+        return probe.gather()
+
+    def apply_plan(self, plan: DDPPlan) -> None:
+        """Rebuild DDP as the plan says and arm the guard. A collective: call on every rank."""
+        self._drop_guard()
+        module = self.module
+        named = dict(module.named_parameters())
+        unknown = [n for n in plan.ignore + plan.freeze if n not in named]
+        if unknown:
+            raise KeyError(f'the plan names parameters this model does not have: {unknown[:5]}')
+        for n in plan.freeze:
+            named[n].requires_grad_(False)
+        self.rebuild(plan.find_unused_parameters, plan.static_graph, plan.ignore)
+        self.plan = plan
+        if plan.guarded:
+            self.guard = PlanGuard(module, plan.fill.get(ddist.get_rank(), []), plan.ignore)
+
+    def _drop_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
+
+    def _switch_to_safe_plan(self, why: str) -> None:
+        assert self.plan is not None
+        safe = DDPPlan(find_unused_parameters=True, freeze=list(self.plan.freeze),
+                       reasons=self.plan.reasons + [f'switched to find_unused_parameters=True: {why}'])
+        self.switch_log.append(why)
+        from mmengine.logging import print_log
+        print_log(f'[mmddp_hooks] usage changed after the probe: {why}. Every rank switches to '
+                  'find_unused_parameters=True now; pin it in model_wrapper_cfg if this is '
+                  'expected.', logger='current', level=30)
+        self.apply_plan(safe)
+
+    # -------------------------------------------------------------------------------- train step
+    def train_step(self, data: Union[dict, tuple, list],
+                   optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
+        """``MMDistributedDataParallel.train_step`` with the probe/guard between backward and step."""
+        with optim_wrapper.optim_context(self):
+            data = self.module.data_preprocessor(data, training=True)
+            losses = self._run_forward(data, mode='loss')
+        parsed_loss, log_vars = self.module.parse_losses(losses)
+        optim_wrapper.backward(optim_wrapper.scale_loss(parsed_loss))
+        switch = None
+        if optim_wrapper.should_update():
+            if self.guard is not None:
+                switch = self.guard.after_backward(self.reducer)
+            optim_wrapper.step()
+            optim_wrapper.zero_grad()
+        if self.probe is not None:
+            self.probe.end_step()
+        if self.detect_anomalous_params:
+            detect_anomalous_params(parsed_loss, model=self)
+        if switch:
+            self._switch_to_safe_plan(switch)
+        return log_vars

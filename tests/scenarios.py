@@ -1,0 +1,241 @@
+"""Small MMEngine models whose parameter usage breaks plain DDP, and a Runner driver for one rank.
+
+Every model reproduces one user report: a config-disabled distillation module, a branch used on one
+rank only, modality dropout, random goal-encoder selection, tied weights + a frozen layer + root-level
+parameters, and branches that wake up or fall asleep after the probe.
+"""
+import hashlib
+import os
+import tempfile
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from mmengine.hooks import Hook
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+from torch import nn
+from torch.utils.data import Dataset
+
+DIM = 8
+
+
+class RandomVectors(Dataset):
+    def __init__(self, n: int = 64) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, DIM, generator=g)
+        self.y = torch.randn(n, 1, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return dict(inputs=self.x[i], target=self.y[i], index=i)
+
+
+class ScenarioModel(BaseModel):
+    """Trunk -> head regression; subclasses add the branch that makes usage interesting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(), nn.Linear(DIM, DIM))
+        self.head = nn.Linear(DIM, 1)
+        self.calls = 0
+
+    def branch(self, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def forward(self, inputs, target=None, index=None, mode='loss'):
+        h = self.branch(self.trunk(inputs), index)
+        out = self.head(h)
+        self.calls += 1
+        if mode == 'loss':
+            return dict(loss=((out - target) ** 2).mean())
+        return out
+
+
+class AllUsed(ScenarioModel):
+    pass
+
+
+class DisabledDistill(ScenarioModel):
+    """``use_resolution_distill=False`` in the config: the module is built but never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resolution_distill = nn.Sequential(nn.Linear(DIM, DIM), nn.Linear(DIM, DIM))
+
+
+class RankOneBranch(ScenarioModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rank1_adapter = nn.Linear(DIM, DIM)
+
+    def branch(self, h, index):
+        return self.rank1_adapter(h) if dist.get_rank() == 1 else h
+
+
+class ModalityDropout(ScenarioModel):
+    """Each iteration, each rank drops the depth branch with probability 1/2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth_encoder = nn.Linear(DIM, DIM)
+
+    def branch(self, h, index):
+        g = torch.Generator().manual_seed(1000 * self.calls + dist.get_rank())
+        return h + self.depth_encoder(h) if torch.rand(1, generator=g).item() < 0.5 else h
+
+
+class GoalEncoders(ScenarioModel):
+    """Each sample picks one of three goal encoders; with batch 2 some go unused each iteration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.goal_encoders = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(3))
+
+    def branch(self, h, index):
+        rows = [self.goal_encoders[int(i) % 3](h[j:j + 1]) for j, i in enumerate(index)]
+        return torch.cat(rows)
+
+
+class TiedFrozenRoot(ScenarioModel):
+    """Tied weights, a frozen layer, root-level parameters, and a dead tied module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(DIM, DIM)
+        self.decoder = nn.Linear(DIM, DIM)
+        self.decoder.weight = self.encoder.weight          # tied, used
+        self.frozen = nn.Linear(DIM, DIM).requires_grad_(False)
+        self.scale = nn.Parameter(torch.ones(1))           # root-level, used
+        self.unused_scale = nn.Parameter(torch.ones(1))    # root-level, never used
+        self.aux = nn.Linear(DIM, DIM)                     # never used, and registered twice:
+        self.aux_alias = self.aux                          # DDP must ignore every alias
+
+    def branch(self, h, index):
+        return self.decoder(self.frozen(self.encoder(h))) * self.scale
+
+
+class WakesUpOnRank1(ScenarioModel):
+    """The refinement branch is switched on at iteration 6, on rank 1 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refine = nn.Linear(DIM, DIM)
+
+    def branch(self, h, index):
+        return self.refine(h) if self.calls >= 6 and dist.get_rank() == 1 else h
+
+
+class FallsAsleepOnRank0(ScenarioModel):
+    """The adapter is used everywhere until iteration 6, then rank 0 stops using it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapter = nn.Linear(DIM, DIM)
+
+    def branch(self, h, index):
+        return h if self.calls >= 6 and dist.get_rank() == 0 else self.adapter(h)
+
+
+MODELS = {cls.__name__: cls for cls in (AllUsed, DisabledDistill, RankOneBranch, ModalityDropout,
+                                        GoalEncoders, TiedFrozenRoot, WakesUpOnRank1,
+                                        FallsAsleepOnRank0)}
+
+
+class LossRecorder(Hook):
+    def __init__(self) -> None:
+        self.losses: List[float] = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self.losses.append(float(outputs['loss']))
+
+
+def param_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = False,
+          iters: int = 10, optimizer: Optional[dict] = None, work_dir: Optional[str] = None,
+          resume: bool = False, checkpoint_interval: int = 0) -> Dict[str, Any]:
+    """Train one scenario on this rank through a real Runner; return what the tests compare."""
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    recorder = LossRecorder()
+    work_dir = work_dir or tempfile.mkdtemp(prefix=f'mmddp_{model_name}_')
+    hooks: List[Any] = [recorder]
+    if hook is not None:
+        hooks.insert(0, dict(type='DDPAutoTuneHook', **hook))
+    default_hooks = dict(logger=dict(type='LoggerHook', interval=1),
+                         checkpoint=dict(type='CheckpointHook', interval=checkpoint_interval or 10**6,
+                                         by_epoch=False))
+    runner = Runner(
+        model=model,
+        work_dir=work_dir,
+        experiment_name=f'{model_name}_{os.getpid()}_{next(_RUN_IDS)}',
+        train_dataloader=dict(dataset=RandomVectors(), batch_size=2, num_workers=0,
+                              sampler=dict(type='DefaultSampler', shuffle=True),
+                              collate_fn=dict(type='default_collate')),
+        train_cfg=dict(by_epoch=False, max_iters=iters),
+        optim_wrapper=dict(optimizer=optimizer or dict(type='SGD', lr=0.05, momentum=0.9)),
+        cfg=dict(model_wrapper_cfg=dict(type='ReconfigurableDDP',
+                                        find_unused_parameters=find_unused)),
+        custom_hooks=hooks,
+        default_hooks=default_hooks,
+        launcher='pytorch',
+        env_cfg=dict(dist_cfg=dict(backend='gloo')),
+        randomness=dict(seed=0),
+        resume=resume,
+        log_level='WARNING',
+    )
+    runner.train()
+    wrapper = runner.model
+    tune = next((h for h in runner.hooks if type(h).__name__ == 'DDPAutoTuneHook'), None)
+    plan = tune.plan.to_dict() if tune is not None and tune.plan is not None else None
+    return dict(
+        losses=recorder.losses,
+        digest=param_digest(wrapper.module),
+        params={k: v.detach().clone() for k, v in wrapper.module.state_dict().items()},
+        plan=plan,
+        current=dict(find_unused=wrapper.find_unused_parameters,
+                     ignored=sorted(getattr(wrapper.module, '_ddp_params_and_buffers_to_ignore',
+                                            []))),
+        switch_log=list(getattr(wrapper, 'switch_log', [])),
+        report_path=tune.report_path if tune is not None else None,
+        work_dir=work_dir,
+    )
+
+
+def _counter():
+    i = 0
+    while True:
+        i += 1
+        yield i
+
+
+_RUN_IDS = _counter()
+
+
+def compare_with_find_unused(model_name: str, hook: dict, iters: int = 10,
+                             optimizer: Optional[dict] = None,
+                             config_find_unused: bool = False) -> Dict[str, Any]:
+    """Train with the hook, then with find_unused_parameters=True and no hook, from the same seeds."""
+    tuned = train(model_name, hook=hook, iters=iters, optimizer=optimizer,
+                  find_unused=config_find_unused)
+    reference = train(model_name, find_unused=True, iters=iters, optimizer=optimizer)
+    max_param_diff = max((tuned['params'][k] - reference['params'][k]).abs().max().item()
+                         for k in tuned['params'])
+    return dict(tuned={k: v for k, v in tuned.items() if k != 'params'},
+                reference_losses=reference['losses'], max_param_diff=max_param_diff,
+                rank=dist.get_rank())
+
+
+def train_plain(model_name: str, iters: int = 10) -> Dict[str, Any]:
+    """No hook, find_unused_parameters=False: plain DDP, which must crash on these scenarios."""
+    out = train(model_name, iters=iters)
+    return {k: v for k, v in out.items() if k != 'params'}

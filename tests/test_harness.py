@@ -1,0 +1,73 @@
+"""The multi-process harness itself: results, tracebacks, and hangs that are killed, not waited on."""
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mmddp_hooks.testing import DistTestFailure, run_distributed, run_on_ranks
+
+pytestmark = pytest.mark.dist
+
+
+def _all_reduce_rank() -> float:
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    return t.item()
+
+
+def _raise_on_rank_1() -> int:
+    if dist.get_rank() == 1:
+        raise ValueError('boom on rank one')
+    return dist.get_rank()
+
+
+def _hang_in_collective() -> int:
+    print(f'rank {dist.get_rank()} pid {os.getpid()} before collective', flush=True)
+    if dist.get_rank() == 0:
+        time.sleep(3600)  # never joins: rank 1 waits in all_reduce forever
+    dist.all_reduce(torch.ones(1))
+    return 0
+
+
+def _report_env() -> dict:
+    return {k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')} | {
+        'backend': dist.get_backend()}
+
+
+def test_three_rank_all_reduce():
+    assert run_distributed(_all_reduce_rank, 3, timeout=60) == [6.0, 6.0, 6.0]
+
+
+def test_ranks_see_torchrun_env_and_gloo():
+    envs = run_distributed(_report_env, 2, timeout=60)
+    assert envs == [{'RANK': str(r), 'LOCAL_RANK': str(r), 'WORLD_SIZE': '2', 'backend': 'gloo'}
+                    for r in range(2)]
+
+
+def test_raising_rank_is_reported_with_traceback():
+    result = run_on_ranks(_raise_on_rank_1, 2, timeout=60)
+    assert not result.ok and not result.timed_out
+    # rank 0 returned, then its teardown barrier lost its peer: reported, not hidden
+    assert result.ranks[0].exitcode is not None
+    assert 'ValueError: boom on rank one' in result.ranks[1].error
+    assert '_raise_on_rank_1' in result.ranks[1].error  # a traceback, not just the message
+    with pytest.raises(DistTestFailure, match='boom on rank one'):
+        result.values()
+
+
+def test_hung_collective_is_killed_within_timeout():
+    start = time.monotonic()
+    result = run_on_ranks(_hang_in_collective, 2, timeout=8)
+    elapsed = time.monotonic() - start
+    assert result.timed_out
+    assert elapsed < 20, elapsed
+    for r in result.ranks:
+        assert r.exitcode == -9, r  # SIGKILL from the harness
+        assert 'before collective' in r.output
+        pid = int(r.output.split('pid ')[1].split()[0])
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(DistTestFailure, match='TIMED OUT'):
+        result.values()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Take a fresh machine to a working .venv with torch (CPU wheel), mmengine, a full mmcv 2.1.0 build
+# with CPU ops, mmsegmentation 1.2.2 and this package (editable, with test extras).
+# Idempotent: each step is skipped when what it installs is already importable at the right version,
+# so a second run takes seconds. mmcv's ~6 min source build is cached by pip's wheel cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
+
+have() {  # have MODULE VERSION: is MODULE importable with exactly VERSION?
+  "$PY" - "$1" "$2" <<'PYEOF' 2>/dev/null
+import importlib, sys
+mod = importlib.import_module(sys.argv[1])
+sys.exit(0 if mod.__version__.split('+')[0] == sys.argv[2] else 1)
+PYEOF
+}
+
+step() { printf '[setup] %s\n' "$*"; }
+
+# torch first, pinned, so nothing later can pull a multi-GB CUDA build.
+have torch 2.13.0 || { step "torch 2.13.0"; "${PIP[@]}" torch==2.13.0; }
+have mmengine 0.10.7 || { step "mmengine 0.10.7"; "${PIP[@]}" mmengine==0.10.7 torch==2.13.0; }
+
+if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
+  step "mmcv 2.1.0 with CPU ops (source build, ~6 min the first time; cached afterwards)"
+  "${PIP[@]}" "setuptools<81" wheel ninja
+  MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} \
+    "${PIP[@]}" --no-build-isolation mmcv==2.1.0 torch==2.13.0
+fi
+
+have mmseg 1.2.2 || { step "mmsegmentation 1.2.2"; "${PIP[@]}" mmsegmentation==1.2.2 ftfy regex torch==2.13.0 mmcv==2.1.0; }
+
+step "mmddp_hooks (editable, test extras)"
+"${PIP[@]}" --no-build-isolation -e ".[test,mmseg]" torch==2.13.0 mmcv==2.1.0
+
+"$PY" -c "import mmcv.ops, mmseg, mmddp_hooks; print('[setup] ok: torch', __import__('torch').__version__, \
+'mmengine', __import__('mmengine').__version__, 'mmcv', mmcv.__version__, 'mmseg', mmseg.__version__, \
+'mmddp_hooks', mmddp_hooks.__version__)"
