@@ -162,7 +162,8 @@ def param_digest(model: nn.Module) -> str:
 
 def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = False,
           iters: int = 10, optimizer: Optional[dict] = None, work_dir: Optional[str] = None,
-          resume: bool = False, checkpoint_interval: int = 0) -> Dict[str, Any]:
+          resume: bool = False, checkpoint_interval: int = 0,
+          ema: bool = False) -> Dict[str, Any]:
     """Train one scenario on this rank through a real Runner; return what the tests compare."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
@@ -171,6 +172,8 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
     hooks: List[Any] = [recorder]
     if hook is not None:
         hooks.insert(0, dict(type='DDPAutoTuneHook', **hook))
+    if ema:
+        hooks.append(dict(type='EMAHook', momentum=0.1))
     default_hooks = dict(logger=dict(type='LoggerHook', interval=1),
                          checkpoint=dict(type='CheckpointHook', interval=checkpoint_interval or 10**6,
                                          by_epoch=False))
@@ -206,6 +209,7 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
                      ignored=sorted(getattr(wrapper.module, '_ddp_params_and_buffers_to_ignore',
                                             []))),
         switch_log=list(getattr(wrapper, 'switch_log', [])),
+        probed=tune is not None and tune.report_path is not None,
         report_path=tune.report_path if tune is not None else None,
         work_dir=work_dir,
     )
@@ -239,3 +243,20 @@ def train_plain(model_name: str, iters: int = 10) -> Dict[str, Any]:
     """No hook, find_unused_parameters=False: plain DDP, which must crash on these scenarios."""
     out = train(model_name, iters=iters)
     return {k: v for k, v in out.items() if k != 'params'}
+
+
+def resume_keeps_plan(model_name: str, hook: dict) -> Dict[str, Any]:
+    """Train 8 iterations with checkpoints, resume to 12, and compare with 12 uninterrupted ones."""
+    shared = [tempfile.mkdtemp(prefix='mmddp_resume_') if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared)  # checkpoints are written by rank 0 only
+    kw = dict(hook=hook, ema=True, optimizer=dict(type='AdamW', lr=1e-2, weight_decay=1e-2))
+    first = train(model_name, iters=8, checkpoint_interval=4, work_dir=shared[0], **kw)
+    resumed = train(model_name, iters=12, work_dir=shared[0], resume=True, **kw)
+    straight = train(model_name, iters=12, **kw)
+    ckpt = torch.load(os.path.join(shared[0], 'iter_8.pth'), map_location='cpu',
+                      weights_only=False)
+    return dict(first_plan=first['plan'], resumed_plan=resumed['plan'],
+                resumed_probed=resumed['probed'], resumed_losses=resumed['losses'],
+                straight_losses=straight['losses'][8:], checkpoint_plan=ckpt['mmddp_hooks']['plan'],
+                resumed_digest=resumed['digest'], straight_digest=straight['digest'],
+                ema_saved='ema_state_dict' in ckpt)
