@@ -149,7 +149,7 @@ class LossRecorder(Hook):
         self.losses: List[float] = []
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        self.losses.append(float(outputs['loss']))
+        self.losses.append(float(outputs['loss'].detach()))
 
 
 def param_digest(model: nn.Module) -> str:
@@ -163,7 +163,7 @@ def param_digest(model: nn.Module) -> str:
 def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = False,
           iters: int = 10, optimizer: Optional[dict] = None, work_dir: Optional[str] = None,
           resume: bool = False, checkpoint_interval: int = 0,
-          ema: bool = False) -> Dict[str, Any]:
+          ema: bool = False, log_level: str = 'WARNING') -> Dict[str, Any]:
     """Train one scenario on this rank through a real Runner; return what the tests compare."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
@@ -194,7 +194,7 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         env_cfg=dict(dist_cfg=dict(backend='gloo')),
         randomness=dict(seed=0),
         resume=resume,
-        log_level='WARNING',
+        log_level=log_level,
     )
     runner.train()
     wrapper = runner.model
