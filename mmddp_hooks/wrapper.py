@@ -6,9 +6,11 @@ the same object: the optimizer keeps its parameters and state, and hooks holding
 ``runner.model.module`` (EMA, checkpointing) keep working. It also makes CPU/gloo runs work as they
 would on GPUs: ``device_ids`` is dropped for CPU modules and SyncBN is reverted to BN.
 """
+import logging
 from typing import Any, Dict, List, Optional, Union
 
 import torch
+from mmengine.logging import print_log
 from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
 from mmengine.model.utils import detect_anomalous_params
 from mmengine.optim import OptimWrapper
@@ -131,10 +133,9 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         safe = DDPPlan(find_unused_parameters=True, freeze=list(self.plan.freeze),
                        reasons=self.plan.reasons + [f'switched to find_unused_parameters=True: {why}'])
         self.switch_log.append(why)
-        from mmengine.logging import print_log
         print_log(f'[mmddp_hooks] usage changed after the probe: {why}. Every rank switches to '
                   'find_unused_parameters=True now; pin it in model_wrapper_cfg if this is '
-                  'expected.', logger='current', level=30)
+                  'expected.', logger='current', level=logging.WARNING)
         self.apply_plan(safe)
 
     # -------------------------------------------------------------------------------- train step

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 from mmengine.hooks import Hook
-from mmengine.model import BaseModel
+from mmengine.model import BaseModel, MMDistributedDataParallel
 from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
@@ -163,7 +163,8 @@ def param_digest(model: nn.Module) -> str:
 def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = False,
           iters: int = 10, optimizer: Optional[dict] = None, work_dir: Optional[str] = None,
           resume: bool = False, checkpoint_interval: int = 0,
-          ema: bool = False, log_level: str = 'WARNING') -> Dict[str, Any]:
+          ema: bool = False, log_level: str = 'WARNING',
+          prewrap: bool = False) -> Dict[str, Any]:
     """Train one scenario on this rank through a real Runner; return what the tests compare."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
@@ -177,6 +178,9 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
     default_hooks = dict(logger=dict(type='LoggerHook', interval=1),
                          checkpoint=dict(type='CheckpointHook', interval=checkpoint_interval or 10**6,
                                          by_epoch=False))
+    wrapper_cfg = dict(type='ReconfigurableDDP', find_unused_parameters=find_unused)
+    if prewrap:  # the user wrapped the model by hand: the runner leaves it alone
+        model, wrapper_cfg = MMDistributedDataParallel(model, find_unused_parameters=find_unused), None
     runner = Runner(
         model=model,
         work_dir=work_dir,
@@ -186,8 +190,7 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
                               collate_fn=dict(type='default_collate')),
         train_cfg=dict(by_epoch=False, max_iters=iters),
         optim_wrapper=dict(optimizer=optimizer or dict(type='SGD', lr=0.05, momentum=0.9)),
-        cfg=dict(model_wrapper_cfg=dict(type='ReconfigurableDDP',
-                                        find_unused_parameters=find_unused)),
+        cfg=dict(model_wrapper_cfg=wrapper_cfg),
         custom_hooks=hooks,
         default_hooks=default_hooks,
         launcher='pytorch',
@@ -210,6 +213,7 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
                                             []))),
         switch_log=list(getattr(wrapper, 'switch_log', [])),
         probed=tune is not None and tune.report_path is not None,
+        wrapper_type=type(wrapper).__name__,
         report_path=tune.report_path if tune is not None else None,
         work_dir=work_dir,
     )
@@ -239,9 +243,9 @@ def compare_with_find_unused(model_name: str, hook: dict, iters: int = 10,
                 rank=dist.get_rank())
 
 
-def train_plain(model_name: str, iters: int = 10) -> Dict[str, Any]:
-    """No hook, find_unused_parameters=False: plain DDP, which must crash on these scenarios."""
-    out = train(model_name, iters=iters)
+def train_plain(model_name: str, iters: int = 10, **kw: Any) -> Dict[str, Any]:
+    """``train`` without the parameter tensors; with no hook, plain DDP (crashes on most scenarios)."""
+    out = train(model_name, iters=iters, **kw)
     return {k: v for k, v in out.items() if k != 'params'}
 
 

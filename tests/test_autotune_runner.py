@@ -7,9 +7,10 @@ loss curve and parameters must match the find_unused_parameters=True run.
 import json
 
 import pytest
-import scenarios
 
 from mmddp_hooks.testing import run_distributed, run_on_ranks
+
+import scenarios
 
 pytestmark = [pytest.mark.dist, pytest.mark.runner]
 
@@ -116,3 +117,14 @@ def test_resume_keeps_plan_and_matches_uninterrupted_run():
         assert r['resumed_digest'] == r['straight_digest']
         assert r['ema_saved']
     assert len({r['resumed_digest'] for r in results}) == 1
+
+
+def test_hand_wrapped_ddp_is_rewrapped():
+    results = run_distributed(scenarios.train_plain, 2, args=('DisabledDistill',),
+                              kwargs=dict(hook=dict(probe_iters=2), prewrap=True, iters=5),
+                              timeout=TIMEOUT)
+    for r in results:
+        assert r['wrapper_type'] == 'ReconfigurableDDP'
+        assert r['plan']['ignore'] == ['resolution_distill.0.weight', 'resolution_distill.0.bias',
+                                       'resolution_distill.1.weight', 'resolution_distill.1.bias']
+    assert results[0]['digest'] == results[1]['digest']
