@@ -14,9 +14,11 @@ averaged and replicas drift apart silently). After backward the guard
    averages the woken ignored gradients by hand, and reports a switch to a safe plan, so all ranks
    rebuild DDP at the same iteration.
 
-Step 3 is one all-reduce of ``len(plan.ignore) + 1`` ints per step, the whole cost of the guard.
+Step 3 is one all-reduce of ``len(plan.ignore) + 1`` ints per step, the whole cost of the guard. It is
+synchronous only when the plan ignores parameters; otherwise it overlaps the optimizer step and the
+next forward, and the switch it may call for happens one iteration after the rescue.
 """
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -53,6 +55,7 @@ class PlanGuard:
         self._handles = [p.register_post_accumulate_grad_hook(self._waker(i))
                          for i, p in enumerate(self.ignored)]
         self.rescued_steps = 0
+        self._pending: Optional[Tuple[torch.Tensor, Any, List[str]]] = None
 
     def _waker(self, i: int):
         def wake(_: torch.Tensor) -> None:
@@ -60,12 +63,22 @@ class PlanGuard:
         return wake
 
     def close(self) -> None:
+        """Remove the hooks and finish an outstanding flag exchange (every rank calls this)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._pending is not None:
+            self._pending[1].wait()
+            self._pending = None
 
     def after_backward(self, reducer) -> Optional[str]:
-        """Fill, rescue, agree. Returns why every rank must switch to a safe plan, or None."""
+        """Fill, rescue, agree. Returns why every rank must switch to a safe plan, or None.
+
+        With ignored parameters the flags are needed before the optimizer step (a woken gradient
+        must be averaged first), so the exchange is synchronous. Without, a rescue is already
+        complete locally and only the switch needs agreeing on: the exchange runs in the background
+        and is read one step later, when every rank switches together.
+        """
         zero_fill([p for p in self.fill if p.grad is None])
         rescued: List[str] = []
         if not reducer_finalized(reducer):
@@ -77,10 +90,16 @@ class PlanGuard:
         flags = self._woke.clone()
         flags[-1] = len(rescued)
         self._woke.zero_()
-        dist.all_reduce(flags)
-        if not bool(flags.any()):
+        if self.ignored:
+            dist.all_reduce(flags)
+            return self._agree_on_switch(flags, rescued) if bool(flags.any()) else None
+        previous, self._pending = self._pending, (flags, dist.all_reduce(flags, async_op=True),
+                                                  rescued)
+        if previous is None:
             return None
-        return self._agree_on_switch(flags, rescued)
+        prev_flags, work, prev_rescued = previous
+        work.wait()
+        return self._agree_on_switch(prev_flags, prev_rescued) if bool(prev_flags.any()) else None
 
     def _raise_unfinalized(self, reducer) -> None:
         try:
