@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist as ddist
+from .explain import UNUSED_MARKER, explain_unused_error
 from .guard import PlanGuard
 from .plan import DDPPlan
 from .probe import UsageProbe
@@ -139,6 +140,15 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.apply_plan(safe)
 
     # -------------------------------------------------------------------------------- train step
+    def _run_forward(self, data: Union[dict, tuple, list], mode: str) -> Any:
+        """DDP's forward; its index-only unused-parameter error is re-raised with names."""
+        try:
+            return super()._run_forward(data, mode)
+        except RuntimeError as e:
+            if UNUSED_MARKER not in str(e):
+                raise
+            raise type(e)(explain_unused_error(str(e), reducer_params(self.module))) from e
+
     def train_step(self, data: Union[dict, tuple, list],
                    optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
         """``MMDistributedDataParallel.train_step`` with the probe/guard between backward and step."""
