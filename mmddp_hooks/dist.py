@@ -75,3 +75,51 @@ def teardown() -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward *sums* the gradient over ranks, then takes this
+    rank's rows. Every rank's loss depends on every gathered row, so the gradient of a rank's
+    rows is the sum of all ranks' contributions; returning only ``grads[rank]`` (the widely copied
+    GatherLayer) drops the other ranks' terms."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        sizes_list = [int(s.item()) for s in sizes]
+        max_rows = max(sizes_list)
+        padded = x.new_zeros((max_rows, *x.shape[1:]))
+        padded[:x.shape[0]] = x
+        chunks = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(chunks, padded.contiguous())
+        ctx.sizes = sizes_list
+        ctx.rank = dist.get_rank()
+        return torch.cat([c[:n] for c, n in zip(chunks, sizes_list)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0 (sizes may differ), differentiably.
+
+    Identity when no process group is initialised or the world has one rank.
+    """
+    if not is_dist() or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a (detached) tensor over ranks; the tensor itself where there is no group."""
+    x = x.detach().clone()
+    if is_dist():
+        dist.all_reduce(x)
+    return x
