@@ -1,3 +1,4 @@
 from .ddp_autotune_hook import DDPAutoTuneHook
+from .replica_consistency_hook import ReplicaConsistencyHook
 
-__all__ = ['DDPAutoTuneHook']
+__all__ = ['DDPAutoTuneHook', 'ReplicaConsistencyHook']

@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import dist as ddist
 from ..plan import DDPPlan, check_options, choose_plan
-from ..report import build_report
+from ..report import UsageReport, build_report
 from ..wrapper import ReconfigurableDDP
 
 CHECKPOINT_KEY = 'mmddp_hooks'
@@ -49,6 +49,7 @@ class DDPAutoTuneHook(Hook):
         self.report_file = report_file
         self._resumed_plan: Optional[DDPPlan] = None
         self.plan: Optional[DDPPlan] = None
+        self.report: Optional[UsageReport] = None
         self.report_path: Optional[str] = None
 
     def before_run(self, runner) -> None:
@@ -100,7 +101,7 @@ class DDPAutoTuneHook(Hook):
                            grad_accumulation=getattr(runner.optim_wrapper, '_accumulative_counts',
                                                      1) > 1)
         model.apply_plan(plan)
-        self.plan = plan
+        self.plan, self.report = plan, report
         text = '\n'.join(['[mmddp_hooks] DDP usage report', report.table(),
                           f'plan: {plan.summary()}'] + [f'  - {r}' for r in plan.reasons])
         runner.logger.info(text)

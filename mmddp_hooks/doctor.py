@@ -1,0 +1,87 @@
+"""DDP doctor: probe a config on CPU gloo ranks with synthetic data and say whether DDP would crash.
+
+Thin on purpose: it runs the real training entry (config -> Runner) for a few iterations with
+:class:`DDPAutoTuneHook` under ``policy='keep'``, then asks :func:`choose_plan` twice: what the config as
+written does, and what ``auto`` would choose.
+"""
+import tempfile
+from typing import Any, Dict, List, Optional
+
+from .plan import choose_plan
+from .report import DYNAMIC, NEVER, RANK_FIXED, UsageReport
+
+OK, CRASHES, FAILED = 0, 1, 2
+
+
+def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Optional[List[int]],
+                synthetic: bool, work_dir: str) -> Optional[Dict[str, Any]]:
+    """One rank: train ``iters`` iterations while probing; rank 0 returns the findings."""
+    import torch.distributed as dist
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    import mmddp_hooks  # noqa: F401
+
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if synthetic:
+        from .mmseg import use_synthetic_data
+        use_synthetic_data(cfg, img_size=size, max_iters=iters)
+    else:
+        cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters)
+        for key in ('val_dataloader', 'val_evaluator', 'val_cfg', 'test_dataloader',
+                    'test_evaluator', 'test_cfg'):
+            cfg[key] = None
+    asked = dict(cfg.get('model_wrapper_cfg') or {})
+    find_unused = bool(asked.get('find_unused_parameters', cfg.get('find_unused_parameters', False)))
+    static_graph = bool(asked.get('static_graph', False))
+    asked.update(type='ReconfigurableDDP', find_unused_parameters=find_unused)
+    cfg.model_wrapper_cfg = asked
+    has_hook = any(h.get('type') == 'DDPAutoTuneHook' for h in cfg.get('custom_hooks', []))
+    cfg.custom_hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'DDPAutoTuneHook']
+    cfg.custom_hooks.append(dict(type='DDPAutoTuneHook', probe_iters=iters, policy='keep'))
+    cfg.default_hooks = dict(cfg.get('default_hooks') or {}, checkpoint=None)
+    cfg.launcher = 'pytorch'
+    cfg.work_dir = work_dir
+    cfg.resume, cfg.load_from = False, None
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    if dist.get_rank() != 0:
+        return None
+    tune = next(h for h in runner.hooks if type(h).__name__ == 'DDPAutoTuneHook')
+    report: UsageReport = tune.report
+    kept = choose_plan(report, find_unused, static_graph, policy='keep')
+    auto = choose_plan(report, find_unused, static_graph, policy='auto')
+    unused = report.names_of(NEVER) + report.names_of(RANK_FIXED) + report.names_of(DYNAMIC)
+    return dict(table=report.table(), report=report.to_dict(), asked_find_unused=find_unused,
+                has_hook=has_hook,
+                crashes=bool(unused) and not find_unused and not static_graph and not has_hook,
+                crashes_without_hook=bool(unused) and not find_unused and not static_graph,
+                kept=kept.to_dict(), auto=auto.to_dict(), auto_summary=auto.summary())
+
+
+def config_lines(findings: Dict[str, Any]) -> str:
+    auto = findings['auto']
+    lines = ["custom_imports = dict(imports=['mmddp_hooks'], allow_failed_imports=False)",
+             "model_wrapper_cfg = dict(type='ReconfigurableDDP', "
+             f"find_unused_parameters={auto['find_unused_parameters']})",
+             "custom_hooks = [dict(type='DDPAutoTuneHook', probe_iters=4)]"]
+    return '\n'.join(lines)
+
+
+def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[int]] = None,
+               cfg_options: Optional[dict] = None, synthetic: bool = True,
+               timeout: float = 600.0) -> Dict[str, Any]:
+    """Run the probe on ``nproc`` gloo ranks; ``status`` is OK, CRASHES or FAILED."""
+    from .testing import run_on_ranks
+
+    work_dir = tempfile.mkdtemp(prefix='ddp_doctor_')
+    result = run_on_ranks(doctor_rank, nproc, args=(config, cfg_options, iters, size, synthetic,
+                                                    work_dir), timeout=timeout)
+    if not result.ok:
+        return dict(status=FAILED, error=result.describe())
+    findings = result.ranks[0].value
+    findings['status'] = CRASHES if findings['crashes'] else OK
+    findings['config_lines'] = config_lines(findings)
+    return findings

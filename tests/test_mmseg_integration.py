@@ -1,0 +1,102 @@
+"""Real mmsegmentation 1.2.2 configs on 2 gloo CPU ranks through tools/dist_train.sh and the doctor.
+
+Each launch runs under a hard timeout in its own process group (killed whole on expiry).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.dist, pytest.mark.mmseg]
+
+ROOT = Path(__file__).parents[1]
+FCN_STAGE4 = ROOT / 'configs' / 'mmseg' / 'fcn_r18_stage4-unused.py'
+FCN_AUX_OFF = ROOT / 'configs' / 'mmseg' / 'fcn_r18_aux-off.py'
+SEGFORMER = ROOT / 'configs' / 'mmseg' / 'segformer_mit-b0_find-unused.py'
+SYNTH = ['--synthetic', '64', '64']
+
+
+def _run(cmd, timeout=300):
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f'timed out after {timeout}s:\n{out[-5000:]}')
+    return proc.returncode, out
+
+
+def dist_train(config, work_dir, *args):
+    return _run(['bash', 'tools/dist_train.sh', str(config), '2', '--work-dir', str(work_dir),
+                 *SYNTH, *args])
+
+
+def test_fcn_unused_stage_is_named_and_ignored_and_resume_keeps_plan(tmp_path):
+    code, out = dist_train(FCN_STAGE4, tmp_path, '--iters', '6')
+    assert code == 0, out[-5000:]
+    report = json.loads((tmp_path / 'ddp_usage_report.json').read_text())
+    never = [g for g in report['report']['groups'] if g['kind'] == 'never used']
+    assert [(g['prefix'], len(g['names'])) for g in never] == [('backbone.layer4', 15)]
+    plan = report['plan']
+    assert plan['find_unused_parameters'] is False
+    assert plan['ignore'] == never[0]['names'] and 'backbone.layer4.0.conv1.weight' in plan['ignore']
+    assert '  backbone.layer4      15  8393728  never used' in out
+    assert 'replicas bit-identical on 2 ranks at iteration 6' in out
+
+    code, out = dist_train(FCN_STAGE4, tmp_path, '--iters', '8', '--resume')
+    assert code == 0, out[-5000:]
+    assert 'resumed: applying the saved DDP plan (find_unused_parameters=False, ignore 15' in out
+    assert 'Iter(train) [8/8]' in out and 'probing parameter usage' not in out
+    assert 'replicas bit-identical on 2 ranks at iteration 8' in out
+
+
+def test_same_config_without_the_hook_crashes_with_named_error(tmp_path):
+    code, out = dist_train(FCN_STAGE4, tmp_path, '--iters', '4', '--cfg-options', 'custom_hooks=[]')
+    assert code != 0
+    assert 'Expected to have finished reduction in the prior iteration' in out
+    assert 'backbone.layer4.0.conv1.weight' in out  # the wrapper's re-raise names it
+
+
+def test_aux_head_switched_off_by_flag(tmp_path):
+    code, out = dist_train(FCN_AUX_OFF, tmp_path, '--iters', '5')
+    assert code == 0, out[-5000:]
+    plan = json.loads((tmp_path / 'ddp_usage_report.json').read_text())['plan']
+    assert plan['find_unused_parameters'] is False
+    assert sorted(plan['ignore']) == sorted([
+        'auxiliary_head.conv_seg.weight', 'auxiliary_head.conv_seg.bias',
+        'auxiliary_head.convs.0.conv.weight', 'auxiliary_head.convs.0.bn.weight',
+        'auxiliary_head.convs.0.bn.bias'])
+    assert 'replicas bit-identical on 2 ranks' in out
+
+
+def test_segformer_find_unused_not_needed(tmp_path):
+    code, out = dist_train(SEGFORMER, tmp_path, '--iters', '4')
+    assert code == 0, out[-5000:]
+    plan = json.loads((tmp_path / 'ddp_usage_report.json').read_text())['plan']
+    assert plan['find_unused_parameters'] is False and not plan['ignore']
+    assert ('find_unused_parameters=True was not needed: no unused parameter in 3 iterations on '
+            '2 ranks') in out
+
+
+@pytest.mark.parametrize('config, extra, expected', [
+    (FCN_AUX_OFF, ['--cfg-options', 'custom_hooks=[]'], 1),
+    (FCN_AUX_OFF, [], 0),
+    (SEGFORMER, [], 0),
+    ('configs/mmseg/missing.py', [], 2),
+])
+def test_ddp_doctor_exit_codes(config, extra, expected):
+    code, out = _run([sys.executable, 'tools/ddp_doctor.py', str(config), '--size', '64', '64',
+                      '--iters', '3', *extra])
+    assert code == expected, out[-5000:]
+    if expected == 1:
+        assert 'CRASHES under DDP' in out and 'auxiliary_head' in out
+        assert "model_wrapper_cfg = dict(type='ReconfigurableDDP', find_unused_parameters=False)" in out
+    if expected == 0 and config == FCN_AUX_OFF:
+        assert 'thanks to its DDPAutoTuneHook' in out
