@@ -1,15 +1,18 @@
 """DDPAutoTuneHook: probe the first iterations, report unused parameters by name, apply a plan."""
 import json
 import os.path as osp
-from typing import Optional
+from dataclasses import asdict
+from typing import List, Optional
 
 from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import dist as ddist
+from ..branches import CONFIG_KEY, Branch, parse_branches, resolve_branches, standard_settings
 from ..plan import DDPPlan, check_options, choose_plan
-from ..report import UsageReport, build_report
+from ..report import NEVER, UsageReport, build_report
 from ..wrapper import ReconfigurableDDP
 
 CHECKPOINT_KEY = 'mmddp_hooks'
@@ -34,12 +37,17 @@ class DDPAutoTuneHook(Hook):
         policy: 'auto' applies the plan; 'keep' keeps the config's settings and only reports.
         unused_action: 'ignore' (DDP-ignore never-used parameters, guarded) or 'freeze' them.
         report_file: JSON file name in ``work_dir``.
+        branches: config-declared branches (see :mod:`mmddp_hooks.branches`); by default the
+            config's top-level ``ddp_branches``. Branches whose flag is off are frozen before the
+            probe; branches whose flag is on but that never get a gradient are reported.
+        strict: raise, instead of warning, when an enabled branch never reaches the loss.
     """
 
     priority = 'VERY_HIGH'
 
     def __init__(self, probe_iters: int = 4, policy: str = 'auto', unused_action: str = 'ignore',
-                 report_file: str = 'ddp_usage_report.json') -> None:
+                 report_file: str = 'ddp_usage_report.json', branches: Optional[dict] = None,
+                 strict: bool = False) -> None:
         if probe_iters < 1:
             raise ValueError(f'DDPAutoTuneHook: probe_iters must be >= 1, got {probe_iters}')
         check_options(policy, unused_action)
@@ -47,6 +55,9 @@ class DDPAutoTuneHook(Hook):
         self.policy = policy
         self.unused_action = unused_action
         self.report_file = report_file
+        self.branches_declared = branches
+        self.strict = strict
+        self.branches: List[Branch] = []
         self._resumed_plan: Optional[DDPPlan] = None
         self.plan: Optional[DDPPlan] = None
         self.report: Optional[UsageReport] = None
@@ -59,6 +70,22 @@ class DDPAutoTuneHook(Hook):
                                'ReconfigurableDDP (set model_wrapper_cfg=dict(type='
                                "'ReconfigurableDDP') to skip this)")
             runner.model = ReconfigurableDDP.from_ddp(model)
+        declared = self.branches_declared or runner.cfg.get(CONFIG_KEY)
+        module = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        self.branches = resolve_branches(parse_branches(declared, runner.cfg), module)
+
+    def _freeze_switched_off(self, runner, model: ReconfigurableDDP) -> None:
+        """Freeze what the config switched off, so DDP never waits for it and no search is needed."""
+        named = dict(model.module.named_parameters())
+        for b in self.branches:
+            if b.enabled or not b.resolved:
+                continue
+            for n in b.resolved:
+                named[n].requires_grad_(False)
+            elems = sum(named[n].numel() for n in b.resolved)
+            runner.logger.info(f'[mmddp_hooks] branch {b.name} switched off by '
+                               f'{b.describe_flag()}: froze {len(b.resolved)} params '
+                               f'({elems} elems) before DDP')
 
     def _wrapper(self, runner) -> Optional[ReconfigurableDDP]:
         model = runner.model
@@ -78,6 +105,7 @@ class DDPAutoTuneHook(Hook):
         if model is None:
             runner.logger.info('[mmddp_hooks] not a distributed run: DDPAutoTuneHook does nothing')
             return
+        self._freeze_switched_off(runner, model)
         if self._resumed_plan is not None:
             self.plan = self._resumed_plan
             runner.logger.info('[mmddp_hooks] resumed: applying the saved DDP plan '
@@ -85,7 +113,8 @@ class DDPAutoTuneHook(Hook):
             model.apply_plan(self.plan)
             return
         runner.logger.info(f'[mmddp_hooks] probing parameter usage for {self.probe_iters} '
-                           'iterations under find_unused_parameters=True')
+                           'iterations under find_unused_parameters=True (DDP may warn that it '
+                           'found no unused parameter: expected while probing)')
         model.start_probe()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -100,6 +129,8 @@ class DDPAutoTuneHook(Hook):
                            policy=self.policy, unused_action=self.unused_action,
                            grad_accumulation=getattr(runner.optim_wrapper, '_accumulative_counts',
                                                      1) > 1)
+        branch_notes = self._check_enabled_branches(report)
+        plan.reasons.extend(branch_notes)
         model.apply_plan(plan)
         self.plan, self.report = plan, report
         text = '\n'.join(['[mmddp_hooks] DDP usage report', report.table(),
@@ -109,4 +140,17 @@ class DDPAutoTuneHook(Hook):
             self.report_path = osp.join(runner.work_dir, self.report_file)
             with open(self.report_path, 'w') as f:
                 json.dump({'iteration': runner.iter + 1, 'report': report.to_dict(),
-                           'plan': plan.to_dict()}, f, indent=2)
+                           'plan': plan.to_dict(), 'config': standard_settings(runner.cfg),
+                           'branches': [asdict(b) for b in self.branches]}, f, indent=2)
+        for note in branch_notes:
+            if self.strict:
+                raise RuntimeError(f'[mmddp_hooks] strict: {note}')
+            runner.logger.warning(f'[mmddp_hooks] {note}')
+
+    def _check_enabled_branches(self, report: UsageReport) -> List[str]:
+        """Enabled branches none of whose parameters got a gradient: likely bugs."""
+        never = set(report.names_of(NEVER))
+        where = f'in {report.n_iters} iterations on {report.n_ranks} ranks'
+        return [f'branch {b.name} is enabled by {b.describe_flag()} but never reached the loss '
+                f'{where} ({len(b.resolved)} params, e.g. {b.resolved[0]})'
+                for b in self.branches if b.enabled and b.resolved and set(b.resolved) <= never]
