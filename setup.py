@@ -20,6 +20,6 @@ setup(
     install_requires=['torch>=2.1,<=2.14.1', 'mmengine==0.10.7', 'numpy'],
     extras_require={
         'mmseg': ['mmcv==2.1.0', 'mmsegmentation==1.2.2', 'ftfy', 'regex'],
-        'test': ['pytest>=7', 'ruff'],
+        'test': ['pytest>=7', 'ruff', 'matplotlib'],
     },
 )

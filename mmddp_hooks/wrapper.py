@@ -62,11 +62,17 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.probe: Optional[UsageProbe] = None
         self.guard: Optional[PlanGuard] = None
         self.switch_log: List[str] = []
+        self.bucket_strides = self._current_strides()
+
+    def _current_strides(self) -> Dict[str, tuple]:
+        """Parameter strides as DDP saw them when it built its bucket views."""
+        return {n: p.stride() for n, p in self.module.named_parameters()}
 
     @classmethod
     def from_ddp(cls, ddp: DistributedDataParallel) -> 'ReconfigurableDDP':
         """Re-wrap a model that a runner already wrapped in (MM)DistributedDataParallel."""
         ddp.reducer._remove_autograd_hooks()
+        ddp.reducer = None  # the old wrapper drives nothing any more (DoubleWrapCheckHook skips it)
         kwargs = dict(find_unused_parameters=ddp.find_unused_parameters,
                       broadcast_buffers=ddp.broadcast_buffers,
                       bucket_cap_mb=ddp.bucket_bytes_cap / (1024 * 1024),
@@ -95,6 +101,14 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.train(training)
         for hook, state in comm_hooks:
             self.register_comm_hook(state, hook)
+        self.bucket_strides = self._current_strides()
+
+    def refresh_buckets(self) -> None:
+        """Rebuild with the current settings, so bucket views follow the parameters' layouts."""
+        names = [n for n, p in self.module.named_parameters()]
+        keys = set(getattr(self.module, '_ddp_params_and_buffers_to_ignore', ()))
+        ignored = [n for n in names if n in keys or f'.{n}' in keys]
+        self.rebuild(self.find_unused_parameters, self.static_graph, ignored)
 
     def start_probe(self) -> None:
         """Probe under ``find_unused_parameters=True`` (cannot crash) and record usage."""

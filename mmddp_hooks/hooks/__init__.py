@@ -1,4 +1,9 @@
+from .data_partition_check_hook import DataPartitionCheckHook
 from .ddp_autotune_hook import DDPAutoTuneHook
+from .dist_debug_level_hook import DistDebugLevelHook
+from .double_wrap_check_hook import DoubleWrapCheckHook
+from .grad_layout_hook import GradLayoutHook
 from .replica_consistency_hook import ReplicaConsistencyHook
 
-__all__ = ['DDPAutoTuneHook', 'ReplicaConsistencyHook']
+__all__ = ['DataPartitionCheckHook', 'DDPAutoTuneHook', 'DistDebugLevelHook', 'DoubleWrapCheckHook',
+           'GradLayoutHook', 'ReplicaConsistencyHook']

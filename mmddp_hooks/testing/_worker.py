@@ -12,7 +12,8 @@ def main(spec_path: str, rank: str, result_path: str) -> int:
         with open(spec_path, 'rb') as f:
             fn, args, kwargs, backend, timeout = pickle.load(f)
         assert int(os.environ['RANK']) == int(rank)
-        init_dist_if_needed(backend, timeout_s=timeout)
+        if backend is not None:  # None: the function initialises the process group itself
+            init_dist_if_needed(backend, timeout_s=timeout)
         payload = {'value': fn(*args, **kwargs)}
         teardown()
         code = 0

@@ -100,7 +100,8 @@ def run_on_ranks(fn: Callable[..., Any],
                  timeout: float = 120.0,
                  backend: str = 'gloo',
                  env: Optional[Dict[str, str]] = None,
-                 failure_grace: float = 5.0) -> DistRunResult:
+                 failure_grace: float = 5.0,
+                 init_process_group: bool = True) -> DistRunResult:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks with an initialised process group.
 
     ``fn`` must be importable by reference (a module-level function). Each rank's return value must
@@ -110,13 +111,16 @@ def run_on_ranks(fn: Callable[..., Any],
         timeout: wall-clock seconds for the whole run; past it every rank is killed.
         failure_grace: seconds the other ranks get to finish after one rank failed, before the group
             is killed (a peer of a failed rank usually waits in a collective forever).
+        init_process_group: False leaves initialisation to ``fn`` (torchrun's variables are set),
+            to test code that must run before the process group exists.
         env: extra environment variables for every rank.
     """
     kwargs = kwargs or {}
     workdir = Path(tempfile.mkdtemp(prefix='mmddp_ranks_'))
     spec = workdir / 'spec.pkl'
     with spec.open('wb') as f:
-        pickle.dump((fn, tuple(args), kwargs, backend, timeout), f)
+        pickle.dump((fn, tuple(args), kwargs, backend if init_process_group else None, timeout),
+                    f)
     base_env = dict(os.environ)
     base_env.update({
         'WORLD_SIZE': str(world_size),

@@ -1,0 +1,286 @@
+"""Step-time benchmark of DDP settings against the auto plan, interleaved in the same processes.
+
+Every setting gets its own replica of the scenario's model (same init) in the same N gloo ranks. Each
+round runs one step of every setting, in a rotating order, each after a barrier; a step's time is the
+slowest rank's. Ratios are taken per round against the best valid hand-picked setting and summarised
+by their median, so machine noise that hits a whole round cancels out.
+
+Validity is measured, not assumed: during warm-up, a ``find_unused_parameters=False`` setting whose
+reducer did not finalise (DDP's own check) is invalid and its error text kept (the iteration is rescued
+by zero-filling so the peers do not hang); an ignored or frozen parameter that received a gradient on
+some rank is invalid (replicas would diverge). ``static_graph=True`` is not run where the probe saw
+usage change between iterations: DDP raises inside backward there, which would hang the peers.
+"""
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .guard import reducer_finalized, zero_fill
+from .plan import choose_plan
+from .reducer_params import ignore_keys_for
+from .report import DYNAMIC, NEVER, build_report
+from .wrapper import ReconfigurableDDP
+
+SETTINGS = ('find_unused=False', 'find_unused=True', 'find_unused=True+bucket_view',
+            'static_graph', 'ignore_unused', 'freeze_unused', 'auto')
+
+
+class Blocks(nn.Module):
+    """``depth`` residual blocks of ``width``; ``branch(step)`` decides whether the extra head runs."""
+
+    def __init__(self, depth: int, width: int, branch: Optional[Callable[[int], bool]] = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.extra = nn.Sequential(nn.Linear(width, width), nn.Linear(width, width))
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        if self.branch is not None and self.branch(step):
+            x = x + self.extra(x)
+        return x.square().mean()
+
+
+def _never(step: int) -> bool:
+    return False
+
+
+def _rank1(step: int) -> bool:
+    return dist.get_rank() == 1
+
+
+def _alternating(step: int) -> bool:
+    return (step + dist.get_rank()) % 2 == 0
+
+
+def _always(step: int) -> bool:
+    return True
+
+
+SCENARIOS: Dict[str, Dict[str, Any]] = {
+    'no_unused': dict(depth=8, width=64, branch=_always),
+    'fixed_unused': dict(depth=8, width=64, branch=_never),
+    'per_rank_unused': dict(depth=8, width=64, branch=_rank1),
+    'dynamic': dict(depth=8, width=64, branch=_alternating),
+    'large_fixed_unused': dict(depth=240, width=16, branch=_never),
+}
+QUICK = {'no_unused': dict(depth=3, width=8, branch=_always),
+         'fixed_unused': dict(depth=3, width=8, branch=_never),
+         'dynamic': dict(depth=3, width=8, branch=_alternating)}
+
+
+class MMSegStep(nn.Module):
+    """A real mmseg FCN ResNet-18 (``configs/mmseg/fcn_r18_stage4-unused.py``) on 64x64 inputs."""
+
+    def __init__(self, config: str) -> None:
+        super().__init__()
+        from mmengine.config import Config
+        from mmengine.model import revert_sync_batchnorm
+
+        from .mmseg import use_synthetic_data
+        from .model_from_config import build_model
+
+        cfg = Config.fromfile(config)
+        use_synthetic_data(cfg, img_size=(64, 64), max_iters=1)
+        torch.manual_seed(0)
+        self.model = revert_sync_batchnorm(build_model(cfg))
+        from mmengine.registry import DATASETS
+        dataset = DATASETS.build(cfg.train_dataloader.dataset)
+        batch = [dataset[i] for i in range(2)]
+        self.data = self.model.data_preprocessor(
+            dict(inputs=[b['inputs'] for b in batch], data_samples=[b['data_samples'] for b in batch]),
+            training=True)
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        losses = self.model(**self.data, mode='loss')
+        return self.model.parse_losses(losses)[0]
+
+
+def _make(scenario: Dict[str, Any]) -> nn.Module:
+    if 'config' in scenario:
+        return MMSegStep(scenario['config'])
+    return Blocks(scenario['depth'], scenario['width'], scenario['branch'])
+
+
+def _probe_usage(scenario: Dict[str, Any], steps: int, x: torch.Tensor):
+    """The product's probe on a scratch replica: which parameters are unused, and how."""
+    wrapper = ReconfigurableDDP(_make(scenario))
+    wrapper.start_probe()
+    for step in range(steps):
+        wrapper(x, step).backward()
+        wrapper.probe.end_step()
+    return build_report(wrapper.finish_probe())
+
+
+class _Runner:
+    """One setting's replica, optimizer and per-step validity checks on this rank."""
+
+    def __init__(self, name: str, scenario: Dict[str, Any], report) -> None:
+        self.name, self.error = name, None
+        module = _make(scenario)
+        never = report.names_of(NEVER)
+        self.watched: List[torch.Tensor] = []
+        named = dict(module.named_parameters())
+        if name == 'freeze_unused':
+            for n in never:
+                named[n].requires_grad_(False)
+            self.watched = [named[n] for n in never]
+        if name == 'ignore_unused':
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                module, ignore_keys_for(module, never))
+            self.watched = [named[n] for n in never]
+        if name == 'auto':
+            self.ddp: nn.Module = ReconfigurableDDP(module)
+            self.ddp.start_probe()
+        else:
+            self.ddp = DistributedDataParallel(
+                module, find_unused_parameters=name.startswith('find_unused=True'),
+                gradient_as_bucket_view=name.endswith('bucket_view'),
+                static_graph=name == 'static_graph')
+        self.module = module
+        self.opt = torch.optim.SGD(module.parameters(), lr=1e-4)
+
+    def step(self, x: torch.Tensor, step: int, check: bool) -> None:
+        self.ddp(x, step).backward()
+        wrapper = self.ddp if isinstance(self.ddp, ReconfigurableDDP) else None
+        if wrapper is not None and wrapper.guard is not None:
+            wrapper.guard.after_backward(wrapper.reducer)
+        if check:
+            self._check()
+        self.opt.step()
+        self.opt.zero_grad()
+        if wrapper is not None and wrapper.probe is not None:
+            wrapper.probe.end_step()
+
+    def _check(self) -> None:
+        reducer = self.ddp.reducer
+        if not self.name.startswith('find_unused=True') and not reducer_finalized(reducer):
+            try:
+                reducer._check_reducer_finalized()
+            except RuntimeError as e:
+                self.error = self.error or 'DDP: ' + str(e).split('. ')[0]
+            zero_fill([p for p in self.module.parameters() if p.requires_grad and p.grad is None])
+        if any(p.grad is not None for p in self.watched):
+            self.error = self.error or ('a parameter outside DDP received a gradient: replicas '
+                                        'would diverge silently')
+
+
+def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int,
+                 probe_iters: int = 4) -> Dict[str, Any]:
+    """On every rank: warm up and validate each setting, then time the valid ones round-robin."""
+    torch.set_num_threads(1)
+    x = torch.randn(4, scenario.get('width', 1))
+    report = _probe_usage(scenario, probe_iters, x)
+    dynamic = bool(report.names_of(DYNAMIC))
+    runners = {name: _Runner(name, scenario, report) for name in SETTINGS
+               if not (name == 'static_graph' and dynamic)}
+    invalid = {'static_graph': 'usage changes between iterations (measured): static_graph=True '
+                               'raises inside backward'} if dynamic else {}
+    step = 0
+    auto = runners['auto']
+    probe_time = []
+    for _ in range(max(warmup, probe_iters + 2)):
+        for name, r in runners.items():
+            t0 = time.perf_counter()
+            r.step(x, step, check=name != 'auto')
+            if name == 'auto' and auto.ddp.probe is not None:
+                probe_time.append(time.perf_counter() - t0)
+        if auto.ddp.probe is not None and len(auto.ddp.probe.steps) >= probe_iters:
+            t0 = time.perf_counter()
+            report_auto = build_report(auto.ddp.finish_probe())
+            auto.ddp.apply_plan(choose_plan(report_auto))
+            rebuild_time = time.perf_counter() - t0
+        step += 1
+    flags = torch.tensor([float(r.error is not None) for r in runners.values()])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    for (name, r), bad in zip(runners.items(), flags.tolist()):
+        if bad:
+            invalid[name] = r.error or 'invalid on another rank'
+    timed = [n for n in runners if n not in invalid]
+    times: Dict[str, List[float]] = {n: [] for n in timed}
+    for rnd in range(rounds):
+        order = timed[rnd % len(timed):] + timed[:rnd % len(timed)]
+        for name in order:
+            dist.barrier()
+            t0 = time.perf_counter()
+            runners[name].step(x, step, check=False)
+            times[name].append(time.perf_counter() - t0)
+        step += 1
+    gathered: List = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, times)
+    slowest = {n: [max(g[n][i] for g in gathered) for i in range(rounds)] for n in timed}
+    return dict(slowest=slowest, invalid=invalid, plan=auto.ddp.plan.summary(),
+                probe_iters=probe_iters, probe_step_s=statistics.median(probe_time),
+                rebuild_s=rebuild_time)
+
+
+def summarise(name: str, raw: Dict[str, Any]) -> Dict[str, Any]:
+    """Medians, per-round ratios against the best valid hand-picked setting, spreads."""
+    slowest = raw['slowest']
+    medians = {n: statistics.median(v) for n, v in slowest.items()}
+    hand = [n for n in medians if n != 'auto']
+    best = min(hand, key=medians.get)
+    rows = []
+    for n in SETTINGS:
+        if n in raw['invalid']:
+            rows.append(dict(setting=n, valid=False, error=raw['invalid'][n]))
+            continue
+        if n not in slowest:
+            continue
+        ratios = [a / b for a, b in zip(slowest[n], slowest[best])]
+        rows.append(dict(setting=n, valid=True, median_ms=1e3 * medians[n],
+                         ratio=statistics.median(ratios), ratio_min=min(ratios),
+                         ratio_max=max(ratios)))
+    auto_ms = medians['auto']
+    k = raw['probe_iters']
+    overhead = k * (raw['probe_step_s'] - auto_ms) + raw['rebuild_s']
+    return dict(scenario=name, best=best, plan=raw['plan'], rows=rows,
+                probe_amortised_1000=max(overhead, 0.0) / (1000 * auto_ms))
+
+
+def format_table(results: List[Dict[str, Any]]) -> str:
+    lines = ['| scenario | setting | median step (slowest rank) | ratio vs best valid '
+             '(median, min-max) |', '| --- | --- | --- | --- |']
+    for res in results:
+        for row in res['rows']:
+            if not row['valid']:
+                lines.append(f"| {res['scenario']} | {row['setting']} | error | "
+                             f"{row['error']} |")
+                continue
+            mark = ' (best)' if row['setting'] == res['best'] else ''
+            lines.append(f"| {res['scenario']} | {row['setting']}{mark} | "
+                         f"{row['median_ms']:.2f} ms | {row['ratio']:.3f} "
+                         f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) |")
+        lines.append(f"| {res['scenario']} | auto plan chose | {res['plan']} | probe cost over "
+                     f"1000 iterations: {100 * res['probe_amortised_1000']:.2f}% |")
+    return '\n'.join(lines)
+
+
+def plot(results: List[Dict[str, Any]], path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4 + 0.2 * len(results)))
+    labels, values, colors = [], [], []
+    for res in results:
+        for row in res['rows']:
+            if row['valid']:
+                labels.append(f"{res['scenario']}: {row['setting']}")
+                values.append(row['ratio'])
+                colors.append('tab:green' if row['setting'] == 'auto' else 'tab:blue')
+    ax.barh(range(len(values)), values, color=colors)
+    ax.set_yticks(range(len(values)), labels, fontsize=7)
+    ax.axvline(1.0, color='k', lw=0.8)
+    ax.set_xlabel('step time / best valid hand-picked setting (median of per-round ratios)')
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

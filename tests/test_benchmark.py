@@ -1,0 +1,39 @@
+"""The benchmark tool end to end in --quick mode: output shape, and invalid settings flagged."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / 'tools'))
+import benchmark_ddp  # noqa: E402
+
+
+@pytest.mark.dist
+def test_quick_benchmark_flags_invalid_settings(tmp_path, capsys):
+    out_json, out_png = tmp_path / 'bench.json', tmp_path / 'bench.png'
+    assert benchmark_ddp.main(['--quick', '--scenarios', 'fixed_unused', 'dynamic',
+                               '--json', str(out_json), '--plot', str(out_png)]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith('| scenario | setting | median step (slowest rank) |')
+    results = {r['scenario']: r for r in json.loads(out_json.read_text())['results']}
+    assert set(results) == {'fixed_unused', 'dynamic'}
+    rows = {s: {r['setting']: r for r in res['rows']} for s, res in results.items()}
+    fixed, dynamic = rows['fixed_unused'], rows['dynamic']
+    assert not fixed['find_unused=False']['valid']
+    assert fixed['find_unused=False']['error'].startswith(
+        'DDP: Expected to have finished reduction in the prior iteration')
+    assert fixed['ignore_unused']['valid'] and fixed['freeze_unused']['valid']
+    assert fixed['auto']['valid'] and results['fixed_unused']['plan'] == \
+        'find_unused_parameters=False, ignore 4 never-used params'
+    for name in ('find_unused=False', 'ignore_unused', 'freeze_unused', 'static_graph'):
+        assert not dynamic[name]['valid'], name
+    assert dynamic['find_unused=True']['valid']
+    assert results['dynamic']['plan'] == 'find_unused_parameters=True'
+    best = results['fixed_unused']['best']
+    assert fixed[best]['ratio'] == 1.0 and best != 'auto'
+    for res in results.values():
+        for row in res['rows']:
+            if row['valid']:
+                assert row['median_ms'] > 0 and row['ratio_min'] <= row['ratio'] <= row['ratio_max']
+    assert out_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Benchmark every DDP setting against the auto plan, interleaved in the same gloo processes.
+
+    python tools/benchmark_ddp.py [--nproc 2] [--rounds 40] [--quick] [--json out.json] [--plot out.png]
+
+Prints a markdown table: per scenario and setting, the median step time of the slowest rank and the
+median (min-max) of per-round ratios against the best valid hand-picked setting; invalid settings
+show the error that made them invalid. CPU gloo shows no NCCL compute/communication overlap.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--nproc', type=int, default=2)
+    p.add_argument('--rounds', type=int, default=40)
+    p.add_argument('--warmup', type=int, default=8)
+    p.add_argument('--quick', action='store_true', help='tiny models, few rounds, no mmseg model')
+    p.add_argument('--scenarios', nargs='+', help='subset of scenario names')
+    p.add_argument('--mmseg-config', default=str(Path(__file__).parents[1] / 'configs' / 'mmseg' /
+                                                 'fcn_r18_stage4-unused.py'),
+                   help="real mmseg model scenario ('' to skip)")
+    p.add_argument('--json', help='write the results here')
+    p.add_argument('--plot', help='write a PNG of the ratios here')
+    p.add_argument('--timeout', type=float, default=900.0, help='seconds per scenario')
+    args = p.parse_args(argv)
+    from mmddp_hooks import benchmark as bench
+    from mmddp_hooks.testing import run_on_ranks
+
+    scenarios = dict(bench.QUICK if args.quick else bench.SCENARIOS)
+    if not args.quick and args.mmseg_config:
+        scenarios['mmseg_fcn_r18'] = dict(config=args.mmseg_config)
+    if args.scenarios:
+        scenarios = {k: v for k, v in scenarios.items() if k in args.scenarios}
+    rounds = min(args.rounds, 6) if args.quick else args.rounds
+    warmup = 6 if args.quick else args.warmup
+    results = []
+    for name, scenario in scenarios.items():
+        run = run_on_ranks(bench.run_scenario, args.nproc, args=(scenario, rounds, warmup),
+                           timeout=args.timeout)
+        if not run.ok:
+            print(f'scenario {name} failed:\n{run.describe()}', file=sys.stderr)
+            return 1
+        results.append(bench.summarise(name, run.ranks[0].value))
+        print(f'done: {name}', file=sys.stderr, flush=True)
+    print(bench.format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(nproc=args.nproc, rounds=rounds,
+                                                   results=results), indent=2))
+    if args.plot:
+        bench.plot(results, args.plot)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
