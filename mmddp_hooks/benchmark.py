@@ -195,7 +195,8 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int,
         if auto.ddp.probe is not None and len(auto.ddp.probe.steps) >= probe_iters:
             t0 = time.perf_counter()
             report_auto = build_report(auto.ddp.finish_probe())
-            auto.ddp.apply_plan(choose_plan(report_auto))
+            auto.ddp.apply_plan(choose_plan(
+                report_auto, module_names=[n for n, _ in auto.module.named_modules()]))
             rebuild_time = time.perf_counter() - t0
         step += 1
     flags = torch.tensor([float(r.error is not None) for r in runners.values()])

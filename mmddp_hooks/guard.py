@@ -6,6 +6,8 @@ reduction" on this one), or a parameter the plan DDP-ignored wakes up (its gradi
 averaged and replicas drift apart silently). After backward the guard
 
 1. zero-fills the gradients the plan expects to be missing on this rank (see :mod:`mmddp_hooks.plan`);
+   (modules the plan froze are watched by forward pre-hooks: a call means the branch woke up; it
+   produced no gradient, so nothing diverges, and all ranks unfreeze it at the next exchange);
 2. asks the reducer whether the iteration finalised; if not, it zero-fills every parameter still
    without a gradient, which completes the missing buckets exactly as ``find_unused_parameters=True``
    would and releases the peers waiting on them (the iteration is rescued);
@@ -14,9 +16,9 @@ averaged and replicas drift apart silently). After backward the guard
    averages the woken ignored gradients by hand, and reports a switch to a safe plan, so all ranks
    rebuild DDP at the same iteration.
 
-Step 3 is one all-reduce of ``len(plan.ignore) + 1`` ints per step, the whole cost of the guard. It is
-synchronous only when the plan ignores parameters; otherwise it overlaps the optimizer step and the
-next forward, and the switch it may call for happens one iteration after the rescue.
+Step 3 is one all-reduce of ``len(plan.ignore) + 1`` ints, the whole cost of the guard. It runs every
+step, synchronously, only when the plan ignores parameters; otherwise every ``interval`` steps in the
+background (rescues stay complete and local every step; the switch lands at most two intervals later).
 """
 from typing import Any, List, Optional, Tuple
 
@@ -45,21 +47,37 @@ def reducer_finalized(reducer) -> bool:
 class PlanGuard:
     """Per-rank state of the guard for one applied plan."""
 
-    def __init__(self, module: nn.Module, fill: List[str], ignore: List[str]) -> None:
+    def __init__(self, module: nn.Module, fill: List[str], ignore: List[str],
+                 interval: int = 16, watch_modules: Optional[List[str]] = None) -> None:
         named = dict(module.named_parameters())
+        modules = dict(module.named_modules())
         self.params: List[ReducerParam] = reducer_params(module)
         self.fill = [named[n] for n in fill]
         self.ignore_names = list(ignore)
         self.ignored = [named[n] for n in ignore]
-        self._woke = torch.zeros(len(self.ignored) + 1, dtype=torch.int32)
+        # flags: one per ignored parameter, then "a frozen module was called", then "rescued"
+        self._woke = torch.zeros(len(self.ignored) + 2, dtype=torch.int32)
         self._handles = [p.register_post_accumulate_grad_hook(self._waker(i))
                          for i, p in enumerate(self.ignored)]
+        self.woken_modules: List[str] = []
+        self._handles += [modules[m].register_forward_pre_hook(self._module_waker(m))
+                          for m in watch_modules or []]
         self.rescued_steps = 0
         self._pending: Optional[Tuple[torch.Tensor, Any, List[str]]] = None
+        self.interval = max(1, interval)
+        self._steps = 0
+        self._unreported: List[str] = []
 
     def _waker(self, i: int):
         def wake(_: torch.Tensor) -> None:
             self._woke[i] = 1
+        return wake
+
+    def _module_waker(self, name: str):
+        def wake(*_: Any) -> None:
+            self._woke[-2] = 1
+            if name not in self.woken_modules:
+                self.woken_modules.append(name)
         return wake
 
     def close(self) -> None:
@@ -75,9 +93,10 @@ class PlanGuard:
         """Fill, rescue, agree. Returns why every rank must switch to a safe plan, or None.
 
         With ignored parameters the flags are needed before the optimizer step (a woken gradient
-        must be averaged first), so the exchange is synchronous. Without, a rescue is already
-        complete locally and only the switch needs agreeing on: the exchange runs in the background
-        and is read one step later, when every rank switches together.
+        must be averaged first), so the exchange is synchronous, every step. Without, a rescue is
+        already complete locally and only the switch needs agreeing on: the exchange runs in the
+        background every ``interval`` steps and is read at the next exchange, when every rank
+        switches together.
         """
         zero_fill([p for p in self.fill if p.grad is None])
         rescued: List[str] = []
@@ -93,8 +112,15 @@ class PlanGuard:
         if self.ignored:
             dist.all_reduce(flags)
             return self._agree_on_switch(flags, rescued) if bool(flags.any()) else None
+        self._unreported.extend(n for n in rescued if n not in self._unreported)
+        self._steps += 1
+        if self._steps % self.interval:
+            return None
+        flags[-1] = len(self._unreported)
+        flags[-2] = int(bool(self.woken_modules))
         previous, self._pending = self._pending, (flags, dist.all_reduce(flags, async_op=True),
-                                                  rescued)
+                                                  self._unreported)
+        self._unreported = []
         if previous is None:
             return None
         prev_flags, work, prev_rescued = previous
@@ -113,9 +139,10 @@ class PlanGuard:
     def _agree_on_switch(self, flags: torch.Tensor, rescued: List[str]) -> str:
         """Rare path, entered by every rank together: average woken ignored grads, name causes."""
         woke = [i for i in range(len(self.ignored)) if int(flags[i]) > 0]
+        # every rank reaches here together; a frozen module's call leaves no gradient to fix
         if woke:
             self._average_ignored(flags)
-        local = {'rank': dist.get_rank(), 'rescued': rescued,
+        local = {'rank': dist.get_rank(), 'rescued': rescued, 'modules': list(self.woken_modules),
                  'woke': [self.ignore_names[i] for i in woke if self.ignored[i].grad is not None]}
         everyone: List = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, local)
@@ -127,6 +154,10 @@ class PlanGuard:
                              f"got no gradient ({', '.join(r['rescued'][:8])}"
                              f"{' ...' if len(r['rescued']) > 8 else ''}); rescued with zero "
                              'gradients as find_unused_parameters=True would')
+            if r['modules']:
+                parts.append(f"rank {r['rank']}: frozen modules were called "
+                             f"({', '.join(r['modules'][:8])}); they did not train since the "
+                             'plan froze them and are unfrozen now')
             if r['woke']:
                 parts.append(f"rank {r['rank']}: ignored parameters woke up "
                              f"({', '.join(r['woke'][:8])}); their gradients were averaged by hand")

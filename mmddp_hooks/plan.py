@@ -17,12 +17,12 @@ Filling relies on gradients being ``None`` at the start of a synchronising backw
 accumulation breaks; with accumulation, anything unused needs ``find_unused_parameters=True``.
 """
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Collection, Dict, List, Optional
 
 from .report import DYNAMIC, NEVER, RANK_FIXED, UsageReport
 
 POLICIES = ('auto', 'keep')
-UNUSED_ACTIONS = ('ignore', 'freeze')
+UNUSED_ACTIONS = ('auto', 'ignore', 'freeze')
 
 
 @dataclass
@@ -33,6 +33,7 @@ class DDPPlan:
     freeze: List[str] = field(default_factory=list)
     fill: Dict[int, List[str]] = field(default_factory=dict)
     reasons: List[str] = field(default_factory=list)
+    watch_modules: List[str] = field(default_factory=list)  # frozen modules whose call = wake-up
 
     @property
     def guarded(self) -> bool:
@@ -80,17 +81,22 @@ def choose_plan(report: UsageReport,
                 asked_find_unused: bool = False,
                 asked_static_graph: bool = False,
                 policy: str = 'auto',
-                unused_action: str = 'ignore',
-                grad_accumulation: bool = False) -> DDPPlan:
+                unused_action: str = 'auto',
+                grad_accumulation: bool = False,
+                module_names: Optional[Collection[str]] = None) -> DDPPlan:
     """The fastest DDP setting that is still correct for the measured usage.
 
     Args:
         report: what the probe measured.
         asked_find_unused / asked_static_graph: what the config asked for.
         policy: 'auto' chooses; 'keep' keeps the config's settings and only explains.
-        unused_action: what to do with never-used parameters: DDP-'ignore' them (a guard watches for
-            them waking up) or 'freeze' them (``requires_grad=False``).
+        unused_action: what to do with never-used parameters: 'auto', DDP-'ignore' them (a guard
+            watches their gradients) or 'freeze' them (``requires_grad=False``).
         grad_accumulation: the optimizer wrapper accumulates gradients over several backwards.
+        module_names: the model's module names. With ``unused_action='auto'``, never-used
+            parameters that make up whole modules are frozen (a call of the module, watched by a
+            forward pre-hook that costs nothing until it fires, means it woke up); the rest are
+            DDP-ignored (watched by gradient hooks, which needs a per-step flag exchange).
     """
     check_options(policy, unused_action)
     where = f'in {report.n_iters} iterations on {report.n_ranks} ranks'
@@ -99,7 +105,8 @@ def choose_plan(report: UsageReport,
     dynamic = report.names_of(DYNAMIC)
     asked = f'the config asked find_unused_parameters={asked_find_unused}'
 
-    auto = _auto_plan(report, never, rank_fixed, dynamic, where, unused_action, grad_accumulation)
+    auto = _auto_plan(report, never, rank_fixed, dynamic, where, unused_action, grad_accumulation,
+                      set(module_names or ()))
     if policy == 'auto':
         if asked_find_unused and not auto.find_unused_parameters:
             auto.reasons.insert(0, f'find_unused_parameters=True was not needed: '
@@ -127,7 +134,7 @@ def _what_was_unused(never: List[str], rank_fixed: List[str], where: str) -> str
 
 def _auto_plan(report: UsageReport, never: List[str], rank_fixed: List[str],
                dynamic: List[str], where: str, unused_action: str,
-               grad_accumulation: bool) -> DDPPlan:
+               grad_accumulation: bool, module_names: set) -> DDPPlan:
     if dynamic:
         return DDPPlan(find_unused_parameters=True, reasons=[
             f'{len(dynamic)} parameters are used in some iterations only {where} '
@@ -141,9 +148,18 @@ def _auto_plan(report: UsageReport, never: List[str], rank_fixed: List[str],
         plan.reasons.append(f'every parameter received a gradient {where}: '
                             'find_unused_parameters=False')
     if never:
-        getattr(plan, unused_action).extend(never)
+        whole = [g for g in report.groups if g.kind == NEVER and g.prefix in module_names]
+        if unused_action != 'ignore':
+            plan.watch_modules = [g.prefix for g in whole]
+        in_modules = {n for g in whole for n in g.names}
+        for name in never:
+            frozen = unused_action == 'freeze' or (unused_action == 'auto' and name in in_modules)
+            (plan.freeze if frozen else plan.ignore).append(name)
+        what = ' and '.join(f'{verb} {len(names)}' for verb, names in (('freeze', plan.freeze),
+                                                                       ('ignore', plan.ignore))
+                            if names)
         plan.reasons.append(f'{len(never)} parameters never received a gradient {where} '
-                            f'({_examples(never)}): {unused_action} them, their gradients stay None '
+                            f'({_examples(never)}): {what} of them, their gradients stay None '
                             'as under find_unused_parameters=True')
     if rank_fixed:
         plan.fill = {r: report.unused_names_on_rank(r) for r in range(report.n_ranks)}

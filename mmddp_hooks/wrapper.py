@@ -62,6 +62,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.probe: Optional[UsageProbe] = None
         self.guard: Optional[PlanGuard] = None
         self.switch_log: List[str] = []
+        self.guard_interval = 16
         self.bucket_strides = self._current_strides()
 
     def _current_strides(self) -> Dict[str, tuple]:
@@ -136,7 +137,8 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.rebuild(plan.find_unused_parameters, plan.static_graph, plan.ignore)
         self.plan = plan
         if plan.guarded:
-            self.guard = PlanGuard(module, plan.fill.get(ddist.get_rank(), []), plan.ignore)
+            self.guard = PlanGuard(module, plan.fill.get(ddist.get_rank(), []), plan.ignore,
+                                   interval=self.guard_interval, watch_modules=plan.watch_modules)
 
     def _drop_guard(self) -> None:
         if self.guard is not None:
@@ -145,7 +147,10 @@ class ReconfigurableDDP(MMDistributedDataParallel):
 
     def _switch_to_safe_plan(self, why: str) -> None:
         assert self.plan is not None
-        safe = DDPPlan(find_unused_parameters=True, freeze=list(self.plan.freeze),
+        named = dict(self.module.named_parameters())
+        for n in self.plan.freeze:  # what the plan froze trains again; config-frozen stays frozen
+            named[n].requires_grad_(True)
+        safe = DDPPlan(find_unused_parameters=True,
                        reasons=self.plan.reasons + [f'switched to find_unused_parameters=True: {why}'])
         self.switch_log.append(why)
         print_log(f'[mmddp_hooks] usage changed after the probe: {why}. Every rank switches to '

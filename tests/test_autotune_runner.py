@@ -46,12 +46,13 @@ def test_no_unused_switches_find_unused_off(world_size):
 
 
 @pytest.mark.parametrize('world_size', [2, 3])
-def test_disabled_distill_module_is_ignored(world_size):
+def test_disabled_distill_module_is_frozen_and_watched(world_size):
     results = _run('DisabledDistill', world_size)
     plan = _plan(results)
-    assert plan['find_unused_parameters'] is False
-    assert plan['ignore'] == ['resolution_distill.0.weight', 'resolution_distill.0.bias',
+    assert plan['find_unused_parameters'] is False and not plan['ignore']
+    assert plan['freeze'] == ['resolution_distill.0.weight', 'resolution_distill.0.bias',
                               'resolution_distill.1.weight', 'resolution_distill.1.bias']
+    assert plan['watch_modules'] == ['resolution_distill']
     report = json.load(open(results[0]['tuned']['report_path']))
     groups = [g for g in report['report']['groups'] if g['kind'] == 'never used']
     assert [(g['prefix'], len(g['names']), g['numel']) for g in groups] == [
@@ -78,21 +79,41 @@ def test_tied_frozen_and_root_level_parameters():
     results = _run('TiedFrozenRoot', 2)
     plan = _plan(results)
     assert plan['find_unused_parameters'] is False
-    assert sorted(plan['ignore']) == ['aux.bias', 'aux.weight', 'unused_scale']
-    # every alias of the tied dead module, and the dotted key of the root-level parameter
+    # a whole dead module is frozen; a dead root-level parameter has no module to watch: ignored
+    assert plan['freeze'] == ['aux.weight', 'aux.bias'] and plan['ignore'] == ['unused_scale']
+    assert results[0]['tuned']['current']['ignored'] == ['.unused_scale']  # root-level key
+
+
+def test_ignore_keys_cover_every_alias():
+    results = _run('TiedFrozenRoot', 2, hook=dict(probe_iters=4, unused_action='ignore'))
+    assert sorted(_plan(results)['ignore']) == ['aux.bias', 'aux.weight', 'unused_scale']
     assert results[0]['tuned']['current']['ignored'] == [
         '.unused_scale', 'aux.bias', 'aux.weight', 'aux_alias.bias', 'aux_alias.weight']
 
 
-@pytest.mark.parametrize('model_name, cause', [('WakesUpOnRank1', 'ignored parameters woke up'),
-                                               ('FallsAsleepOnRank0', 'got no gradient')])
-def test_usage_change_after_probe_is_rescued_and_switched(model_name, cause):
+@pytest.mark.parametrize('model_name, cause, action', [
+    ('WakesUpOnRank1', 'ignored parameters woke up', 'ignore'),
+    ('FallsAsleepOnRank0', 'got no gradient', 'auto')])
+def test_usage_change_after_probe_is_rescued_and_switched(model_name, cause, action):
     # momentum + weight decay: a wrong None/zero gradient would show in the parameters
-    results = _run(model_name, 2, optimizer=dict(type='SGD', lr=0.05, momentum=0.9,
-                                                 weight_decay=1e-2))
+    # guard_interval=2: the background exchange reports the rescue two to four steps later
+    results = _run(model_name, 2, hook=dict(probe_iters=4, guard_interval=2,
+                                            unused_action=action),
+                   optimizer=dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=1e-2))
     for r in results:
         assert r['tuned']['current']['find_unused'] is True
         assert len(r['tuned']['switch_log']) == 1 and cause in r['tuned']['switch_log'][0]
+
+
+def test_frozen_module_that_wakes_up_is_unfrozen_on_every_rank():
+    results = run_distributed(scenarios.train_plain, 2, args=('WakesUpOnRank1',),
+                              kwargs=dict(hook=dict(probe_iters=4, guard_interval=2), iters=12),
+                              timeout=TIMEOUT)
+    assert results[0]['plan']['freeze'] == ['refine.weight', 'refine.bias']
+    assert results[0]['digest'] == results[1]['digest']  # nothing diverged
+    for r in results:
+        assert r['current']['find_unused'] is True and len(r['switch_log']) == 1
+        assert 'rank 1: frozen modules were called (refine)' in r['switch_log'][0]
 
 
 @pytest.mark.parametrize('model_name', ['DisabledDistill', 'RankOneBranch', 'ModalityDropout',
@@ -111,7 +132,7 @@ def test_resume_keeps_plan_and_matches_uninterrupted_run():
                                                                     dict(probe_iters=3)),
                               timeout=TIMEOUT, env={'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD': '1'})
     for r in results:
-        assert r['first_plan']['ignore'] and r['checkpoint_plan'] == r['first_plan']
+        assert r['first_plan']['freeze'] and r['checkpoint_plan'] == r['first_plan']
         assert r['resumed_plan'] == r['first_plan'] and not r['resumed_probed']
         assert r['resumed_losses'] == pytest.approx(r['straight_losses'], rel=1e-5)
         assert r['resumed_digest'] == r['straight_digest']
@@ -125,6 +146,6 @@ def test_hand_wrapped_ddp_is_rewrapped():
                               timeout=TIMEOUT)
     for r in results:
         assert r['wrapper_type'] == 'ReconfigurableDDP'
-        assert r['plan']['ignore'] == ['resolution_distill.0.weight', 'resolution_distill.0.bias',
+        assert r['plan']['freeze'] == ['resolution_distill.0.weight', 'resolution_distill.0.bias',
                                        'resolution_distill.1.weight', 'resolution_distill.1.bias']
     assert results[0]['digest'] == results[1]['digest']

@@ -46,13 +46,14 @@ def test_fcn_unused_stage_is_named_and_ignored_and_resume_keeps_plan(tmp_path):
     assert [(g['prefix'], len(g['names'])) for g in never] == [('backbone.layer4', 15)]
     plan = report['plan']
     assert plan['find_unused_parameters'] is False
-    assert plan['ignore'] == never[0]['names'] and 'backbone.layer4.0.conv1.weight' in plan['ignore']
+    assert plan['freeze'] == never[0]['names'] and 'backbone.layer4.0.conv1.weight' in plan['freeze']
+    assert plan['watch_modules'] == ['backbone.layer4'] and not plan['ignore']
     assert '  backbone.layer4      15  8393728  never used' in out
     assert 'replicas bit-identical on 2 ranks at iteration 6' in out
 
     code, out = dist_train(FCN_STAGE4, tmp_path, '--iters', '8', '--resume')
     assert code == 0, out[-5000:]
-    assert 'resumed: applying the saved DDP plan (find_unused_parameters=False, ignore 15' in out
+    assert 'resumed: applying the saved DDP plan (find_unused_parameters=False, freeze 15' in out
     assert 'Iter(train) [8/8]' in out and 'probing parameter usage' not in out
     assert 'replicas bit-identical on 2 ranks at iteration 8' in out
 
@@ -69,7 +70,7 @@ def test_aux_head_switched_off_by_flag(tmp_path):
     assert code == 0, out[-5000:]
     plan = json.loads((tmp_path / 'ddp_usage_report.json').read_text())['plan']
     assert plan['find_unused_parameters'] is False
-    assert sorted(plan['ignore']) == sorted([
+    assert sorted(plan['freeze']) == sorted([
         'auxiliary_head.conv_seg.weight', 'auxiliary_head.conv_seg.bias',
         'auxiliary_head.convs.0.conv.weight', 'auxiliary_head.convs.0.bn.weight',
         'auxiliary_head.convs.0.bn.bias'])

@@ -85,6 +85,14 @@ def test_plan_never_used_is_ignored_or_frozen():
     assert frozen.freeze == ['distill.a.weight', 'distill.b.weight'] and not frozen.ignore
 
 
+def test_plan_auto_freezes_whole_modules_and_ignores_loose_parameters():
+    report = _report({1: False, 2: False, 0: False})
+    plan = choose_plan(report, module_names=['', 'distill', 'distill.a', 'distill.b', 'adapter'])
+    assert plan.freeze == ['distill.a.weight', 'distill.b.weight']
+    assert plan.watch_modules == ['distill'] and plan.ignore == ['trunk.weight']
+    assert 'freeze 2 and ignore 1 of them' in plan.reasons[-1]
+
+
 def test_plan_rank_fixed_is_filled_per_rank():
     used = np.ones((3, 4, len(NAMES)), bool)
     used[[0, 2], :, 3] = False

@@ -35,19 +35,22 @@ class DDPAutoTuneHook(Hook):
     Args:
         probe_iters: iterations to observe before choosing.
         policy: 'auto' applies the plan; 'keep' keeps the config's settings and only reports.
-        unused_action: 'ignore' (DDP-ignore never-used parameters, guarded) or 'freeze' them.
+        unused_action: what to do with never-used parameters: 'auto' (freeze whole modules, DDP-ignore
+            the rest), 'ignore' or 'freeze' (see :func:`mmddp_hooks.plan.choose_plan`).
         report_file: JSON file name in ``work_dir``.
         branches: config-declared branches (see :mod:`mmddp_hooks.branches`); by default the
             config's top-level ``ddp_branches``. Branches whose flag is off are frozen before the
             probe; branches whose flag is on but that never get a gradient are reported.
         strict: raise, instead of warning, when an enabled branch never reaches the loss.
+        guard_interval: steps between the guard's background flag exchanges when the plan ignores
+            no parameter (1 = every step; a switch to a safe plan lands within two intervals).
     """
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, probe_iters: int = 4, policy: str = 'auto', unused_action: str = 'ignore',
+    def __init__(self, probe_iters: int = 4, policy: str = 'auto', unused_action: str = 'auto',
                  report_file: str = 'ddp_usage_report.json', branches: Optional[dict] = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, guard_interval: int = 16) -> None:
         if probe_iters < 1:
             raise ValueError(f'DDPAutoTuneHook: probe_iters must be >= 1, got {probe_iters}')
         check_options(policy, unused_action)
@@ -57,6 +60,7 @@ class DDPAutoTuneHook(Hook):
         self.report_file = report_file
         self.branches_declared = branches
         self.strict = strict
+        self.guard_interval = guard_interval
         self.branches: List[Branch] = []
         self._resumed_plan: Optional[DDPPlan] = None
         self.plan: Optional[DDPPlan] = None
@@ -106,6 +110,7 @@ class DDPAutoTuneHook(Hook):
             runner.logger.info('[mmddp_hooks] not a distributed run: DDPAutoTuneHook does nothing')
             return
         self._freeze_switched_off(runner, model)
+        model.guard_interval = self.guard_interval
         if self._resumed_plan is not None:
             self.plan = self._resumed_plan
             runner.logger.info('[mmddp_hooks] resumed: applying the saved DDP plan '
@@ -128,7 +133,8 @@ class DDPAutoTuneHook(Hook):
                            asked_static_graph=bool(asked.get('static_graph', False)),
                            policy=self.policy, unused_action=self.unused_action,
                            grad_accumulation=getattr(runner.optim_wrapper, '_accumulative_counts',
-                                                     1) > 1)
+                                                     1) > 1,
+                           module_names=[n for n, _ in model.module.named_modules()])
         branch_notes = self._check_enabled_branches(report)
         plan.reasons.extend(branch_notes)
         model.apply_plan(plan)
