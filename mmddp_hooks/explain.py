@@ -7,7 +7,7 @@ find any unused parameters" and "Grad strides do not match bucket view strides".
 """
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from .reducer_params import ReducerParam
 
@@ -52,6 +52,7 @@ class NamedIndex:
     aliases: List[str]
     numel: int
     module: str
+    branch: Optional[str] = None  # the declared config branch that owns it, with its flag
 
 
 @dataclass
@@ -87,13 +88,16 @@ def _module_of(name: str) -> str:
     return name.rsplit('.', 1)[0] if '.' in name else '(root)'
 
 
-def name_indices(line: UnusedLine, params: Sequence[ReducerParam]) -> RankExplanation:
+def name_indices(line: UnusedLine, params: Sequence[ReducerParam],
+                 owners: Optional[Mapping[str, str]] = None) -> RankExplanation:
+    """Name every index; ``owners`` maps parameter names to a declared branch label."""
     exp = RankExplanation(rank=line.rank, truncated=line.truncated)
     for i in line.indices:
         if 0 <= i < len(params):
             rp = params[i]
             exp.params.append(NamedIndex(index=i, name=rp.name, aliases=rp.aliases[1:],
-                                         numel=rp.numel, module=_module_of(rp.name)))
+                                         numel=rp.numel, module=_module_of(rp.name),
+                                         branch=(owners or {}).get(rp.name)))
         else:
             exp.unknown_indices.append(i)
     return exp
@@ -111,8 +115,10 @@ def describe_rank(exp: RankExplanation) -> List[str]:
         by_module.setdefault(p.module, []).append(p)
     for module, items in by_module.items():
         elems = sum(p.numel for p in items)
+        branches = sorted({p.branch for p in items if p.branch})
+        owned = f' (config branch {", ".join(branches)})' if branches else ''
         lines.append(f'  {module}: {len(items)} param{"s" if len(items) != 1 else ""}, '
-                     f'{elems} elems')
+                     f'{elems} elems{owned}')
         for p in items:
             alias = f' (also {", ".join(p.aliases)})' if p.aliases else ''
             lines.append(f'    {p.index:>5} -> {p.name}{alias} ({p.numel} elems)')
@@ -150,8 +156,9 @@ def other_messages(text: str) -> List[Dict[str, str]]:
             if pattern.search(text)]
 
 
-def explain_text(text: str, params: Sequence[ReducerParam]) -> dict:
+def explain_text(text: str, params: Sequence[ReducerParam],
+                 owners: Optional[Mapping[str, str]] = None) -> dict:
     """Everything recognised in ``text`` (a log or a pasted message), as plain data."""
-    ranks = [asdict(name_indices(line, params)) for line in parse_unused_lines(text)]
+    ranks = [asdict(name_indices(line, params, owners)) for line in parse_unused_lines(text)]
     return {'n_reducer_params': len(params), 'unused': ranks,
             'fixes': UNUSED_FIXES if ranks else [], 'other': other_messages(text)}

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import explain_models
 import pytest
@@ -85,6 +86,23 @@ def test_cli_exit_codes_and_stdin(tmp_path):
     bad = subprocess.run([sys.executable, TOOL, str(tmp_path / 'missing.py'), msg], text=True,
                          capture_output=True, env=env, timeout=120)
     assert bad.returncode == 2 and 'cannot build the model' in bad.stderr
+
+
+def test_declared_branch_owning_an_index_is_named(capsys):
+    config = str(Path(HERE).parent / 'configs' / 'examples' / 'rapsam_like' /
+                 'fusion1_resdistill0_samdistill1.py')
+    # reducer order of RapSAMLikeSegmentor: stem (0, 1), levels (2-7), fusion_weights (8-10), ...
+    code, out = _explain_json(capsys, config,
+                              'Parameter indices which did not receive grad for rank 0: 8 13')
+    assert code == 0
+    named = {p['name']: p['branch'] for p in out['unused'][0]['params']}
+    assert named == {'decode_head.fusion_weights.0': 'learnable_fusion: '
+                                                     'model.decode_head.use_learnable_fusion=True',
+                     'resolution_distill.0.weight': 'resolution_distill: '
+                                                    'model.use_resolution_distill=False'}
+    explain_ddp_error.main([config, 'Parameter indices which did not receive grad for rank 0: 13'])
+    assert '(config branch resolution_distill: model.use_resolution_distill=False)' in \
+        capsys.readouterr().out
 
 
 def test_index_past_the_model_is_an_error(capsys):

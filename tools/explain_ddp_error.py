@@ -44,13 +44,15 @@ def read_text(arg: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from mmddp_hooks.branches import CONFIG_KEY, parse_branches, resolve_branches
     from mmddp_hooks.explain import describe_rank, explain_text, name_indices, parse_unused_lines
     from mmddp_hooks.model_from_config import build_model, load_config
     from mmddp_hooks.reducer_params import ignore_keys_for, reducer_params
 
     text = read_text(args.log)
     try:
-        model = build_model(load_config(args.config, args.cfg_options))
+        cfg = load_config(args.config, args.cfg_options)
+        model = build_model(cfg)
         ignore = list(args.ignore)
         if args.report:
             with open(args.report) as f:
@@ -61,16 +63,18 @@ def main(argv=None) -> int:
         keys = list(getattr(model, '_ddp_params_and_buffers_to_ignore', []))
         keys += ignore_keys_for(model, ignore)
         params = reducer_params(model, keys)
+        cfg_branches = resolve_branches(parse_branches(cfg.get(CONFIG_KEY), cfg), model)
+        owners = {n: f'{b.name}: {b.describe_flag()}' for b in cfg_branches for n in b.resolved}
     except Exception as e:  # any failure to reproduce the model is the user's input, named
         print(f'error: cannot build the model of {args.config}: {type(e).__name__}: {e}',
               file=sys.stderr)
         return 2
-    result = explain_text(text, params)
+    result = explain_text(text, params, owners)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         for line in parse_unused_lines(text):
-            print('\n'.join(describe_rank(name_indices(line, params))))
+            print('\n'.join(describe_rank(name_indices(line, params, owners))))
         if result['fixes']:
             print('Fixes:\n' + '\n'.join(f'  - {fix}' for fix in result['fixes']))
         for other in result['other']:
