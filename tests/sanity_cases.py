@@ -85,3 +85,16 @@ def plain_random_sampler() -> Dict:
     loader = DataLoader(dataset, batch_size=2, sampler=RandomSampler(dataset),
                         collate_fn=torch.utils.data.default_collate)
     return train(dataloader=loader)
+
+
+class SameEveryIndex(RandomVectors):
+    """A dataset bug: every index returns the same sample, so sharding cannot help."""
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return super().__getitem__(0)
+
+
+def same_data_on_every_rank() -> Dict:
+    return train(dataloader=dict(dataset=SameEveryIndex(), batch_size=2, num_workers=0,
+                                 sampler=dict(type='DefaultSampler', shuffle=True),
+                                 collate_fn=dict(type='default_collate')))

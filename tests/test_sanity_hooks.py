@@ -55,6 +55,12 @@ def test_plain_random_sampler_in_ddp():
 
 
 @pytest.mark.dist
+def test_identical_first_batch_on_every_rank():
+    _fails_with(sanity_cases.same_data_on_every_rank, 'the first batch is identical on all 2 '
+                'ranks: every rank trains on the same data', init_process_group=False)
+
+
+@pytest.mark.dist
 @pytest.mark.parametrize('kernel, what', [(3, '2 parameters with a different memory layout'),
                                           (1, '0 parameters with a different memory layout')])
 def test_channels_last_after_wrapping_is_fixed(kernel, what):
