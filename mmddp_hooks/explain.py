@@ -75,15 +75,6 @@ def parse_unused_lines(text: str) -> List[UnusedLine]:
     return out
 
 
-def parse_unused_indices(text: str) -> Dict[int, List[int]]:
-    """``{rank: [index, ...]}`` over every rank line in ``text``."""
-    out: Dict[int, List[int]] = {}
-    for line in parse_unused_lines(text):
-        seen = out.setdefault(line.rank, [])
-        seen.extend(i for i in line.indices if i not in seen)
-    return out
-
-
 def _module_of(name: str) -> str:
     return name.rsplit('.', 1)[0] if '.' in name else '(root)'
 

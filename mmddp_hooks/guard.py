@@ -62,7 +62,6 @@ class PlanGuard:
         self.woken_modules: List[str] = []
         self._handles += [modules[m].register_forward_pre_hook(self._module_waker(m))
                           for m in watch_modules or []]
-        self.rescued_steps = 0
         self._pending: Optional[Tuple[torch.Tensor, Any, List[str]]] = None
         self.interval = max(1, interval)
         self._steps = 0
@@ -146,7 +145,6 @@ class PlanGuard:
                  'woke': [self.ignore_names[i] for i in woke if self.ignored[i].grad is not None]}
         everyone: List = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, local)
-        self.rescued_steps += 1
         parts = []
         for r in everyone:
             if r['rescued']:

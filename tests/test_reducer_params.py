@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mmddp_hooks.explain import explain_unused_error, parse_unused_indices
+from mmddp_hooks.explain import UnusedLine, explain_unused_error, parse_unused_lines
 from mmddp_hooks.reducer_params import ignore_keys_for, reducer_params
 from mmddp_hooks.testing import run_distributed
 
@@ -60,7 +60,10 @@ def test_order_equals_ddp_reducer_order():
 def test_parse_and_explain_indices():
     text = ('Parameter indices which did not receive grad for rank 0: 1 3\n'
             'Parameter indices which did not receive grad for rank 1: 5')
-    assert parse_unused_indices(text) == {0: [1, 3], 1: [5]}
+    assert parse_unused_lines(text) == [UnusedLine(0, [1, 3], False), UnusedLine(1, [5], False)]
+    assert parse_unused_lines('... for rank 2: 7 8 ...') == []  # not DDP's line
+    cut = parse_unused_lines('Parameter indices which did not receive grad for rank 2: 7 8 ...')
+    assert cut == [UnusedLine(2, [7, 8], True)]
     explained = explain_unused_error(text, reducer_params(Tied()))
     assert explained.startswith(text)
     assert '1 -> enc.weight (also dec.weight, alias.weight) (9 elems)' in explained
