@@ -101,8 +101,10 @@ class DDPAutoTuneHook(Hook):
             self._resumed_plan = DDPPlan.from_dict(saved)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        if self.plan is not None:
-            checkpoint[CHECKPOINT_KEY] = {'plan': self.plan.to_dict()}
+        model = self._wrapper(runner)
+        plan = model.plan if model is not None else None  # after a guard switch: the safe plan
+        if plan is not None:
+            checkpoint[CHECKPOINT_KEY] = {'plan': plan.to_dict()}
 
     def before_train(self, runner) -> None:
         model = self._wrapper(runner)
