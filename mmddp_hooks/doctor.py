@@ -7,6 +7,7 @@ written does, and what ``auto`` would choose.
 import tempfile
 from typing import Any, Dict, List, Optional
 
+from .model_from_config import train_only
 from .plan import choose_plan
 from .report import DYNAMIC, NEVER, RANK_FIXED, UsageReport
 
@@ -29,10 +30,7 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
         from .mmseg import use_synthetic_data
         use_synthetic_data(cfg, img_size=size, max_iters=iters)
     else:
-        cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters)
-        for key in ('val_dataloader', 'val_evaluator', 'val_cfg', 'test_dataloader',
-                    'test_evaluator', 'test_cfg'):
-            cfg[key] = None
+        train_only(cfg, iters)
     asked = dict(cfg.get('model_wrapper_cfg') or {})
     find_unused = bool(asked.get('find_unused_parameters', cfg.get('find_unused_parameters', False)))
     static_graph = bool(asked.get('static_graph', False))

@@ -11,12 +11,12 @@ averaged and replicas drift apart silently). After backward the guard
 2. asks the reducer whether the iteration finalised; if not, it zero-fills every parameter still
    without a gradient, which completes the missing buckets exactly as ``find_unused_parameters=True``
    would and releases the peers waiting on them (the iteration is rescued);
-3. all-reduces one small int vector: per ignored parameter, how many ranks gave it a gradient, plus the
-   number of rescued parameters. When any is non-zero, every rank learns it from the same collective,
-   averages the woken ignored gradients by hand, and reports a switch to a safe plan, so all ranks
-   rebuild DDP at the same iteration.
+3. all-reduces one small int vector: per ignored parameter, how many ranks gave it a gradient, whether
+   a frozen module was called, and the number of rescued parameters. When any is non-zero, every
+   rank learns it from the same collective, averages the woken ignored gradients by hand, and
+   reports a switch to a safe plan, so all ranks rebuild DDP at the same iteration.
 
-Step 3 is one all-reduce of ``len(plan.ignore) + 1`` ints, the whole cost of the guard. It runs every
+Step 3 is one all-reduce of ``len(plan.ignore) + 2`` ints, the whole cost of the guard. It runs every
 step, synchronously, only when the plan ignores parameters; otherwise every ``interval`` steps in the
 background (rescues stay complete and local every step; the switch lands at most two intervals later).
 """

@@ -99,7 +99,7 @@ def choose_plan(report: UsageReport,
             DDP-ignored (watched by gradient hooks, which needs a per-step flag exchange).
     """
     check_options(policy, unused_action)
-    where = f'in {report.n_iters} iterations on {report.n_ranks} ranks'
+    where = report.where
     never = report.names_of(NEVER)
     rank_fixed = report.names_of(RANK_FIXED)
     dynamic = report.names_of(DYNAMIC)

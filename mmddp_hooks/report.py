@@ -76,6 +76,11 @@ class UsageReport:
     params: List[ParamUsage]
     groups: List[UsageGroup] = field(default_factory=list)
 
+    @property
+    def where(self) -> str:
+        """'in 4 iterations on 2 ranks': how much the probe saw, for every message about it."""
+        return f'in {self.n_iters} iterations on {self.n_ranks} ranks'
+
     def names_of(self, kind: str) -> List[str]:
         return [p.name for p in self.params if p.kind == kind]
 

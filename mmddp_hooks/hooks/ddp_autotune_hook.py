@@ -158,7 +158,6 @@ class DDPAutoTuneHook(Hook):
     def _check_enabled_branches(self, report: UsageReport) -> List[str]:
         """Enabled branches none of whose parameters got a gradient: likely bugs."""
         never = set(report.names_of(NEVER))
-        where = f'in {report.n_iters} iterations on {report.n_ranks} ranks'
         return [f'branch {b.name} is enabled by {b.describe_flag()} but never reached the loss '
-                f'{where} ({len(b.resolved)} params, e.g. {b.resolved[0]})'
+                f'{report.where} ({len(b.resolved)} params, e.g. {b.resolved[0]})'
                 for b in self.branches if b.enabled and b.resolved and set(b.resolved) <= never]

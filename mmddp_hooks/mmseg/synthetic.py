@@ -7,6 +7,8 @@ from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 from torch.utils.data import Dataset
 
+from ..model_from_config import train_only
+
 
 @DATASETS.register_module()
 class SyntheticSegDataset(Dataset):
@@ -74,14 +76,4 @@ def use_synthetic_data(cfg, img_size: Optional[Sequence[int]] = None, num_sample
                      num_classes=num_classes))
     if cfg.model.get('data_preprocessor') is not None:
         cfg.model.data_preprocessor.size = size
-    for key in ('val_dataloader', 'val_evaluator', 'val_cfg', 'test_dataloader', 'test_evaluator',
-                'test_cfg'):
-        cfg[key] = None
-    if max_iters is not None:
-        cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters)
-        cfg.log_processor = dict(by_epoch=False)
-        hooks = cfg.get('default_hooks') or {}
-        if hooks.get('logger') is not None:
-            hooks['logger'].update(interval=1, log_metric_by_epoch=False)
-        if hooks.get('checkpoint') is not None:
-            hooks['checkpoint'].update(by_epoch=False, interval=max(1, max_iters // 2))
+    train_only(cfg, max_iters)
