@@ -1,4 +1,4 @@
-.PHONY: setup test test-fast test-dist lint
+.PHONY: setup test test-fast test-dist test-gpu stress lint
 
 # Fresh machine -> .venv with torch 2.13.0 (CPU), mmengine 0.10.7, mmcv 2.1.0 (CPU ops), mmseg 1.2.2.
 setup:
@@ -13,6 +13,15 @@ test-fast:
 
 test-dist:
 	.venv/bin/python -m pytest -m dist -q
+
+# CUDA tier: NCCL world size 1 and two ranks sharing a GPU over gloo. Skipped (and shown as skipped)
+# without CUDA. Exit code 5 ("no tests ran") cannot happen: the tests are collected, then skipped.
+test-gpu:
+	.venv/bin/python -m pytest -m gpu -v -rs tests/test_gpu.py
+
+# Rerun the multi-process tests N times (default 5): make stress N=30 [SELECT="-m dist"]
+stress:
+	bash tools/stress_dist.sh $(or $(N),5) $(SELECT)
 
 lint:
 	.venv/bin/python -m ruff check .

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import dist as ddist
 from .guard import reducer_finalized, zero_fill
 from .plan import choose_plan
 from .reducer_params import ignore_keys_for
@@ -200,7 +201,7 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int,
             rebuild_time = time.perf_counter() - t0
         step += 1
     flags = torch.tensor([float(r.error is not None) for r in runners.values()])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    ddist.all_reduce_flags(flags, op=dist.ReduceOp.MAX)
     for (name, r), bad in zip(runners.items(), flags.tolist()):
         if bad:
             invalid[name] = r.error or 'invalid on another rank'
@@ -209,13 +210,12 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int,
     for rnd in range(rounds):
         order = timed[rnd % len(timed):] + timed[:rnd % len(timed)]
         for name in order:
-            dist.barrier()
+            ddist.barrier()
             t0 = time.perf_counter()
             runners[name].step(x, step, check=False)
             times[name].append(time.perf_counter() - t0)
         step += 1
-    gathered: List = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, times)
+    gathered = ddist.all_gather_object(times)
     slowest = {n: [max(g[n][i] for g in gathered) for i in range(rounds)] for n in timed}
     return dict(slowest=slowest, invalid=invalid, plan=auto.ddp.plan.summary(),
                 probe_iters=probe_iters, probe_step_s=statistics.median(probe_time),

@@ -5,30 +5,24 @@ barely learns. Here each rank scores its own rows against every rank's keys (mem
 labels are offset by the rows of lower ranks, and the gather's backward sums over ranks. The local loss
 is scaled by N / (global row count), so that after DDP averages gradients over N ranks they equal the
 gradients of the single-process mean over the concatenated batch, for uneven batches too.
+
+Per step it exchanges every rank's row count once, as host ints over the control plane (none with
+``equal_batches=True``), and never reads a device tensor on the host: no ``.item()``, no boolean-mask
+indexing, so CUDA steps run without a host sync.
 """
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import nn
 
-from .dist import all_reduce_sum, gather_with_grad, get_world_size, is_dist
+from . import dist as ddist
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NEGATIVES = ('global', 'local', 'explicit')
-
-
-def _row_offset(n_rows: int, device: torch.device) -> int:
-    """Rows held by lower ranks: where this rank's positives sit in the gathered keys."""
-    if not is_dist():
-        return 0
-    size = torch.tensor([n_rows], device=device)
-    sizes = [torch.zeros_like(size) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(sizes, size)
-    return int(sum(s.item() for s in sizes[:tdist.get_rank()]))
+IGNORE = -100  # cross_entropy's ignore_index: masked rows add nothing, without indexing by a mask
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -60,12 +54,14 @@ class GlobalInBatchInfoNCE(nn.Module):
         loss_weight: multiplies the loss.
         log_key: key of the all-reduced global loss value in the returned dict (no 'loss' in it,
             so MMEngine's ``parse_losses`` logs it without adding it to the loss).
+        equal_batches: every rank always passes the same number of rows (a ``drop_last`` sampler):
+            the per-step row-count exchange is skipped.
     """
 
     def __init__(self, temperature: float = 0.07, learnable_temperature: bool = False,
                  symmetric: bool = False, negatives: str = 'global',
                  score_fn: Optional[ScoreFn] = None, loss_weight: float = 1.0,
-                 log_key: str = 'infonce_global') -> None:
+                 log_key: str = 'infonce_global', equal_batches: bool = False) -> None:
         super().__init__()
         if negatives not in NEGATIVES:
             raise ValueError(f'negatives must be one of {NEGATIVES}, got {negatives!r}')
@@ -86,6 +82,7 @@ class GlobalInBatchInfoNCE(nn.Module):
         self.score_fn = score_fn or cosine_scores
         self.loss_weight = loss_weight
         self.log_key = log_key
+        self.equal_batches = equal_batches
 
     def forward(self, query: torch.Tensor, key: torch.Tensor,
                 negatives: Optional[torch.Tensor] = None,
@@ -102,36 +99,52 @@ class GlobalInBatchInfoNCE(nn.Module):
         with torch.autocast(device_type=query.device.type, enabled=False):
             query, key = _upcast(query), _upcast(key)
             scale = self.log_inv_temperature.exp()
-            valid = (torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
-                     if mask is None else mask.bool())
+            valid = None if mask is None else mask.bool()
             if self.negatives == 'explicit':
                 candidates = torch.cat([key.unsqueeze(1), _upcast(negatives)], dim=1)
                 logits = self.score_fn(query, candidates) * scale
-                ce = F.cross_entropy(logits, logits.new_zeros(len(logits), dtype=torch.long),
-                                     reduction='none')
-                loss_sum = ce[valid].sum()
+                labels = _masked(logits.new_zeros(len(logits), dtype=torch.long), valid)
+                loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction='sum')
             else:
-                loss_sum = self._in_batch(query, key, valid, scale)
+                sizes = self._sizes(query.shape[0])
+                loss_sum = self._in_batch(query, key, valid, scale, sizes)
                 if self.symmetric:
-                    loss_sum = (loss_sum + self._in_batch(key, query, valid, scale)) / 2
-        count = valid.sum().to(loss_sum.dtype)
-        total = all_reduce_sum(count) if self.negatives != 'local' else count
-        world = get_world_size() if self.negatives != 'local' else 1
-        loss = loss_sum * (world / total.clamp(min=1))
-        global_value = all_reduce_sum(loss_sum.detach()) / all_reduce_sum(count).clamp(min=1)
+                    loss_sum = (loss_sum + self._in_batch(key, query, valid, scale, sizes)) / 2
+        count = (loss_sum.new_full((), float(query.shape[0])) if valid is None
+                 else valid.sum().to(loss_sum.dtype))
+        local = self.negatives == 'local'
+        # one data-plane all-reduce gives the global row count and the global loss sum
+        totals = torch.stack([count, loss_sum.detach()])
+        totals = totals if local else ddist.all_reduce_(totals)
+        world = 1 if local else ddist.get_world_size()
+        loss = loss_sum * (world / totals[0].clamp(min=1))
+        global_value = totals[1] / totals[0].clamp(min=1)
         return {'loss_infonce': loss * self.loss_weight, self.log_key: global_value}
 
-    def _in_batch(self, rows: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor,
-                  scale: torch.Tensor) -> torch.Tensor:
+    def _sizes(self, n_rows: int) -> List[int]:
+        """Every rank's row count: one control-plane exchange of host ints, or none."""
+        if self.negatives == 'local' or not ddist.is_dist():
+            return [n_rows]
+        if self.equal_batches:
+            return [n_rows] * ddist.get_world_size()
+        return ddist.row_counts(n_rows)
+
+    def _in_batch(self, rows: torch.Tensor, cols: torch.Tensor, valid: Optional[torch.Tensor],
+                  scale: torch.Tensor, sizes: List[int]) -> torch.Tensor:
         """Sum over this rank's valid rows of CE(row vs every column); positives on the diagonal."""
-        if self.negatives == 'global':
-            keys = gather_with_grad(cols)
-            key_valid = gather_with_grad(valid.to(cols.dtype)).bool()
-            offset = _row_offset(rows.shape[0], rows.device)
+        if self.negatives == 'global' and len(sizes) > 1:
+            keys = ddist.gather_with_grad(cols, sizes)
+            key_valid = None if valid is None else ddist.gather_rows(valid.to(torch.uint8),
+                                                                     sizes).bool()
+            offset = sum(sizes[:ddist.get_rank()])
         else:
             keys, key_valid, offset = cols, valid, 0
         logits = self.score_fn(rows, keys) * scale
-        logits = logits.masked_fill(~key_valid[None, :], float('-inf'))
-        labels = torch.arange(rows.shape[0], device=rows.device) + offset
-        ce = F.cross_entropy(logits[valid], labels[valid], reduction='sum')
-        return ce
+        if key_valid is not None:
+            logits = logits.masked_fill(~key_valid[None, :], float('-inf'))
+        labels = _masked(torch.arange(rows.shape[0], device=rows.device) + offset, valid)
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction='sum')
+
+
+def _masked(labels: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    return labels if valid is None else labels.masked_fill(~valid, IGNORE)

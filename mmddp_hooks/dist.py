@@ -1,16 +1,28 @@
-"""Process-group set-up and teardown that work the same on CPU (gloo) and GPU (nccl).
+"""Every collective of this package, with an explicit group and device (as detectron2's ``comm``).
 
-MMEngine's own ``init_dist`` calls ``torch.cuda.set_device`` unconditionally, which fails on a CPU-only
-machine, and ``destroy_process_group`` without a barrier makes gloo abort intermittently when one rank
-tears down while another still has a collective in flight. Every tool and hook in this package goes
-through these helpers instead.
+Two planes, because NCCL serves CUDA tensors only:
+
+* **control** (usage records, guard flags, digests, partition checks, row counts): CPU tensors and
+  objects over a gloo side group made once for the ranks of the DDP wrapper's ``process_group`` and
+  cached (the group itself where it already serves CPU tensors with gloo). Never syncs CUDA; flag
+  exchanges may run asynchronously.
+* **data** (InfoNCE gathers, hand-averaged gradients, loss sums): the wrapper's ``process_group``,
+  with tensors on their own device.
+
+``group=None`` everywhere means the default group. Set-up and teardown work the same on CPU (gloo)
+and GPU (nccl): MMEngine's ``init_dist`` calls ``torch.cuda.set_device`` unconditionally, which fails
+on a CPU-only machine; teardown finishes outstanding control work and drops the side groups.
 """
 import datetime
 import os
-from typing import Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from mmengine import dist as mmdist
+from torch.distributed import ProcessGroup
+
+from . import compat
 
 _ENV_KEYS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
@@ -68,58 +80,139 @@ def init_dist_if_needed(backend: Optional[str] = None,
 
 
 def teardown() -> None:
-    """Destroy the default process group after a barrier, so no rank leaves a peer mid-collective."""
+    """Destroy every process group after a barrier, so no rank leaves a peer mid-collective."""
     if not is_dist():
         return
     try:
-        dist.barrier()
+        barrier()  # on the control plane: the default group may not serve CPU tensors
     finally:
+        _CONTROL_GROUPS.clear()
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ control plane
+_CONTROL_GROUPS: Dict[Any, ProcessGroup] = {}
+
+
+def group_size(group: Optional[ProcessGroup] = None) -> int:
+    return dist.get_world_size(group) if is_dist() else 1
+
+
+def group_rank(group: Optional[ProcessGroup] = None) -> int:
+    return dist.get_rank(group) if is_dist() else 0
+
+
+def control_group(group: Optional[ProcessGroup] = None) -> ProcessGroup:
+    """The gloo group for control traffic among the ranks of ``group`` (made once, then cached).
+
+    A collective the first time for a given group: every member calls it at the same point, which
+    holds since the first control exchange is reached by every rank together.
+    """
+    key = group if group is not None else dist.group.WORLD
+    if key not in _CONTROL_GROUPS:
+        if compat.serves_cpu_with_gloo(key):
+            _CONTROL_GROUPS[key] = key
+        elif group is None or key is dist.group.WORLD:
+            _CONTROL_GROUPS[key] = dist.new_group(backend='gloo')
+        else:  # only this group's ranks reach here; the others must not be waited for
+            _CONTROL_GROUPS[key] = dist.new_group(ranks=dist.get_process_group_ranks(key),
+                                                  backend='gloo', use_local_synchronization=True)
+    return _CONTROL_GROUPS[key]
+
+
+def all_gather_object(obj: Any, group: Optional[ProcessGroup] = None) -> List[Any]:
+    """Every rank's ``obj`` (control plane, synchronous); ``[obj]`` without a process group."""
+    if not is_dist():
+        return [obj]
+    return mmdist.all_gather_object(obj, group=control_group(group))
+
+
+def broadcast_object(obj: Any, src: int = 0, group: Optional[ProcessGroup] = None) -> Any:
+    """``obj`` of global rank ``src`` on every rank (control plane)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    mmdist.broadcast_object_list(box, src=src, group=control_group(group))
+    return box[0]
+
+
+def all_reduce_flags(flags: torch.Tensor, group: Optional[ProcessGroup] = None,
+                     op: Any = dist.ReduceOp.SUM, async_op: bool = False) -> Optional[Any]:
+    """Reduce a small CPU tensor in place over the control plane; the Work when ``async_op``."""
+    if flags.device.type != 'cpu':
+        raise ValueError(f'control flags must be CPU tensors (got {flags.device}): the control '
+                         'plane is gloo, and reading CUDA flags would sync the host every step')
+    if not is_dist():
+        return None
+    return dist.all_reduce(flags, op=op, group=control_group(group), async_op=async_op)
+
+
+def row_counts(n: int, group: Optional[ProcessGroup] = None) -> List[int]:
+    """Every rank's ``n`` (a host int, e.g. a batch's row count): control plane, no CUDA sync."""
+    if not is_dist():
+        return [n]
+    counts = torch.zeros(group_size(group), dtype=torch.long)
+    counts[group_rank(group)] = n
+    all_reduce_flags(counts, group)
+    return counts.tolist()
+
+
+def barrier(group: Optional[ProcessGroup] = None) -> None:
+    """Wait for every rank of ``group`` (control plane)."""
+    if is_dist():
+        dist.barrier(group=control_group(group))
+
+
+# --------------------------------------------------------------------------------------- data plane
+def all_reduce_(x: torch.Tensor, group: Optional[ProcessGroup] = None,
+                op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce ``x`` in place over ``group`` on ``x``'s own device (data plane); returns ``x``."""
+    if is_dist():
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
 
 
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward *sums* the gradient over ranks, then takes this
     rank's rows. Every rank's loss depends on every gathered row, so the gradient of a rank's
     rows is the sum of all ranks' contributions; returning only ``grads[rank]`` (the widely copied
-    GatherLayer) drops the other ranks' terms."""
+    GatherLayer) drops the other ranks' terms. Row counts come in as host ints: no device sync."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-        sizes = [torch.zeros_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size)
-        sizes_list = [int(s.item()) for s in sizes]
-        max_rows = max(sizes_list)
-        padded = x.new_zeros((max_rows, *x.shape[1:]))
-        padded[:x.shape[0]] = x
-        chunks = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(chunks, padded.contiguous())
-        ctx.sizes = sizes_list
-        ctx.rank = dist.get_rank()
-        return torch.cat([c[:n] for c, n in zip(chunks, sizes_list)])
+    def forward(ctx, x: torch.Tensor, sizes: List[int], group: Optional[ProcessGroup]) -> torch.Tensor:
+        ctx.sizes, ctx.group, ctx.rank = sizes, group, group_rank(group)
+        return gather_rows(x, sizes, group)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
+    def backward(ctx, grad: torch.Tensor):
+        grad = all_reduce_(grad.contiguous().clone(), ctx.group)
         start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]]
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, sizes: Sequence[int],
+                group: Optional[ProcessGroup] = None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (``sizes[r]`` rows on rank ``r``) along dim 0, no autograd."""
+    if not is_dist() or group_size(group) == 1:
+        return x
+    max_rows = max(sizes)
+    padded = x if x.shape[0] == max_rows else torch.cat(
+        [x, x.new_zeros((max_rows - x.shape[0], *x.shape[1:]))])
+    chunks = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(chunks, padded.contiguous(), group=group)
+    return torch.cat([c[:n] for c, n in zip(chunks, sizes)])
+
+
+def gather_with_grad(x: torch.Tensor, sizes: Optional[Sequence[int]] = None,
+                     group: Optional[ProcessGroup] = None) -> torch.Tensor:
     """Concatenate every rank's ``x`` along dim 0 (sizes may differ), differentiably.
 
-    Identity when no process group is initialised or the world has one rank.
+    ``sizes``: every rank's row count, when the caller knows them (see :func:`row_counts`); else
+    they are exchanged here. Identity when no process group is initialised or the group has one rank.
     """
-    if not is_dist() or dist.get_world_size() == 1:
+    if not is_dist() or group_size(group) == 1:
         return x
-    return _GatherWithGrad.apply(x)
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a (detached) tensor over ranks; the tensor itself where there is no group."""
-    x = x.detach().clone()
-    if is_dist():
-        dist.all_reduce(x)
-    return x
+    sizes = list(sizes) if sizes is not None else row_counts(x.shape[0], group)
+    return _GatherWithGrad.apply(x, sizes, group)

@@ -4,8 +4,9 @@ Thin on purpose: it runs the real training entry (config -> Runner) for a few it
 :class:`DDPAutoTuneHook` under ``policy='keep'``, then asks :func:`choose_plan` twice: what the config as
 written does, and what ``auto`` would choose.
 """
+import shutil
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .model_from_config import train_only
 from .plan import choose_plan
@@ -15,13 +16,15 @@ OK, CRASHES, FAILED = 0, 1, 2
 
 
 def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Optional[List[int]],
-                synthetic: bool, work_dir: str) -> Optional[Dict[str, Any]]:
+                synthetic: bool, work_dir: str,
+                trusted: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
     """One rank: train ``iters`` iterations while probing; rank 0 returns the findings."""
     import torch.distributed as dist
     from mmengine.config import Config
     from mmengine.runner import Runner
 
     import mmddp_hooks  # noqa: F401
+    from mmddp_hooks.checkpoint import safe_checkpoint_loading, trusted_from
 
     cfg = Config.fromfile(config)
     if cfg_options:
@@ -44,7 +47,8 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
     cfg.work_dir = work_dir
     cfg.resume, cfg.load_from = False, None
     runner = Runner.from_cfg(cfg)
-    runner.train()
+    with safe_checkpoint_loading(trusted_from(cfg, trusted)):
+        runner.train()
     if dist.get_rank() != 0:
         return None
     tune = next(h for h in runner.hooks if type(h).__name__ == 'DDPAutoTuneHook')
@@ -70,16 +74,25 @@ def config_lines(findings: Dict[str, Any]) -> str:
 
 def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[int]] = None,
                cfg_options: Optional[dict] = None, synthetic: bool = True,
-               timeout: float = 600.0) -> Dict[str, Any]:
-    """Run the probe on ``nproc`` gloo ranks; ``status`` is OK, CRASHES or FAILED."""
+               timeout: float = 600.0, trusted: Sequence[str] = ()) -> Dict[str, Any]:
+    """Run the probe on ``nproc`` gloo ranks; ``status`` is OK, CRASHES or FAILED.
+
+    FAILED means a rank could not do its work. A rank that finished and wrote its findings, then
+    died while exiting, does not change the verdict: ``teardown_fault`` carries its output.
+    """
     from .testing import run_on_ranks
 
     work_dir = tempfile.mkdtemp(prefix='ddp_doctor_')
-    result = run_on_ranks(doctor_rank, nproc, args=(config, cfg_options, iters, size, synthetic,
-                                                    work_dir), timeout=timeout)
-    if not result.ok:
+    try:
+        result = run_on_ranks(doctor_rank, nproc, timeout=timeout,
+                              args=(config, cfg_options, iters, size, synthetic, work_dir,
+                                    list(trusted)))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    if not result.work_done:
         return dict(status=FAILED, error=result.describe())
     findings = result.ranks[0].value
     findings['status'] = CRASHES if findings['crashes'] else OK
     findings['config_lines'] = config_lines(findings)
+    findings['teardown_fault'] = result.describe() if result.teardown_fault else None
     return findings

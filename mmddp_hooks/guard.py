@@ -16,16 +16,19 @@ averaged and replicas drift apart silently). After backward the guard
    rank learns it from the same collective, averages the woken ignored gradients by hand, and
    reports a switch to a safe plan, so all ranks rebuild DDP at the same iteration.
 
-Step 3 is one all-reduce of ``len(plan.ignore) + 2`` ints, the whole cost of the guard. It runs every
+Step 3 is one all-reduce of ``len(plan.ignore) + 2`` CPU ints on the gloo control plane (see
+:mod:`mmddp_hooks.dist`), the whole cost of the guard; nothing in it reads a CUDA tensor. It runs every
 step, synchronously, only when the plan ignores parameters; otherwise every ``interval`` steps in the
 background (rescues stay complete and local every step; the switch lands at most two intervals later).
+Woken gradients are averaged on the DDP wrapper's own group, on their device.
 """
 from typing import Any, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed import ProcessGroup
 
+from . import dist as ddist
 from .explain import explain_unused_error
 from .reducer_params import ReducerParam, reducer_params
 
@@ -48,7 +51,8 @@ class PlanGuard:
     """Per-rank state of the guard for one applied plan."""
 
     def __init__(self, module: nn.Module, fill: List[str], ignore: List[str],
-                 interval: int = 16, watch_modules: Optional[List[str]] = None) -> None:
+                 interval: int = 16, watch_modules: Optional[List[str]] = None,
+                 group: Optional[ProcessGroup] = None) -> None:
         named = dict(module.named_parameters())
         modules = dict(module.named_modules())
         self.params: List[ReducerParam] = reducer_params(module)
@@ -66,6 +70,7 @@ class PlanGuard:
         self.interval = max(1, interval)
         self._steps = 0
         self._unreported: List[str] = []
+        self.group = group  # the DDP wrapper's process_group (None: the default group)
 
     def _waker(self, i: int):
         def wake(_: torch.Tensor) -> None:
@@ -84,9 +89,9 @@ class PlanGuard:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._pending is not None:
+        if self._pending is not None and self._pending[1] is not None:
             self._pending[1].wait()
-            self._pending = None
+        self._pending = None
 
     def after_backward(self, reducer) -> Optional[str]:
         """Fill, rescue, agree. Returns why every rank must switch to a safe plan, or None.
@@ -109,7 +114,7 @@ class PlanGuard:
         flags[-1] = len(rescued)
         self._woke.zero_()
         if self.ignored:
-            dist.all_reduce(flags)
+            ddist.all_reduce_flags(flags, self.group)
             return self._agree_on_switch(flags, rescued) if bool(flags.any()) else None
         self._unreported.extend(n for n in rescued if n not in self._unreported)
         self._steps += 1
@@ -117,13 +122,14 @@ class PlanGuard:
             return None
         flags[-1] = len(self._unreported)
         flags[-2] = int(bool(self.woken_modules))
-        previous, self._pending = self._pending, (flags, dist.all_reduce(flags, async_op=True),
-                                                  self._unreported)
+        work = ddist.all_reduce_flags(flags, self.group, async_op=True)
+        previous, self._pending = self._pending, (flags, work, self._unreported)
         self._unreported = []
         if previous is None:
             return None
         prev_flags, work, prev_rescued = previous
-        work.wait()
+        if work is not None:
+            work.wait()
         return self._agree_on_switch(prev_flags, prev_rescued) if bool(prev_flags.any()) else None
 
     def _raise_unfinalized(self, reducer) -> None:
@@ -141,10 +147,9 @@ class PlanGuard:
         # every rank reaches here together; a frozen module's call leaves no gradient to fix
         if woke:
             self._average_ignored(flags)
-        local = {'rank': dist.get_rank(), 'rescued': rescued, 'modules': list(self.woken_modules),
+        local = {'rank': ddist.get_rank(), 'rescued': rescued, 'modules': list(self.woken_modules),
                  'woke': [self.ignore_names[i] for i in woke if self.ignored[i].grad is not None]}
-        everyone: List = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, local)
+        everyone = ddist.all_gather_object(local, self.group)
         parts = []
         for r in everyone:
             if r['rescued']:
@@ -162,10 +167,10 @@ class PlanGuard:
         return '; '.join(parts)
 
     def _average_ignored(self, flags: torch.Tensor) -> None:
+        """Data plane: the ignored gradients, on their device, over the wrapper's group."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.ignored]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
+        flat = ddist.all_reduce_(torch.cat([g.reshape(-1) for g in grads]), self.group)
+        flat /= ddist.group_size(self.group)
         offset = 0
         for i, p in enumerate(self.ignored):
             n = p.numel()

@@ -4,12 +4,13 @@ A post-accumulate-grad hook on each reducer parameter fires exactly when autogra
 gradient into it: the same event that DDP's reducer counts as "used". The hooks exist only during
 the probe iterations and are removed afterwards, so they cost nothing later.
 """
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
+from . import dist as ddist
 from .reducer_params import ReducerParam
 from .report import Usage
 
@@ -43,22 +44,17 @@ class UsageProbe:
         """Shape (iterations, params) for this rank."""
         return np.stack(self.steps) if self.steps else np.zeros((0, len(self.params)), bool)
 
-    def gather(self) -> Usage:
-        """Combine every rank's record into one :class:`Usage` (a collective on all ranks)."""
+    def gather(self, group: Optional[ProcessGroup] = None) -> Usage:
+        """Combine every rank's record into one :class:`Usage` (control plane, all ranks of ``group``)."""
         local = self.local_usage()
         names = [rp.name for rp in self.params]
-        if dist.is_available() and dist.is_initialized():
-            gathered: List = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (names, local))
-        else:
-            gathered = [(names, local)]
+        gathered = ddist.all_gather_object((names, local), group)
         for rank, (rank_names, _) in enumerate(gathered):
             if rank_names != names:
                 raise RuntimeError(
                     f'rank {rank} has a different reducer parameter list than rank '
-                    f'{dist.get_rank() if dist.is_initialized() else 0} '
-                    f'({len(rank_names)} vs {len(names)} parameters): the model must be built '
-                    'identically on every rank')
+                    f'{ddist.group_rank(group)} ({len(rank_names)} vs {len(names)} parameters): '
+                    'the model must be built identically on every rank')
         steps = {g[1].shape[0] for g in gathered}
         if len(steps) != 1:
             raise RuntimeError(f'ranks probed different numbers of iterations: {sorted(steps)}')

@@ -113,7 +113,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
 
     def start_probe(self) -> None:
         """Probe under ``find_unused_parameters=True`` (cannot crash) and record usage."""
-        self._drop_guard()
+        self.close_guard()
         self.rebuild(find_unused_parameters=True)
         self.probe = UsageProbe(reducer_params(self.module))
 
@@ -122,11 +122,11 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         assert self.probe is not None, 'finish_probe() without start_probe()'
         probe, self.probe = self.probe, None
         probe.close()
-        return probe.gather()
+        return probe.gather(self.process_group)
 
     def apply_plan(self, plan: DDPPlan) -> None:
         """Rebuild DDP as the plan says and arm the guard. A collective: call on every rank."""
-        self._drop_guard()
+        self.close_guard()
         module = self.module
         named = dict(module.named_parameters())
         unknown = [n for n in plan.ignore + plan.freeze if n not in named]
@@ -137,10 +137,12 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.rebuild(plan.find_unused_parameters, plan.static_graph, plan.ignore)
         self.plan = plan
         if plan.guarded:
-            self.guard = PlanGuard(module, plan.fill.get(ddist.get_rank(), []), plan.ignore,
-                                   interval=self.guard_interval, watch_modules=plan.watch_modules)
+            self.guard = PlanGuard(module, plan.fill.get(ddist.group_rank(self.process_group), []),
+                                   plan.ignore, interval=self.guard_interval,
+                                   watch_modules=plan.watch_modules, group=self.process_group)
 
-    def _drop_guard(self) -> None:
+    def close_guard(self) -> None:
+        """Finish the guard's outstanding flag exchange and remove its hooks (every rank)."""
         if self.guard is not None:
             self.guard.close()
             self.guard = None

@@ -20,14 +20,16 @@ def energy_scores(context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
 
 
 class TwoTower(nn.Module):
-    def __init__(self, symmetric=False, score=None, negatives='global', dtype=torch.float64):
+    def __init__(self, symmetric=False, score=None, negatives='global', dtype=torch.float64,
+                 equal_batches=False):
         super().__init__()
         torch.manual_seed(0)
         self.query_tower = nn.Linear(D_IN, D_EMB)
         self.key_tower = nn.Linear(D_IN, D_EMB)
         self.criterion = GlobalInBatchInfoNCE(temperature=0.2, learnable_temperature=True,
                                               symmetric=symmetric, negatives=negatives,
-                                              score_fn=energy_scores if score == 'energy' else None)
+                                              score_fn=energy_scores if score == 'energy' else None,
+                                              equal_batches=equal_batches)
         self.to(dtype)
 
     def forward(self, xq, xk, negatives=None, mask=None):
@@ -56,9 +58,9 @@ def grads_of(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def step(sizes: List[int], dtype=torch.float64, symmetric=False, score=None,
-         negatives='global', masked=False) -> Dict:
+         negatives='global', masked=False, equal_batches=False) -> Dict:
     """One forward/backward: under DDP on this rank's rows, or single-process on all rows."""
-    model = TwoTower(symmetric, score, negatives, dtype)
+    model = TwoTower(symmetric, score, negatives, dtype, equal_batches)
     xq, xk, neg, mask = global_batch(sum(sizes), dtype)
     if dist.is_initialized():
         rows = _rows(sizes, dist.get_rank())
@@ -75,7 +77,7 @@ class _NaiveGather(torch.autograd.Function):
     """The widely copied GatherLayer: backward returns this rank's slice, not the sum."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, sizes=None, group=None):
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         ctx.n = x.shape[0]
@@ -84,11 +86,20 @@ class _NaiveGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         r = dist.get_rank()
-        return grad[r * ctx.n:(r + 1) * ctx.n]
+        return grad[r * ctx.n:(r + 1) * ctx.n], None, None
+
+
+def count_row_exchanges(sizes: List[int], equal_batches: bool) -> Dict:
+    """One symmetric, masked step, counting the row-count exchanges it makes."""
+    calls = []
+    exchange = contrastive.ddist.row_counts
+    contrastive.ddist.row_counts = lambda n, group=None: calls.append(n) or exchange(n, group)
+    out = step(sizes, symmetric=True, masked=True, equal_batches=equal_batches)
+    return dict(out, exchanges=len(calls))
 
 
 def step_with_naive_gather(sizes: List[int]) -> Dict:
-    contrastive.gather_with_grad = _NaiveGather.apply
+    contrastive.ddist.gather_with_grad = _NaiveGather.apply
     return step(sizes)
 
 

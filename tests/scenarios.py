@@ -17,6 +17,8 @@ from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
 
+from mmddp_hooks.checkpoint import safe_checkpoint_loading
+
 DIM = 8
 
 
@@ -179,6 +181,8 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
                          checkpoint=dict(type='CheckpointHook', interval=checkpoint_interval or 10**6,
                                          by_epoch=False))
     wrapper_cfg = dict(type='ReconfigurableDDP', find_unused_parameters=find_unused)
+    if torch.cuda.is_available():  # the Runner moves the model to the current GPU (shared by ranks)
+        wrapper_cfg['device_ids'] = [torch.cuda.current_device()]
     if prewrap:  # the user wrapped the model by hand: the runner leaves it alone
         model, wrapper_cfg = MMDistributedDataParallel(model, find_unused_parameters=find_unused), None
     runner = Runner(
@@ -199,7 +203,8 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         resume=resume,
         log_level=log_level,
     )
-    runner.train()
+    with safe_checkpoint_loading():  # resume under torch >= 2.6, as tools/train.py does
+        runner.train()
     wrapper = runner.model
     tune = next((h for h in runner.hooks if type(h).__name__ == 'DDPAutoTuneHook'), None)
     plan = tune.plan.to_dict() if tune is not None and tune.plan is not None else None
@@ -257,8 +262,8 @@ def resume_keeps_plan(model_name: str, hook: dict) -> Dict[str, Any]:
     first = train(model_name, iters=8, checkpoint_interval=4, work_dir=shared[0], **kw)
     resumed = train(model_name, iters=12, work_dir=shared[0], resume=True, **kw)
     straight = train(model_name, iters=12, **kw)
-    ckpt = torch.load(os.path.join(shared[0], 'iter_8.pth'), map_location='cpu',
-                      weights_only=False)
+    with safe_checkpoint_loading():
+        ckpt = torch.load(os.path.join(shared[0], 'iter_8.pth'), map_location='cpu')
     return dict(first_plan=first['plan'], resumed_plan=resumed['plan'],
                 resumed_probed=resumed['probed'], resumed_losses=resumed['losses'],
                 straight_losses=straight['losses'][8:], checkpoint_plan=ckpt['mmddp_hooks']['plan'],

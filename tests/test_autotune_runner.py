@@ -130,7 +130,7 @@ def test_scenarios_crash_plain_ddp(model_name):
 def test_resume_keeps_plan_and_matches_uninterrupted_run():
     results = run_distributed(scenarios.resume_keeps_plan, 2, args=('DisabledDistill',
                                                                     dict(probe_iters=3)),
-                              timeout=TIMEOUT, env={'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD': '1'})
+                              timeout=TIMEOUT)
     for r in results:
         assert r['first_plan']['freeze'] and r['checkpoint_plan'] == r['first_plan']
         assert r['resumed_plan'] == r['first_plan'] and not r['resumed_probed']

@@ -41,6 +41,18 @@ def test_energy_score_function_and_explicit_negatives(negatives):
 
 
 @pytest.mark.dist
+def test_row_counts_are_exchanged_once_per_step_or_not_at_all():
+    exchanged = run_distributed(cases.count_row_exchanges, 2, args=([3, 3], False), timeout=120)
+    given = run_distributed(cases.count_row_exchanges, 2, args=([3, 3], True), timeout=120)
+    ref = cases.step([3, 3], symmetric=True, masked=True)
+    assert [r['exchanges'] for r in exchanged] == [1, 1]
+    assert [r['exchanges'] for r in given] == [0, 0]
+    for r in exchanged + given:
+        assert abs(r['loss'] - ref['loss']) <= 1e-10
+        assert _max_diff(r['grads'], ref['grads']) <= 1e-10
+
+
+@pytest.mark.dist
 def test_naive_gather_without_sum_is_wrong():
     ranks = run_distributed(cases.step_with_naive_gather, 2, args=([3, 3],), timeout=120)
     ref = cases.step([3, 3])

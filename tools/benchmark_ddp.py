@@ -7,6 +7,9 @@ Prints a markdown table: per scenario and setting, the median step time of the s
 median (min-max) of per-round ratios against the best valid hand-picked setting; invalid settings
 show the error that made them invalid. CPU gloo shows no NCCL compute/communication overlap.
 """
+# isort: off
+import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
+# isort: on
 import argparse
 import json
 import sys

@@ -7,6 +7,9 @@ Reads find_unused_parameters, model_wrapper_cfg, sync_bn, launcher and ddp_branc
 exist and be booleans; with --build the model is built on CPU and every module/parameter pattern must
 match, without overlaps). Exit codes: 0 no error (warnings allowed), 1 errors.
 """
+# isort: off
+import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
+# isort: on
 import argparse
 import json
 import sys

@@ -2,7 +2,7 @@
 """Dry-run a config's DDP behaviour on CPU before queueing for GPUs.
 
     python tools/ddp_doctor.py CONFIG [--nproc 2] [--iters 4] [--size H W] [--cfg-options k=v]
-                                      [--real-data] [--json]
+                                      [--real-data] [--json] [--trust-checkpoint FILE ...]
 
 Trains a few iterations on gloo CPU ranks with synthetic images/masks of the config's shape (or the
 config's own data with --real-data), probes which parameters get gradients, and prints the usage
@@ -10,16 +10,17 @@ report, whether the config as written crashes under DDP, the plan DDPAutoTuneHoo
 the config lines to paste.
 
 Exit codes: 0 the config as written trains under DDP; 1 it would crash with DDP's unused-parameter
-error; 2 the doctor could not run it (the error of every rank is printed).
+error; 2 the doctor could not run it (the error of every rank is printed). A rank that finished and
+reported, then died while exiting, is printed as a teardown fault and leaves the verdict as it is.
 """
+# isort: off
+import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
+# isort: on
 import argparse
 import json
-import os
 import sys
 
-os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
-
-from mmengine.config import DictAction  # noqa: E402
+from mmengine.config import DictAction
 
 
 def main(argv=None) -> int:
@@ -32,11 +33,15 @@ def main(argv=None) -> int:
     p.add_argument('--real-data', action='store_true', help="use the config's own dataloader")
     p.add_argument('--timeout', type=float, default=600.0, help='seconds before the ranks are killed')
     p.add_argument('--json', action='store_true')
+    p.add_argument('--trust-checkpoint', action='append', default=[], metavar='FILE',
+                   help='load this one checkpoint (e.g. init_cfg pretrained weights) with full '
+                        'unpickling; every other checkpoint is loaded weights-only')
     args = p.parse_args(argv)
     from mmddp_hooks.doctor import CRASHES, FAILED, run_doctor
 
     out = run_doctor(args.config, args.nproc, args.iters, args.size, args.cfg_options,
-                     synthetic=not args.real_data, timeout=args.timeout)
+                     synthetic=not args.real_data, timeout=args.timeout,
+                     trusted=args.trust_checkpoint)
     if args.json:
         print(json.dumps(out, indent=2))
     elif out['status'] == FAILED:
@@ -54,6 +59,10 @@ def main(argv=None) -> int:
         for reason in out['auto']['reasons']:
             print(f'  - {reason}')
         print('paste into the config:\n' + out['config_lines'])
+    if out['status'] != FAILED and out['teardown_fault']:
+        print('ddp_doctor: the verdict stands (every rank finished and reported), but a rank died '
+              f"while exiting afterwards (a teardown fault, not the config's):\n"
+              f"{out['teardown_fault']}", file=sys.stderr)
     return out['status']
 
 

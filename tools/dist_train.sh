@@ -3,6 +3,7 @@
 # Env: NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), PORT (free port; never 0: torchrun hangs).
 # One node without PORT uses torchrun --standalone; several nodes need MASTER_ADDR and PORT.
 # Works without a GPU: tools/train.py then uses gloo and CPU DDP.
+# Python: PYTHON if set, else the project's .venv, so no venv needs activating.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 CONFIG NPROC [train.py args...]" >&2
@@ -15,7 +16,7 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 HERE="$(cd "$(dirname "$0")" && pwd)"
-PYTHON=${PYTHON:-python}
+. "$HERE/python_env.sh"
 export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 

@@ -11,6 +11,9 @@ every index of every rank's "Parameter indices which did not receive grad" line.
 Exit codes: 0 explained; 1 no DDP message recognised in the text; 2 bad input (config, model,
 or indices past the end of the model's reducer list).
 """
+# isort: off
+import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
+# isort: on
 import argparse
 import json
 import os

@@ -2,25 +2,26 @@
 """Train with an MMEngine config, OpenMMLab style, on GPUs or on CPU (gloo) for dry runs.
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume] [--cfg-options k=v ...]
-                             [--synthetic [H W]] [--iters N]
+                             [--synthetic [H W]] [--iters N] [--trust-checkpoint FILE ...]
     bash tools/dist_train.sh CONFIG NPROC [args]      # torchrun, one or several nodes
 
 What differs from mmseg's tools/train.py: the process group comes from
 ``mmddp_hooks.dist.init_dist_if_needed`` (gloo without a GPU, no CUDA call), a distributed run without
 ``model_wrapper_cfg`` gets ``ReconfigurableDDP`` (which drops ``device_ids`` on CPU and reverts SyncBN to
-BN there), resuming MMEngine checkpoints works under torch >= 2.6, and the process group is torn down
-with a barrier first.
+BN there), every checkpoint is loaded weights-only with exactly MMEngine's own types allowed (so resume
+works under torch >= 2.6 and no checkpoint runs code; ``--trust-checkpoint FILE`` or the config's
+``trusted_checkpoints`` lifts that for one named file), and the process group is torn down with a
+barrier first.
 """
+# isort: off
+import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
+# isort: on
 import argparse
 import os
 import os.path as osp
 import sys
 
-# MMEngine 0.10.7 checkpoints hold more than tensors (message hubs, numpy scalars); torch >= 2.6
-# loads with weights_only=True by default and would refuse them on resume.
-os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
-
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import Config, DictAction
 
 
 def parse_args(argv=None):
@@ -35,6 +36,9 @@ def parse_args(argv=None):
                    help='segmentation configs: train on random images/masks (optionally of '
                         'size H W instead of crop_size), no val/test: a dry run without data')
     p.add_argument('--iters', type=int, help='with --synthetic: number of training iterations')
+    p.add_argument('--trust-checkpoint', action='append', default=[], metavar='FILE',
+                   help='load this one checkpoint (path or URL) with full unpickling, which can run '
+                        'code from it; every other checkpoint is loaded weights-only')
     p.add_argument('--launcher', choices=['none', 'pytorch'], default=None,
                    help='job launcher (default: pytorch under torchrun, else none)')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -77,13 +81,15 @@ def main(argv=None) -> int:
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
+    from mmddp_hooks.checkpoint import safe_checkpoint_loading, trusted_from
     from mmddp_hooks.dist import init_dist_if_needed, teardown
 
     if args.launcher == 'pytorch':
         init_dist_if_needed()
     cfg = build_cfg(args)
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-    runner.train()
+    with safe_checkpoint_loading(trusted_from(cfg, args.trust_checkpoint)):
+        runner.train()
     teardown()
     return 0
 

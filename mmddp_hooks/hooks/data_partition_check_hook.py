@@ -4,7 +4,6 @@ import itertools
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
@@ -66,13 +65,13 @@ class DataPartitionCheckHook(Hook):
         runner.logger.warning(f'[mmddp_hooks] {msg}')
 
     def before_train(self, runner) -> None:
-        if not ddist.is_dist() or dist.get_world_size() == 1:
+        if not ddist.is_dist() or ddist.get_world_size() == 1:
             return
         loader = runner.train_dataloader
         sampler = getattr(loader, 'sampler', None)
         batch_sampler = getattr(loader, 'batch_sampler', None)
         sampler = getattr(batch_sampler, 'sampler', sampler) if sampler is None else sampler
-        world, rank = dist.get_world_size(), dist.get_rank()
+        world, rank = ddist.get_world_size(), ddist.get_rank()
         part = sampler_world(sampler)
         name = type(sampler).__name__
         if part is None:
@@ -89,8 +88,7 @@ class DataPartitionCheckHook(Hook):
     def _check_indices(self, runner, sampler) -> None:
         mine: List[int] = [int(i) for i in itertools.islice(iter(sampler), self.sample_indices)]
         length = len(sampler) if hasattr(sampler, '__len__') else -1
-        everyone: List = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (mine, length))
+        everyone = ddist.all_gather_object((mine, length))  # samplers shard over the default group
         seen = {}
         for r, (indices, _) in enumerate(everyone):
             for i in indices:
@@ -105,11 +103,10 @@ class DataPartitionCheckHook(Hook):
                                '(reported, not an error)')
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-        if self._checked_batch or not ddist.is_dist() or dist.get_world_size() == 1:
+        if self._checked_batch or not ddist.is_dist() or ddist.get_world_size() == 1:
             return
         self._checked_batch = True
-        everyone: List = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, _digest(data_batch))
+        everyone = ddist.all_gather_object(_digest(data_batch))
         if len(set(everyone)) == 1:
             self._fail(runner, f'the first batch is identical on all {len(everyone)} ranks: '
                                f'every rank trains on the same data. Fix: {FIX}.')

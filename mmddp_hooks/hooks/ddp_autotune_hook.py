@@ -155,6 +155,12 @@ class DDPAutoTuneHook(Hook):
                 raise RuntimeError(f'[mmddp_hooks] strict: {note}')
             runner.logger.warning(f'[mmddp_hooks] {note}')
 
+    def after_run(self, runner) -> None:
+        """Finish the guard's background flag exchange while every rank's process group is alive."""
+        model = self._wrapper(runner)
+        if model is not None:
+            model.close_guard()
+
     def _check_enabled_branches(self, report: UsageReport) -> List[str]:
         """Enabled branches none of whose parameters got a gradient: likely bugs."""
         never = set(report.names_of(NEVER))

@@ -1,6 +1,6 @@
 """ReplicaConsistencyHook: prove that DDP replicas hold bit-identical parameters."""
 import hashlib
-from typing import Dict, List
+from typing import Dict
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
@@ -46,12 +46,10 @@ class ReplicaConsistencyHook(Hook):
     def check(self, runner) -> None:
         if not ddist.is_dist():
             return
-        import torch.distributed as dist
-
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         mine = parameter_digests(model)
-        everyone: List = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
+        # replicas are those of the DDP wrapper's group
+        everyone = ddist.all_gather_object(mine, getattr(runner.model, 'process_group', None))
         differing = [n for n in mine if len({d.get(n) for d in everyone}) > 1]
         if differing:
             raise RuntimeError(

@@ -8,6 +8,7 @@ fails the test with each rank's output instead of hanging the suite.
 """
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,10 @@ class DistTestFailure(AssertionError):
     """Raised by :meth:`DistRunResult.values` when any rank failed, hung or was killed."""
 
 
+class DistTeardownFault(DistTestFailure):
+    """Every rank did its work and wrote its result, but some rank then died while exiting."""
+
+
 @dataclass
 class RankResult:
     rank: int
@@ -32,10 +37,21 @@ class RankResult:
     value: Any = None
     error: Optional[str] = None
     output: str = ''
+    has_value: bool = False  # its work returned and the result file holds the value
 
     @property
     def ok(self) -> bool:
         return self.exitcode == 0 and self.error is None
+
+    @property
+    def finished(self) -> bool:
+        """The rank's work returned and its result was written (whatever happened at exit)."""
+        return self.error is None and self.has_value
+
+    @property
+    def teardown_fault(self) -> bool:
+        """Finished its work, wrote its result, then exited non-zero (e.g. SIGABRT at exit)."""
+        return self.finished and self.exitcode != 0
 
 
 @dataclass
@@ -49,12 +65,26 @@ class DistRunResult:
     def ok(self) -> bool:
         return not self.timed_out and all(r.ok for r in self.ranks)
 
+    @property
+    def work_done(self) -> bool:
+        """Every rank finished its work and wrote its result (a fault at exit may follow)."""
+        return not self.timed_out and all(r.finished for r in self.ranks)
+
+    @property
+    def teardown_fault(self) -> bool:
+        """The work succeeded on every rank, but some rank died while exiting."""
+        return self.work_done and not self.ok
+
     def describe(self) -> str:
         head = (f'{self.world_size} ranks, {self.elapsed:.1f}s'
-                + (', TIMED OUT (process group killed)' if self.timed_out else ''))
+                + (', TIMED OUT (process group killed)' if self.timed_out else '')
+                + (', TEARDOWN FAULT: every rank finished its work and wrote its result, then '
+                   'a rank died at exit' if self.teardown_fault else ''))
         parts = [head]
         for r in self.ranks:
-            status = 'ok' if r.ok else f'FAILED (exit code {r.exitcode})'
+            status = ('ok' if r.ok else
+                      f'finished its work, then died at exit (exit code {r.exitcode})'
+                      if r.teardown_fault else f'FAILED (exit code {r.exitcode})')
             parts.append(f'--- rank {r.rank}: {status}')
             if r.error:
                 parts.append(r.error.rstrip())
@@ -65,7 +95,7 @@ class DistRunResult:
     def values(self) -> List[Any]:
         """Each rank's return value, or :class:`DistTestFailure` with every rank's output."""
         if not self.ok:
-            raise DistTestFailure(self.describe())
+            raise (DistTeardownFault if self.teardown_fault else DistTestFailure)(self.describe())
         return [r.value for r in self.ranks]
 
 
@@ -150,7 +180,8 @@ def run_on_ranks(fn: Callable[..., Any],
                 preexec_fn=lambda g=group: os.setpgid(0, g)))
             if rank == 0:
                 pgid = procs[0].pid
-        timed_out = _wait(procs, start + timeout, failure_grace)
+        timed_out = _wait(procs, start + timeout, failure_grace,
+                          [workdir / f'rank{r}.result' for r in range(world_size)])
     finally:
         if pgid:
             _kill_group(pgid)
@@ -168,12 +199,19 @@ def run_on_ranks(fn: Callable[..., Any],
             error = ('rank produced no result: killed after a timeout or a peer failure'
                      if proc.returncode and proc.returncode < 0 else 'rank produced no result')
         result.ranks.append(RankResult(rank=rank, exitcode=proc.returncode,
-                                       value=payload.get('value'), error=error, output=output))
+                                       value=payload.get('value'), error=error, output=output,
+                                       has_value='value' in payload))
+    shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
-def _wait(procs: List[subprocess.Popen], deadline: float, failure_grace: float) -> bool:
-    """Poll until every rank exits; True if the deadline passed first."""
+def _wait(procs: List[subprocess.Popen], deadline: float, failure_grace: float,
+          results: List[Path]) -> bool:
+    """Poll until every rank exits; True if the deadline passed first.
+
+    A rank that exited non-zero starts the grace period for its peers, unless it had finished its
+    work (its result holds a value): dying at exit leaves no peer waiting, so they run on.
+    """
     first_failure: Optional[float] = None
     while True:
         codes = [p.poll() for p in procs]
@@ -182,7 +220,8 @@ def _wait(procs: List[subprocess.Popen], deadline: float, failure_grace: float) 
         now = time.monotonic()
         if now >= deadline:
             return True
-        if first_failure is None and any(c not in (None, 0) for c in codes):
+        if first_failure is None and any(c not in (None, 0) and 'value' not in _read_result(path)
+                                         for c, path in zip(codes, results)):
             first_failure = now
         if first_failure is not None and now - first_failure >= failure_grace:
             return False  # peers of a failed rank: killed by the caller's finally

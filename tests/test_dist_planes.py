@@ -1,0 +1,136 @@
+"""Collectives: only in mmddp_hooks/dist.py, control traffic on gloo CPU, data on the wrapper's group.
+
+NCCL serves CUDA tensors only. A default group made with ``init_process_group('cuda:gloo')`` has the
+same rule on a CPU machine: a CPU tensor on it raises "No backend type associated with device type
+cpu". The guard, probe and object exchanges must work on such a group.
+"""
+import ast
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mmddp_hooks.testing import run_distributed
+
+ROOT = Path(__file__).parents[1]
+COLLECTIVES = {
+    'all_reduce', 'all_gather', 'all_gather_object', 'all_gather_into_tensor', 'reduce_scatter',
+    'reduce_scatter_tensor', 'broadcast', 'broadcast_object_list', 'barrier', 'monitored_barrier',
+    'reduce', 'gather', 'gather_object', 'scatter', 'scatter_object_list', 'send', 'recv', 'isend',
+    'irecv', 'all_to_all', 'all_to_all_single', 'batch_isend_irecv', 'new_group', 'collect_results',
+    'broadcast_object', 'all_reduce_dict', 'all_reduce_params', 'sync_random_seed'}
+DIST_MODULES = {'torch.distributed', 'mmengine.dist'}
+
+
+def direct_collectives(source: str):
+    """(line, call) for each torch.distributed / mmengine.dist collective called in ``source``."""
+    tree = ast.parse(source)
+    aliases = {}  # local name -> module it stands for
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in DIST_MODULES:
+                    aliases[a.asname or a.name] = a.name
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                full = f'{node.module}.{a.name}'
+                if full in DIST_MODULES:
+                    aliases[a.asname or a.name] = full
+                elif node.module in DIST_MODULES and a.name in COLLECTIVES:
+                    found.append((node.lineno, f'from {node.module} import {a.name}'))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in COLLECTIVES:
+            owner = ast.unparse(node.func.value)
+            if aliases.get(owner, owner) in DIST_MODULES:
+                found.append((node.lineno, ast.unparse(node.func)))
+    return found
+
+
+def test_the_scanner_finds_direct_collectives():
+    source = ('import torch.distributed as tdist\nimport torch\nfrom torch import distributed\n'
+              'from mmengine import dist as md\nfrom torch.distributed import barrier\n'
+              'tdist.all_reduce(x)\ntorch.distributed.all_gather_object(a, b)\n'
+              'distributed.broadcast(x, 0)\nmd.all_gather_object(x)\nother.all_reduce(x)\n')
+    assert sorted(call for _, call in direct_collectives(source)) == [
+        'distributed.broadcast', 'from torch.distributed import barrier', 'md.all_gather_object',
+        'tdist.all_reduce', 'torch.distributed.all_gather_object']
+
+
+def test_no_collective_outside_dist_py():
+    files = sorted((ROOT / 'mmddp_hooks').rglob('*.py')) + sorted((ROOT / 'tools').glob('*.py'))
+    assert len(files) > 20
+    offenders = [f'{f.relative_to(ROOT)}:{line}: {call}'
+                 for f in files if f != ROOT / 'mmddp_hooks' / 'dist.py'
+                 for line, call in direct_collectives(f.read_text())]
+    assert not offenders, 'collectives belong in mmddp_hooks/dist.py:\n' + '\n'.join(offenders)
+
+
+def _init_cuda_only_gloo():
+    import torch.distributed as dist
+
+    dist.init_process_group('cuda:gloo', rank=int(os.environ['RANK']),
+                            world_size=int(os.environ['WORLD_SIZE']))
+
+
+def control_plane_on_a_cuda_only_group():
+    """On a group that refuses CPU tensors (as NCCL does), every control-plane path still works."""
+    import torch.distributed as dist
+
+    from mmddp_hooks import dist as ddist
+    from mmddp_hooks.guard import PlanGuard
+    from mmddp_hooks.probe import UsageProbe
+    from mmddp_hooks.reducer_params import reducer_params
+
+    _init_cuda_only_gloo()
+    try:
+        dist.all_reduce(torch.zeros(1, dtype=torch.int32))  # what the guard used to do
+        refused = ''
+    except RuntimeError as e:
+        refused = str(e)
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    probe = UsageProbe(reducer_params(model))
+    model(torch.randn(2, 4)).sum().backward()
+    probe.end_step()
+    probe.close()
+    usage = probe.gather()
+
+    class Finalized:  # a reducer whose iteration finished
+        def _check_reducer_finalized(self):
+            pass
+
+    model.zero_grad(set_to_none=True)
+    ignored = PlanGuard(model, fill=[], ignore=['1.bias'], interval=1)  # per-step exchange
+    background = PlanGuard(model, fill=[], ignore=[], interval=2)      # asynchronous exchange
+    switches = [ignored.after_backward(Finalized()) for _ in range(3)]
+    switches += [background.after_backward(Finalized()) for _ in range(5)]
+    ignored.close()
+    background.close()
+    out = dict(refused=refused, used=usage.used.tolist(), switches=switches,
+               objects=ddist.all_gather_object(rank), counts=ddist.row_counts(rank + 3),
+               bcast=ddist.broadcast_object(f'from {rank}'))
+    ddist.barrier()
+    return out
+
+
+@pytest.mark.dist
+def test_control_plane_runs_on_a_group_that_refuses_cpu_tensors():
+    results = run_distributed(control_plane_on_a_cuda_only_group, 2, init_process_group=False,
+                              timeout=120)
+    for r in results:
+        assert 'No backend type associated with device type cpu' in r['refused']
+        assert r['used'] == [[[True] * 4], [[True] * 4]]
+        assert r['switches'] == [None] * 8
+        assert r['objects'] == [0, 1] and r['counts'] == [3, 4] and r['bcast'] == 'from 0'
+
+
+def test_control_flags_must_be_cpu_tensors():
+    from mmddp_hooks import dist as ddist
+
+    with pytest.raises(ValueError, match='control flags must be CPU tensors'):
+        ddist.all_reduce_flags(torch.zeros(1, device='meta'))

@@ -1,0 +1,148 @@
+"""CUDA tier (`make test-gpu`): skipped, and reported as skipped, on a machine without CUDA.
+
+a. every plan path through a real Runner under NCCL with world size 1: each collective is then a
+   real NCCL call under NCCL's device rules (a CPU tensor on the NCCL group raises);
+b. two ranks sharing the GPU over gloo with CUDA tensors, for the paths that need several ranks;
+c. the mmseg launcher on the GPU;
+d. GlobalInBatchInfoNCE on CUDA under fp16/bf16 autocast, with host syncs turned into errors.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmddp_hooks.testing import run_distributed
+
+import scenarios
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
+
+ROOT = Path(__file__).parents[1]
+TIMEOUT = 300
+SGD_WD = dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=1e-2)
+
+
+def _compare(model_name, world_size, backend, hook, iters=12):
+    results = run_distributed(scenarios.compare_with_find_unused, world_size, backend=backend,
+                              args=(model_name, hook), kwargs=dict(iters=iters, optimizer=SGD_WD),
+                              timeout=TIMEOUT)
+    assert len({r['tuned']['digest'] for r in results}) == 1, 'replicas diverged'
+    for r in results:
+        assert r['tuned']['losses'] == pytest.approx(r['reference_losses'], rel=1e-5, abs=1e-6)
+        assert r['max_param_diff'] < 1e-5
+    return results[0]['tuned']
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize('model_name, hook, expect', [
+    ('TiedFrozenRoot', dict(probe_iters=4, unused_action='ignore'), 'ignore'),  # per-step exchange
+    ('DisabledDistill', dict(probe_iters=4, guard_interval=2), 'freeze'),     # background exchange
+    ('FallsAsleepOnRank0', dict(probe_iters=4, guard_interval=2), 'switch'),  # rescue, then switch
+])
+def test_nccl_world_size_1_plan_paths(model_name, hook, expect):
+    tuned = _compare(model_name, 1, 'nccl', hook)
+    if expect == 'ignore':
+        assert tuned['plan']['ignore'] and tuned['current']['find_unused'] is False
+    elif expect == 'freeze':
+        assert tuned['plan']['freeze'] and tuned['current']['find_unused'] is False
+    else:
+        assert tuned['current']['find_unused'] is True
+        assert len(tuned['switch_log']) == 1 and 'got no gradient' in tuned['switch_log'][0]
+
+
+@pytest.mark.dist
+def test_nccl_world_size_1_resume_keeps_plan():
+    r = run_distributed(scenarios.resume_keeps_plan, 1, backend='nccl', timeout=TIMEOUT,
+                        args=('DisabledDistill', dict(probe_iters=3)))[0]
+    assert r['resumed_plan'] == r['first_plan'] and not r['resumed_probed']
+    assert r['resumed_digest'] == r['straight_digest']
+
+
+def guard_steps_without_host_sync():
+    """ReconfigurableDDP on the GPU under NCCL: the guard's work after backward never syncs."""
+    from torch import nn
+
+    from mmddp_hooks.plan import DDPPlan
+    from mmddp_hooks.wrapper import ReconfigurableDDP
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1), nn.Linear(8, 1)).cuda()
+    ddp = ReconfigurableDDP(model, device_ids=[torch.cuda.current_device()])
+    ddp.guard_interval = 2
+    out = {}
+    for name, plan in (('ignore', DDPPlan(False, ignore=['2.weight', '2.bias'])),
+                       ('freeze', DDPPlan(False, freeze=['2.weight', '2.bias'],
+                                          watch_modules=['2']))):
+        ddp.apply_plan(plan)
+        switches = []
+        for _ in range(6):
+            ddp.module[1](ddp.module[0](torch.randn(4, 8, device='cuda'))).sum().backward()
+            torch.cuda.set_sync_debug_mode('error')
+            try:
+                switches.append(ddp.guard.after_backward(ddp.reducer))
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+            model.zero_grad(set_to_none=True)
+        out[name] = switches
+        ddp.close_guard()
+    return out
+
+
+@pytest.mark.dist
+def test_guard_makes_no_host_sync_under_nccl():
+    out = run_distributed(guard_steps_without_host_sync, 1, backend='nccl', timeout=TIMEOUT)[0]
+    assert out == {'ignore': [None] * 6, 'freeze': [None] * 6}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize('model_name, hook', [
+    ('RankOneBranch', dict(probe_iters=4)),                        # rank-local zero-fill
+    ('WakesUpOnRank1', dict(probe_iters=4, unused_action='ignore')),  # woken ignored parameter
+    ('FallsAsleepOnRank0', dict(probe_iters=4, guard_interval=2)),    # rescue and switch
+])
+def test_two_ranks_share_the_gpu_over_gloo(model_name, hook):
+    tuned = _compare(model_name, 2, 'gloo', hook)
+    if model_name == 'RankOneBranch':
+        assert tuned['plan']['fill'] and tuned['current']['find_unused'] is False
+    else:
+        assert tuned['current']['find_unused'] is True and len(tuned['switch_log']) == 1
+
+
+@pytest.mark.dist
+@pytest.mark.mmseg
+def test_dist_train_fcn_stage4_on_the_gpu(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED='1')
+    proc = subprocess.run(
+        ['bash', 'tools/dist_train.sh', 'configs/mmseg/fcn_r18_stage4-unused.py', '1',
+         '--work-dir', str(tmp_path), '--synthetic', '64', '64', '--iters', '8'],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert 'Iter(train) [8/8]' in proc.stdout
+    assert 'backbone.layer4' in (tmp_path / 'ddp_usage_report.json').read_text()
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_infonce_on_cuda_under_autocast_without_host_sync(dtype):
+    from mmddp_hooks.contrastive import GlobalInBatchInfoNCE
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    mask = torch.rand(16, generator=g) > 0.2
+    reference = GlobalInBatchInfoNCE(symmetric=True)(q, k, mask=mask)['loss_infonce']
+    criterion = GlobalInBatchInfoNCE(symmetric=True, learnable_temperature=True).cuda()
+    qc = q.cuda().requires_grad_()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        with torch.autocast('cuda', dtype=dtype):
+            loss = criterion(qc @ torch.eye(32, device='cuda'), k.cuda(), mask=mask.cuda())
+        loss['loss_infonce'].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    assert loss['loss_infonce'].dtype == torch.float32
+    assert torch.isfinite(qc.grad).all()
+    assert abs(loss['loss_infonce'].item() - reference.item()) < 2e-2 * abs(reference.item())
