@@ -5,8 +5,11 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-VERSION = re.search(r"__version__ = '([^']+)'",
-                    (HERE / 'mmddp_hooks' / 'version.py').read_text()).group(1)
+VERSION_PY = (HERE / 'mmddp_hooks' / 'version.py').read_text()
+VERSION = re.search(r"__version__ = '([^']+)'", VERSION_PY).group(1)
+LO_MAJ, LO_MIN, HI_MAJ, HI_MIN = re.search(
+    r'TORCH_MIN, TORCH_MAX = \((\d+), (\d+)\), \((\d+), (\d+)\)', VERSION_PY).groups()
+TORCH = f'torch>={LO_MAJ}.{LO_MIN},<{HI_MAJ}.{int(HI_MIN) + 1}'
 
 setup(
     name='mmddp_hooks',
@@ -16,8 +19,9 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmddp_hooks', 'mmddp_hooks.*']),
     python_requires='>=3.9',
-    # The range admits the local CPU wheel (torch==2.13.0) so pip never pulls a CUDA build for it.
-    install_requires=['torch>=2.1,<=2.14.1', 'mmengine==0.10.7', 'numpy'],
+    # torch 2.1 .. 2.15 (version.py); an installed torch in the range is kept, so pip never
+    # replaces the local CPU wheel with a CUDA build.
+    install_requires=[TORCH, 'mmengine==0.10.7', 'numpy'],
     extras_require={
         'mmseg': ['mmcv==2.1.0', 'mmsegmentation==1.2.2', 'ftfy', 'regex'],
         'test': ['pytest>=7', 'ruff', 'matplotlib'],

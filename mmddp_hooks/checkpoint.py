@@ -11,9 +11,11 @@ weights-only, with exactly the types an MMEngine 0.10.7 checkpoint holds added t
 A file that holds anything else is refused with an error naming the type, before any of it runs. A
 file the user trusts is named explicitly and is the only one loaded with full unpickling.
 """
+import codecs
 import os
 import os.path as osp
 import pickle
+import re
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, List, Optional, Set
 from urllib.parse import urlparse
@@ -65,7 +67,8 @@ def mmengine_checkpoint_globals() -> List[Any]:
     # a dtype unpickles as an instance of its own class (numpy.dtypes.Float64DType, ...)
     dtype_classes = {type(np.dtype(c)) for c in np.typecodes['All'] if c not in 'Mm'}
     entries: List[Any] = [HistoryBuffer, np.ndarray, np.dtype, *sorted(dtype_classes, key=str),
-                          (_history_buffer_getattr, 'builtins.getattr')]
+                          (_history_buffer_getattr, 'builtins.getattr'),
+                          (codecs.encode, '_codecs.encode')]  # array bytes in pickle protocol 2
     for mod in ('numpy.core.multiarray', 'numpy._core.multiarray'):
         entries += [(multiarray._reconstruct, f'{mod}._reconstruct'),
                     (multiarray.scalar, f'{mod}.scalar')]
@@ -102,6 +105,8 @@ def _refusal(path: Optional[str], f: Any, error: Exception) -> UntrustedCheckpoi
     names = compat.unsafe_globals_in_checkpoint(f) if path is not None else None
     if names is not None:
         names = [n for n in names if n not in _allowed_names()]
+    else:  # torch cannot list them: the refused one is in the unpickler's message
+        names = re.findall(r'GLOBAL ([\w.]+)', str(error))[:1]
     what = (f'it holds {", ".join(names)}, which an MMEngine checkpoint never holds' if names
             else 'it holds objects that weights-only loading refuses')
     return UntrustedCheckpointError(
@@ -137,11 +142,10 @@ def safe_checkpoint_loading(trusted: Iterable[str] = ()) -> Iterator[None]:
         if _is_trusted(path, trusted):
             kwargs['weights_only'] = False
             return original(f, *args, **kwargs)
-        kwargs['weights_only'] = True
-        kwargs.pop('pickle_module', None)
+        kwargs.pop('weights_only', None)
         try:
-            with compat.safe_globals(mmengine_checkpoint_globals()):
-                return original(f, *args, **kwargs)
+            return compat.weights_only_load(original, f, mmengine_checkpoint_globals(), *args,
+                                            **kwargs)
         except pickle.UnpicklingError as e:
             raise _refusal(path, f, e) from None
 

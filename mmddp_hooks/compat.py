@@ -2,34 +2,72 @@
 
 Everything else calls these functions and never checks ``torch.__version__`` itself.
 """
-from contextlib import contextmanager
-from typing import Any, Iterator, List, Optional
+import pickle
+import types
+from typing import Any, Callable, List, Optional
 
+import torch
 import torch.serialization as serialization
 
+from .version import TORCH_MAX, TORCH_MIN
 
-@contextmanager
-def safe_globals(entries: List[Any]) -> Iterator[None]:
-    """Add ``entries`` (objects, or ``(object, 'full.pickle.name')``) to the weights-only allow-list.
 
-    torch >= 2.5 has ``torch.serialization.safe_globals``; before it, the weights-only unpickler's
-    allow-list is the dict that ``_get_allowed_globals`` builds on each call, extended here for the
-    duration of the block.
+def torch_release(version: str = torch.__version__) -> tuple:
+    """(major, minor) of a torch version string such as '2.1.2+cu121'."""
+    major, minor = version.split('+')[0].split('.')[:2]
+    return int(major), int(minor)
+
+
+def check_torch(version: str = torch.__version__) -> None:
+    """Refuse a torch release outside the supported range, naming the range."""
+    if not TORCH_MIN <= torch_release(version) <= TORCH_MAX:
+        lo, hi = '.'.join(map(str, TORCH_MIN)), '.'.join(map(str, TORCH_MAX))
+        raise ImportError(f'mmddp_hooks supports torch {lo} to {hi}.x, but torch {version} is '
+                          f'installed: install a torch in that range (pip install "torch>={lo},'
+                          f'<{TORCH_MAX[0]}.{TORCH_MAX[1] + 1}")')
+
+
+def detail_segfaults_on_gloo(version: str = torch.__version__) -> bool:
+    """TORCH_DISTRIBUTED_DEBUG=DETAIL wraps gloo in a collective-checking layer that segfaults while
+    DDP is built, seen on torch 2.13 (not on 2.1)."""
+    return torch_release(version) >= (2, 13)
+
+
+def weights_only_load(load: Callable[..., Any], f: Any, entries: List[Any], *args: Any,
+                      **kwargs: Any) -> Any:
+    """``load(f, ...)`` that unpickles only torch's tensor types plus ``entries``.
+
+    ``entries``: objects, or ``(object, 'full.pickle.name')``. torch >= 2.5 does this itself
+    (``weights_only=True`` inside ``safe_globals``). Older weights-only unpicklers cannot build
+    arbitrary classes, so there the file is read with a restricted unpickler instead: the same
+    allow-list (torch's own plus ``entries``) decides every global the pickle names, and anything
+    else raises ``pickle.UnpicklingError`` before it is imported, let alone called.
     """
+    kwargs.pop('pickle_module', None)
     if hasattr(serialization, 'safe_globals'):
         with serialization.safe_globals(entries):
-            yield
-        return
-    from torch import _weights_only_unpickler as unpickler
+            return load(f, *args, weights_only=True, **kwargs)
+    return load(f, *args, weights_only=False, pickle_module=_restricted_pickle(entries), **kwargs)
 
-    extra = {e[1] if isinstance(e, tuple) else f'{e.__module__}.{e.__qualname__}':
-             e[0] if isinstance(e, tuple) else e for e in entries}
-    original = unpickler._get_allowed_globals
-    unpickler._get_allowed_globals = lambda: {**original(), **extra}
-    try:
-        yield
-    finally:
-        unpickler._get_allowed_globals = original
+
+def _restricted_pickle(entries: List[Any]) -> Any:
+    from torch import _weights_only_unpickler
+
+    allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    allowed.update({e[1] if isinstance(e, tuple) else f'{e.__module__}.{e.__qualname__}':
+                    e[0] if isinstance(e, tuple) else e for e in entries})
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            full = f'{"builtins" if module == "__builtin__" else module}.{name}'
+            if full not in allowed:
+                raise pickle.UnpicklingError(f'Unsupported global: GLOBAL {full} is not allowed')
+            return allowed[full]
+
+    def load(file: Any, **kw: Any) -> Any:
+        return Unpickler(file, **kw).load()
+
+    return types.SimpleNamespace(Unpickler=Unpickler, load=load, __name__='restricted_pickle')
 
 
 def unsafe_globals_in_checkpoint(f: Any) -> Optional[List[str]]:

@@ -14,6 +14,7 @@ and GPU (nccl): MMEngine's ``init_dist`` calls ``torch.cuda.set_device`` uncondi
 on a CPU-only machine; teardown finishes outstanding control work and drops the side groups.
 """
 import datetime
+import gc
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -80,7 +81,16 @@ def init_dist_if_needed(backend: Optional[str] = None,
 
 
 def teardown() -> None:
-    """Destroy every process group after a barrier, so no rank leaves a peer mid-collective."""
+    """Destroy every process group after a barrier, and join its threads before the process exits.
+
+    ``destroy_process_group`` only unregisters a group that something still references, and a
+    finished Runner does (its DDP wrapper's reducer, in a reference cycle). The group's gloo worker
+    threads then live on into interpreter shutdown, where one that drops the last reference to a
+    Python-owned tensor must take the GIL, is ended by the finalising interpreter, and aborts the
+    rank ("terminate called without an active exception") after its work was done. Collecting that
+    garbage here destroys the group while Python is alive: its threads are joined first. Callers drop
+    their own references (``del runner``) before calling this.
+    """
     if not is_dist():
         return
     try:
@@ -88,6 +98,7 @@ def teardown() -> None:
     finally:
         _CONTROL_GROUPS.clear()
         dist.destroy_process_group()
+        gc.collect()
 
 
 # ------------------------------------------------------------------------------------ control plane

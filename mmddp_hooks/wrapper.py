@@ -64,6 +64,17 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.switch_log: List[str] = []
         self.guard_interval = 16
         self.bucket_strides = self._current_strides()
+        self._comm_hook_record: Optional[List[tuple]] = []
+
+    def register_comm_hook(self, state: object, hook: Any) -> None:
+        """DDP's ``register_comm_hook``, remembered so that a rebuild registers the hook again.
+
+        Recorded here rather than read back from DDP, whose own list does not exist in every
+        supported torch; hooks DDP's constructor registers for itself are not recorded.
+        """
+        super().register_comm_hook(state, hook)
+        if self.__dict__.get('_comm_hook_record') is not None:
+            self._comm_hook_record.append((state, hook))
 
     def _current_strides(self) -> Dict[str, tuple]:
         """Parameter strides as DDP saw them when it built its bucket views."""
@@ -95,12 +106,13 @@ class ReconfigurableDDP(MMDistributedDataParallel):
                       static_graph=static_graph)
         training = self.training
         hooks = {k: getattr(self, k) for k in _MODULE_HOOK_DICTS if hasattr(self, k)}
-        comm_hooks = list(self._comm_hooks)
+        comm_hooks, self._comm_hook_record = self._comm_hook_record, None
         MMDistributedDataParallel.__init__(self, module, self.detect_anomalous_params, **kwargs)
         for k, v in hooks.items():
             setattr(self, k, v)
         self.train(training)
-        for hook, state in comm_hooks:
+        self._comm_hook_record = []
+        for state, hook in comm_hooks:
             self.register_comm_hook(state, hook)
         self.bucket_strides = self._current_strides()
 

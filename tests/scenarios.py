@@ -269,3 +269,20 @@ def resume_keeps_plan(model_name: str, hook: dict) -> Dict[str, Any]:
                 straight_losses=straight['losses'][8:], checkpoint_plan=ckpt['mmddp_hooks']['plan'],
                 resumed_digest=resumed['digest'], straight_digest=straight['digest'],
                 ema_saved='ema_state_dict' in ckpt)
+
+
+def _gloo_worker_threads() -> int:
+    """Threads torch names pt_gloo_runloop (a gloo process group's workers) in this process."""
+    tasks = '/proc/self/task'
+    return sum(open(f'{tasks}/{t}/comm').read().strip() == 'pt_gloo_runloop'
+               for t in os.listdir(tasks))
+
+
+def gloo_threads_around_teardown() -> Dict[str, int]:
+    """Train through a Runner, drop it, teardown: the group's threads must be gone afterwards."""
+    from mmddp_hooks.dist import teardown
+
+    train_plain('DisabledDistill', iters=6, hook=dict(probe_iters=2, guard_interval=2))
+    during = _gloo_worker_threads()  # the finished Runner (a reference cycle) holds the group
+    teardown()
+    return dict(during=during, after=_gloo_worker_threads())

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mmddp_hooks.testing import DistTestFailure, run_distributed, run_on_ranks
+from mmddp_hooks.testing import DistTeardownFault, DistTestFailure, run_distributed, run_on_ranks
+
+import scenarios
 
 pytestmark = pytest.mark.dist
 
@@ -29,6 +31,15 @@ def _hang_in_collective() -> int:
         time.sleep(3600)  # never joins: rank 1 waits in all_reduce forever
     dist.all_reduce(torch.ones(1))
     return 0
+
+
+def _abort_at_exit_on_rank_1() -> int:
+    """Do the work, then die while the interpreter exits (after the result is written)."""
+    import atexit
+
+    if dist.get_rank() == 1:
+        atexit.register(os.abort)
+    return dist.get_rank()
 
 
 def _report_env() -> dict:
@@ -71,3 +82,22 @@ def test_hung_collective_is_killed_within_timeout():
             os.kill(pid, 0)
     with pytest.raises(DistTestFailure, match='TIMED OUT'):
         result.values()
+
+
+def test_abort_at_exit_is_a_teardown_fault_not_a_failed_rank():
+    result = run_on_ranks(_abort_at_exit_on_rank_1, 2, timeout=60)
+    assert result.work_done and result.teardown_fault and not result.ok
+    assert result.ranks[1].exitcode == -6 and result.ranks[1].value == 1  # SIGABRT, value kept
+    assert result.ranks[0].ok  # its peer was not killed as if waiting on a failed rank
+    with pytest.raises(DistTeardownFault, match='TEARDOWN FAULT.*\n.*\n--- rank 1: finished its '
+                                                'work, then died at exit'):
+        result.values()
+    failed = run_on_ranks(_raise_on_rank_1, 2, timeout=60)
+    assert not failed.work_done and not failed.teardown_fault
+
+
+def test_teardown_joins_the_gloo_threads_a_finished_runner_still_holds():
+    census = run_distributed(scenarios.gloo_threads_around_teardown, 2, timeout=120)
+    for r in census:
+        assert r['during'] >= 1, r  # torch names its gloo worker threads: the census can see them
+        assert r['after'] == 0, r   # joined before the interpreter shuts down

@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     with safe_checkpoint_loading(trusted_from(cfg, args.trust_checkpoint)):
         runner.train()
+    del runner  # the last reference to the DDP wrapper: teardown can then join the gloo threads
     teardown()
     return 0
 

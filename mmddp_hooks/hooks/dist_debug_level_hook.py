@@ -7,14 +7,9 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from .. import dist as ddist
+from ..compat import detail_segfaults_on_gloo
 
 LEVELS = ('OFF', 'INFO', 'DETAIL')
-
-
-def detail_segfaults_on_gloo(torch_version: str = torch.__version__) -> bool:
-    """DETAIL wraps gloo in a collective-checking layer that segfaults building DDP in torch 2.13."""
-    major, minor = (int(x) for x in torch_version.split('+')[0].split('.')[:2])
-    return (major, minor) >= (2, 13)
 
 
 @HOOKS.register_module()

@@ -1,6 +1,15 @@
 """Test helpers: a multi-process gloo harness, and config assertions for a project's test suite."""
 from .config_asserts import assert_ddp_config_ok, find_configs
-from .harness import DistRunResult, DistTestFailure, RankResult, free_port, run_distributed, run_on_ranks
+from .harness import (
+                      DistRunResult,
+                      DistTeardownFault,
+                      DistTestFailure,
+                      RankResult,
+                      free_port,
+                      run_distributed,
+                      run_on_ranks,
+)
 
-__all__ = ['DistRunResult', 'DistTestFailure', 'RankResult', 'assert_ddp_config_ok',
+__all__ = ['DistRunResult', 'DistTeardownFault', 'DistTestFailure', 'RankResult',
+           'assert_ddp_config_ok',
            'find_configs', 'free_port', 'run_distributed', 'run_on_ranks']
