@@ -1,4 +1,4 @@
-.PHONY: setup test test-fast test-dist test-gpu stress lint
+.PHONY: setup test test-fast test-dist test-gpu test-compat stress lint
 
 # Fresh machine -> .venv with torch 2.13.0 (CPU), mmengine 0.10.7, mmcv 2.1.0 (CPU ops), mmseg 1.2.2.
 setup:
@@ -18,6 +18,10 @@ test-dist:
 # without CUDA. Exit code 5 ("no tests ran") cannot happen: the tests are collected, then skipped.
 test-gpu:
 	.venv/bin/python -m pytest -m gpu -v -rs tests/test_gpu.py
+
+# Another torch in a side venv (.venv-torch$(TORCH)): every test that needs no mmcv ops.
+test-compat:
+	bash tools/test_compat.sh $(or $(TORCH),$(error TORCH=version needed, e.g. make test-compat TORCH=2.1.2))
 
 # Rerun the multi-process tests N times (default 5): make stress N=30 [SELECT="-m dist"]
 stress:

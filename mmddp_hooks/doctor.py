@@ -1,15 +1,14 @@
 """DDP doctor: probe a config on CPU gloo ranks with synthetic data and say whether DDP would crash.
 
 Thin on purpose: it runs the real training entry (config -> Runner) for a few iterations with
-:class:`DDPAutoTuneHook` under ``policy='keep'``, then asks :func:`choose_plan` twice: what the config as
-written does, and what ``auto`` would choose.
+:class:`DDPAutoTuneHook` under ``policy='keep'``, then asks that hook's ``choose`` (the call the hook makes
+when it applies a plan) twice: what the config as written does, and what ``auto`` would choose.
 """
 import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 from .model_from_config import train_only
-from .plan import choose_plan
 from .report import DYNAMIC, NEVER, RANK_FIXED, UsageReport
 
 OK, CRASHES, FAILED = 0, 1, 2
@@ -53,8 +52,8 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
         return None
     tune = next(h for h in runner.hooks if type(h).__name__ == 'DDPAutoTuneHook')
     report: UsageReport = tune.report
-    kept = choose_plan(report, find_unused, static_graph, policy='keep')
-    auto = choose_plan(report, find_unused, static_graph, policy='auto')
+    kept = tune.choose(runner, report, policy='keep')
+    auto = tune.choose(runner, report, policy='auto')
     unused = report.names_of(NEVER) + report.names_of(RANK_FIXED) + report.names_of(DYNAMIC)
     return dict(table=report.table(), report=report.to_dict(), asked_find_unused=find_unused,
                 has_hook=has_hook,

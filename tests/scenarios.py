@@ -166,7 +166,7 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
           iters: int = 10, optimizer: Optional[dict] = None, work_dir: Optional[str] = None,
           resume: bool = False, checkpoint_interval: int = 0,
           ema: bool = False, log_level: str = 'WARNING',
-          prewrap: bool = False) -> Dict[str, Any]:
+          prewrap: bool = False, load_from: Optional[str] = None) -> Dict[str, Any]:
     """Train one scenario on this rank through a real Runner; return what the tests compare."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
@@ -201,6 +201,7 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         env_cfg=dict(dist_cfg=dict(backend='gloo')),
         randomness=dict(seed=0),
         resume=resume,
+        load_from=load_from,
         log_level=log_level,
     )
     with safe_checkpoint_loading():  # resume under torch >= 2.6, as tools/train.py does

@@ -140,6 +140,25 @@ def test_resume_keeps_plan_and_matches_uninterrupted_run():
     assert len({r['resumed_digest'] for r in results}) == 1
 
 
+def test_saved_plan_is_applied_on_resume_of_the_same_world_size_only(tmp_path):
+    kw = dict(hook=dict(probe_iters=2), work_dir=str(tmp_path))
+    first = run_distributed(scenarios.train_plain, 2, args=('DisabledDistill',), timeout=TIMEOUT,
+                            kwargs=dict(kw, iters=4, checkpoint_interval=4))[0]
+    assert first['probed'] and first['plan']['freeze']
+    fine_tune = run_distributed(scenarios.train_plain, 2, args=('DisabledDistill',),
+                                kwargs=dict(hook=kw['hook'], iters=3,
+                                            load_from=str(tmp_path / 'iter_4.pth')),
+                                timeout=TIMEOUT)[0]
+    assert fine_tune['probed']  # load_from is a new run: the checkpoint's plan is not applied
+    grown = run_distributed(scenarios.train_plain, 3, args=('DisabledDistill',), timeout=TIMEOUT,
+                            kwargs=dict(kw, iters=6, resume=True))[0]
+    assert grown['probed'] and grown['plan']['freeze'] == first['plan']['freeze']
+    same = run_distributed(scenarios.train_plain, 2, args=('DisabledDistill',), timeout=TIMEOUT,
+                           kwargs=dict(kw, iters=5, resume=True,
+                                       load_from=str(tmp_path / 'iter_4.pth')))[0]
+    assert not same['probed'] and same['plan'] == first['plan']
+
+
 def test_hand_wrapped_ddp_is_rewrapped():
     results = run_distributed(scenarios.train_plain, 2, args=('DisabledDistill',),
                               kwargs=dict(hook=dict(probe_iters=2), prewrap=True, iters=5),

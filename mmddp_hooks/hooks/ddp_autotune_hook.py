@@ -96,15 +96,32 @@ class DDPAutoTuneHook(Hook):
         return model if isinstance(model, ReconfigurableDDP) else None
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        saved = checkpoint.get(CHECKPOINT_KEY, {}).get('plan')
-        if saved:
-            self._resumed_plan = DDPPlan.from_dict(saved)
+        """Keep the saved plan for a resumed run of the same world size; anything else probes.
+
+        ``load_from`` (fine-tuning) starts a new run whose model use may differ, and a plan's
+        per-rank zero-fill lists belong to the world size that measured them.
+        """
+        saved = checkpoint.get(CHECKPOINT_KEY, {})
+        if not saved.get('plan'):
+            return
+        why = None
+        if not getattr(runner, '_resume', False):
+            why = 'load_from starts a new run'
+        elif saved.get('world_size') != ddist.get_world_size():
+            why = (f"it was measured on {saved.get('world_size', 'an unknown number of')} ranks, "
+                   f'this run has {ddist.get_world_size()}')
+        if why is None:
+            self._resumed_plan = DDPPlan.from_dict(saved['plan'])
+        else:
+            runner.logger.info(f"[mmddp_hooks] the checkpoint's DDP plan is not applied ({why}): "
+                               'probing again')
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         model = self._wrapper(runner)
         plan = model.plan if model is not None else None  # after a guard switch: the safe plan
         if plan is not None:
-            checkpoint[CHECKPOINT_KEY] = {'plan': plan.to_dict()}
+            checkpoint[CHECKPOINT_KEY] = {'plan': plan.to_dict(),
+                                          'world_size': ddist.get_world_size()}
 
     def before_train(self, runner) -> None:
         model = self._wrapper(runner)
@@ -129,14 +146,7 @@ class DDPAutoTuneHook(Hook):
         if model is None or model.probe is None or len(model.probe.steps) < self.probe_iters:
             return
         report = build_report(model.finish_probe())
-        asked = model.config_kwargs
-        plan = choose_plan(report,
-                           asked_find_unused=bool(asked.get('find_unused_parameters', False)),
-                           asked_static_graph=bool(asked.get('static_graph', False)),
-                           policy=self.policy, unused_action=self.unused_action,
-                           grad_accumulation=getattr(runner.optim_wrapper, '_accumulative_counts',
-                                                     1) > 1,
-                           module_names=[n for n, _ in model.module.named_modules()])
+        plan = self.choose(runner, report)
         branch_notes = self._check_enabled_branches(report)
         plan.reasons.extend(branch_notes)
         model.apply_plan(plan)
@@ -160,6 +170,19 @@ class DDPAutoTuneHook(Hook):
         model = self._wrapper(runner)
         if model is not None:
             model.close_guard()
+
+    def choose(self, runner, report: UsageReport, policy: Optional[str] = None) -> DDPPlan:
+        """The plan for this run's model, config and optimizer: the one call that the hook and
+        ``tools/ddp_doctor.py`` both make, so the doctor prints the plan the hook applies."""
+        model = self._wrapper(runner)
+        asked = model.config_kwargs
+        return choose_plan(report,
+                           asked_find_unused=bool(asked.get('find_unused_parameters', False)),
+                           asked_static_graph=bool(asked.get('static_graph', False)),
+                           policy=policy or self.policy, unused_action=self.unused_action,
+                           grad_accumulation=getattr(runner.optim_wrapper, '_accumulative_counts',
+                                                     1) > 1,
+                           module_names=[n for n, _ in model.module.named_modules()])
 
     def _check_enabled_branches(self, report: UsageReport) -> List[str]:
         """Enabled branches none of whose parameters got a gradient: likely bugs."""
