@@ -1,0 +1,77 @@
+"""What differs between torch releases is adapted in mmddp_hooks.compat, and nowhere else."""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mmddp_hooks.compat import check_torch, torch_release
+from mmddp_hooks.testing import run_distributed
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize('version, ok', [('2.0.1', False), ('2.1.2+cu121', True),
+                                         ('2.13.0+cpu', True), ('2.15.0', True),
+                                         ('2.16.0', False)])
+def test_supported_range_is_checked_and_named(version, ok):
+    if ok:
+        check_torch(version)
+    else:
+        with pytest.raises(ImportError, match=r'supports torch 2\.1 to 2\.15\.x, but torch '):
+            check_torch(version)
+    assert torch_release(version) == tuple(int(x) for x in version.split('+')[0].split('.')[:2])
+
+
+def test_no_version_check_outside_compat():
+    offenders = []
+    for f in sorted((ROOT / 'mmddp_hooks').rglob('*.py')):
+        if f.name in ('compat.py', 'version.py'):
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == '__version__' and \
+                    ast.unparse(node.value) == 'torch':
+                offenders.append(f'{f.relative_to(ROOT)}:{node.lineno}')
+    # naming the running torch in a message is fine; deciding on it is compat's job
+    assert offenders == ['mmddp_hooks/hooks/dist_debug_level_hook.py:36'], offenders
+
+
+def comm_hook_survives_rebuilds():
+    from mmddp_hooks.plan import DDPPlan
+    from mmddp_hooks.wrapper import ReconfigurableDDP
+
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(state)
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())  # a no-op reduction: enough to see it run
+        return fut
+
+    class TwoOfThree(nn.Sequential):
+        def forward(self, x):
+            return self[1](self[0](x))  # self[2] never used
+
+    torch.manual_seed(0)
+    ddp = ReconfigurableDDP(TwoOfThree(nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 1)))
+    ddp.register_comm_hook('mine', counting_hook)
+    seen = []
+    ddp.rebuild(find_unused_parameters=False, ignore=['2.weight', '2.bias'])
+    for plan in (None, DDPPlan(False, ignore=['2.weight', '2.bias']), DDPPlan(True)):
+        if plan is not None:
+            ddp.apply_plan(plan)
+        ddp(torch.randn(2, 4)).sum().backward()
+        if ddp.guard is not None:
+            ddp.guard.after_backward(ddp.reducer)
+        ddp.module.zero_grad(set_to_none=True)
+        seen.append(len(calls))
+        calls.clear()
+    ddp.close_guard()
+    return seen
+
+
+@pytest.mark.dist
+def test_comm_hooks_are_registered_again_after_every_rebuild():
+    for seen in run_distributed(comm_hook_survives_rebuilds, 2, timeout=120):
+        assert len(seen) == 3 and all(n >= 1 for n in seen), seen
