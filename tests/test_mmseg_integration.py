@@ -57,6 +57,14 @@ def test_fcn_unused_stage_is_named_and_ignored_and_resume_keeps_plan(tmp_path):
     assert 'Iter(train) [8/8]' in out and 'probing parameter usage' not in out
     assert 'replicas bit-identical on 2 ranks at iteration 8' in out
 
+    # fine-tuning from that checkpoint: loaded weights-only, its plan not applied (a new run)
+    code, out = dist_train(FCN_STAGE4, tmp_path / 'fine_tune', '--iters', '2', '--cfg-options',
+                           f'load_from={tmp_path / "iter_8.pth"}')
+    assert code == 0, out[-5000:]
+    assert f'Load checkpoint from {tmp_path / "iter_8.pth"}' in out
+    assert "the checkpoint's DDP plan is not applied (load_from starts a new run)" in out
+    assert 'probing parameter usage' in out and 'Iter(train) [2/2]' in out
+
 
 def test_same_config_without_the_hook_crashes_with_named_error(tmp_path):
     code, out = dist_train(FCN_STAGE4, tmp_path, '--iters', '4', '--cfg-options', 'custom_hooks=[]')
