@@ -16,6 +16,7 @@ import os
 import os.path as osp
 import pickle
 import re
+import zipfile
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, List, Optional, Set
 from urllib.parse import urlparse
@@ -32,17 +33,20 @@ class UntrustedCheckpointError(pickle.UnpicklingError):
     """A checkpoint holds a type that MMEngine checkpoints never hold and nobody said to trust it."""
 
 
-def _history_buffer_getattr(obj: Any, name: str) -> Any:
-    """``getattr`` as a ``HistoryBuffer`` pickle uses it (its own statistics methods), nothing else.
+_STATISTICS = ('min', 'max', 'mean', 'current')
 
-    MMEngine pickles ``HistoryBuffer._statistics_methods``, whose values include the class's public
-    methods (``min``, ``max``, ``mean``, ``current``); the pickle fetches each with
-    ``getattr(HistoryBuffer, name)``. A general ``getattr`` would let a file reach any attribute.
+
+def _history_buffer_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` as a ``HistoryBuffer`` pickle uses it (its four statistics methods), nothing else.
+
+    MMEngine pickles ``HistoryBuffer._statistics_methods``, whose values are the class's ``min``,
+    ``max``, ``mean`` and ``current``; the pickle fetches each with ``getattr(HistoryBuffer, name)``.
+    A general ``getattr`` would let a file reach any attribute.
     """
     from mmengine.logging import HistoryBuffer
 
     method = vars(HistoryBuffer).get(name) if obj is HistoryBuffer else None
-    if name.startswith('_') or not callable(method):
+    if name not in _STATISTICS or not callable(method):
         raise pickle.UnpicklingError(
             f'getattr({getattr(obj, "__qualname__", type(obj).__name__)}, {name!r}) is not part of '
             'an MMEngine checkpoint')
@@ -87,21 +91,41 @@ def _source(f: Any) -> Optional[str]:
 
 
 def _is_trusted(path: Optional[str], trusted: Iterable[str]) -> bool:
-    """``path`` is one of ``trusted``: the same file, or the file torch.hub saved a trusted URL as."""
+    """``path`` is one of ``trusted``: the same file, or the file torch.hub downloads a URL to."""
     if path is None:
         return False
     real = osp.realpath(osp.expanduser(path))
     for entry in trusted:
         if urlparse(entry).scheme in ('http', 'https'):
-            if osp.basename(urlparse(entry).path) == osp.basename(real):
-                return True
-        elif osp.realpath(osp.expanduser(entry)) == real:
+            entry = osp.join(torch.hub.get_dir(), 'checkpoints', osp.basename(urlparse(entry).path))
+        if osp.realpath(osp.expanduser(entry)) == real:
             return True
     return False
 
 
+def _torchscript_archive(f: Any) -> bool:
+    """A TorchScript zip (it holds ``constants.pkl``): older torch hands it to ``torch.jit.load``,
+    which runs its code, before any unpickler allow-list is consulted."""
+    position = f.tell() if hasattr(f, 'tell') else None
+    try:
+        if not zipfile.is_zipfile(f):
+            return False
+        with zipfile.ZipFile(f) as archive:
+            return any(n.endswith('constants.pkl') for n in archive.namelist())
+    except (OSError, ValueError):
+        return False
+    finally:
+        if position is not None:
+            f.seek(position)
+
+
 def _refusal(path: Optional[str], f: Any, error: Exception) -> UntrustedCheckpointError:
-    shown = path or 'a checkpoint stream'
+    if path is None:
+        return UntrustedCheckpointError(
+            '[mmddp_hooks] refused to load a checkpoint stream that holds more than an MMEngine '
+            'checkpoint; only files can be trusted by name: save it to a file and trust that.\n'
+            f'torch said: {_torch_reason(str(error))}')
+    shown = path
     names = compat.unsafe_globals_in_checkpoint(f) if path is not None else None
     if names is not None:
         names = [n for n in names if n not in _allowed_names()]
@@ -143,6 +167,9 @@ def safe_checkpoint_loading(trusted: Iterable[str] = ()) -> Iterator[None]:
             kwargs['weights_only'] = False
             return original(f, *args, **kwargs)
         kwargs.pop('weights_only', None)
+        if _torchscript_archive(f):
+            raise _refusal(path, f, pickle.UnpicklingError(
+                'a TorchScript archive (constants.pkl): loading it runs the code it carries'))
         try:
             return compat.weights_only_load(original, f, mmengine_checkpoint_globals(), *args,
                                             **kwargs)

@@ -41,13 +41,29 @@ def weights_only_load(load: Callable[..., Any], f: Any, entries: List[Any], *arg
     (``weights_only=True`` inside ``safe_globals``). Older weights-only unpicklers cannot build
     arbitrary classes, so there the file is read with a restricted unpickler instead: the same
     allow-list (torch's own plus ``entries``) decides every global the pickle names, and anything
-    else raises ``pickle.UnpicklingError`` before it is imported, let alone called.
+    else raises ``pickle.UnpicklingError`` before it is imported, let alone called. Unlike torch's
+    unpickler it does not re-check the callables it reduces: those can only be allowed globals or
+    what they return (the ``entries`` here return data, and ``HistoryBuffer``'s statistics methods).
     """
     kwargs.pop('pickle_module', None)
-    if hasattr(serialization, 'safe_globals'):
+    if _safe_globals_take_names():
         with serialization.safe_globals(entries):
             return load(f, *args, weights_only=True, **kwargs)
     return load(f, *args, weights_only=False, pickle_module=_restricted_pickle(entries), **kwargs)
+
+
+def _safe_globals_take_names() -> bool:
+    """Whether ``safe_globals`` accepts ``(object, 'full.name')`` entries (not every release that
+    has ``safe_globals`` does): probed, not read off the version."""
+    if not hasattr(serialization, 'safe_globals'):
+        return False
+    from torch import _weights_only_unpickler
+
+    try:
+        with serialization.safe_globals([(object, 'mmddp_hooks.name_probe')]):
+            return 'mmddp_hooks.name_probe' in _weights_only_unpickler._get_user_allowed_globals()
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def _restricted_pickle(entries: List[Any]) -> Any:
@@ -81,7 +97,6 @@ def unsafe_globals_in_checkpoint(f: Any) -> Optional[List[str]]:
         return None
 
 
-
 def serves_cpu_with_gloo(group: Any) -> bool:
     """Whether ``group`` runs CPU tensors on gloo (so control traffic can use it as it is)."""
     import torch.distributed as dist
@@ -90,4 +105,3 @@ def serves_cpu_with_gloo(group: Any) -> bool:
     if get_config is not None:
         return 'cpu:gloo' in str(get_config(group))
     return dist.get_backend(group) == 'gloo'
-

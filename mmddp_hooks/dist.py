@@ -116,8 +116,8 @@ def group_rank(group: Optional[ProcessGroup] = None) -> int:
 def control_group(group: Optional[ProcessGroup] = None) -> ProcessGroup:
     """The gloo group for control traffic among the ranks of ``group`` (made once, then cached).
 
-    A collective the first time for a given group: every member calls it at the same point, which
-    holds since the first control exchange is reached by every rank together.
+    A collective the first time for a given group: ``ReconfigurableDDP`` makes it when it wraps,
+    where every rank of its group is at the same point.
     """
     key = group if group is not None else dist.group.WORLD
     if key not in _CONTROL_GROUPS:
@@ -136,15 +136,6 @@ def all_gather_object(obj: Any, group: Optional[ProcessGroup] = None) -> List[An
     if not is_dist():
         return [obj]
     return mmdist.all_gather_object(obj, group=control_group(group))
-
-
-def broadcast_object(obj: Any, src: int = 0, group: Optional[ProcessGroup] = None) -> Any:
-    """``obj`` of global rank ``src`` on every rank (control plane)."""
-    if not is_dist():
-        return obj
-    box = [obj]
-    mmdist.broadcast_object_list(box, src=src, group=control_group(group))
-    return box[0]
 
 
 def all_reduce_flags(flags: torch.Tensor, group: Optional[ProcessGroup] = None,
@@ -181,8 +172,6 @@ def all_reduce_(x: torch.Tensor, group: Optional[ProcessGroup] = None,
     if is_dist():
         dist.all_reduce(x, op=op, group=group)
     return x
-
-
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -38,9 +38,12 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
     static_graph = bool(asked.get('static_graph', False))
     asked.update(type='ReconfigurableDDP', find_unused_parameters=find_unused)
     cfg.model_wrapper_cfg = asked
-    has_hook = any(h.get('type') == 'DDPAutoTuneHook' for h in cfg.get('custom_hooks', []))
+    own = [h for h in cfg.get('custom_hooks', []) if h.get('type') == 'DDPAutoTuneHook']
+    has_hook = bool(own)
     cfg.custom_hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'DDPAutoTuneHook']
-    cfg.custom_hooks.append(dict(type='DDPAutoTuneHook', probe_iters=iters, policy='keep'))
+    # the config's own hook options (unused_action, branches, ...) shape the plan: keep them
+    cfg.custom_hooks.append(dict(own[0] if own else {}, type='DDPAutoTuneHook', probe_iters=iters,
+                                 policy='keep'))
     cfg.default_hooks = dict(cfg.get('default_hooks') or {}, checkpoint=None)
     cfg.launcher = 'pytorch'
     cfg.work_dir = work_dir

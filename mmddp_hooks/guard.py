@@ -9,8 +9,10 @@ averaged and replicas drift apart silently). After backward the guard
    (modules the plan froze are watched by forward pre-hooks: a call means the branch woke up; it
    produced no gradient, so nothing diverges, and all ranks unfreeze it at the next exchange);
 2. asks the reducer whether the iteration finalised; if not, it zero-fills every parameter still
-   without a gradient, which completes the missing buckets exactly as ``find_unused_parameters=True``
-   would and releases the peers waiting on them (the iteration is rescued);
+   without a gradient, which completes the missing buckets and releases the peers waiting on them
+   (the iteration is rescued). For a parameter unused on some ranks this is what
+   ``find_unused_parameters=True`` does; for one unused on every rank it is not: True leaves its
+   gradient ``None``, while here it is zero, so momentum and weight decay still move it that step;
 3. all-reduces one small int vector: per ignored parameter, how many ranks gave it a gradient, whether
    a frozen module was called, and the number of rescued parameters. When any is non-zero, every
    rank learns it from the same collective, averages the woken ignored gradients by hand, and

@@ -65,6 +65,8 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.guard_interval = 16
         self.bucket_strides = self._current_strides()
         self._comm_hook_record: Optional[List[tuple]] = []
+        if ddist.is_dist():  # made here, where every rank wraps at once: a collective
+            ddist.control_group(self.process_group)
 
     def register_comm_hook(self, state: object, hook: Any) -> None:
         """DDP's ``register_comm_hook``, remembered so that a rebuild registers the hook again.

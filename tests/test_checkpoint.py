@@ -92,6 +92,26 @@ def test_code_in_a_checkpoint_does_not_run(runner_checkpoint, tmp_path):
     assert not marker.exists()
 
 
+def test_torchscript_archive_is_refused_before_torch_jit_runs_it(tmp_path):
+    scripted = tmp_path / 'scripted.pth'
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
+    with pytest.raises(UntrustedCheckpointError, match='TorchScript archive'), \
+            safe_checkpoint_loading():
+        torch.load(scripted)
+
+
+def test_a_trusted_url_trusts_its_download_only(runner_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    (tmp_path / 'hub' / 'checkpoints').mkdir(parents=True)
+    meta = dict(args=argparse.Namespace(lr=0.3))
+    download = _with(runner_checkpoint, tmp_path / 'hub' / 'checkpoints' / 'model.pth', **meta)
+    elsewhere = _with(runner_checkpoint, tmp_path / 'model.pth', **meta)  # same name, other place
+    with safe_checkpoint_loading(trusted=['https://example.org/weights/model.pth']):
+        assert torch.load(download)['meta']['args'].lr == 0.3
+        with pytest.raises(UntrustedCheckpointError):
+            torch.load(elsewhere)
+
+
 def test_trust_applies_to_the_named_file_only(runner_checkpoint, tmp_path):
     odd = _with(runner_checkpoint, tmp_path / 'odd.pth', args=argparse.Namespace(lr=0.1))
     other = _with(runner_checkpoint, tmp_path / 'other.pth', args=argparse.Namespace(lr=0.2))

@@ -104,12 +104,12 @@ class DDPAutoTuneHook(Hook):
         saved = checkpoint.get(CHECKPOINT_KEY, {})
         if not saved.get('plan'):
             return
-        why = None
+        why, ranks = None, self._ranks(runner)
         if not getattr(runner, '_resume', False):
             why = 'load_from starts a new run'
-        elif saved.get('world_size') != ddist.get_world_size():
+        elif saved.get('world_size') != ranks:
             why = (f"it was measured on {saved.get('world_size', 'an unknown number of')} ranks, "
-                   f'this run has {ddist.get_world_size()}')
+                   f'this run has {ranks}')
         if why is None:
             self._resumed_plan = DDPPlan.from_dict(saved['plan'])
         else:
@@ -121,7 +121,11 @@ class DDPAutoTuneHook(Hook):
         plan = model.plan if model is not None else None  # after a guard switch: the safe plan
         if plan is not None:
             checkpoint[CHECKPOINT_KEY] = {'plan': plan.to_dict(),
-                                          'world_size': ddist.get_world_size()}
+                                          'world_size': self._ranks(runner)}
+
+    def _ranks(self, runner) -> int:
+        """Ranks of the DDP wrapper's group: what a plan's per-rank lists are indexed by."""
+        return ddist.group_size(getattr(runner.model, 'process_group', None))
 
     def before_train(self, runner) -> None:
         model = self._wrapper(runner)
