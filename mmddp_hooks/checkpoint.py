@@ -18,7 +18,7 @@ import pickle
 import re
 import zipfile
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, List, Optional, Set
+from typing import Any, Iterable, Iterator, List, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -79,11 +79,6 @@ def mmengine_checkpoint_globals() -> List[Any]:
     return entries
 
 
-def _allowed_names() -> Set[str]:
-    return {e[1] if isinstance(e, tuple) else f'{e.__module__}.{e.__qualname__}'
-            for e in mmengine_checkpoint_globals()}
-
-
 def _source(f: Any) -> Optional[str]:
     if isinstance(f, (str, os.PathLike)):
         return os.fspath(f)
@@ -126,9 +121,10 @@ def _refusal(path: Optional[str], f: Any, error: Exception) -> UntrustedCheckpoi
             'checkpoint; only files can be trusted by name: save it to a file and trust that.\n'
             f'torch said: {_torch_reason(str(error))}')
     shown = path
-    names = compat.unsafe_globals_in_checkpoint(f) if path is not None else None
+    names = compat.unsafe_globals_in_checkpoint(f)
     if names is not None:
-        names = [n for n in names if n not in _allowed_names()]
+        allowed = compat.named_globals(mmengine_checkpoint_globals())
+        names = [n for n in names if n not in allowed]
     else:  # torch cannot list them: the refused one is in the unpickler's message
         names = re.findall(r'GLOBAL ([\w.]+)', str(error))[:1]
     what = (f'it holds {", ".join(names)}, which an MMEngine checkpoint never holds' if names

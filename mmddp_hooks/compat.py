@@ -66,12 +66,17 @@ def _safe_globals_take_names() -> bool:
         return False
 
 
+def named_globals(entries: List[Any]) -> dict:
+    """``{'full.pickle.name': object}`` for allow-list entries (objects or ``(object, name)``)."""
+    return {e[1] if isinstance(e, tuple) else f'{e.__module__}.{e.__qualname__}':
+            e[0] if isinstance(e, tuple) else e for e in entries}
+
+
 def _restricted_pickle(entries: List[Any]) -> Any:
     from torch import _weights_only_unpickler
 
     allowed = dict(_weights_only_unpickler._get_allowed_globals())
-    allowed.update({e[1] if isinstance(e, tuple) else f'{e.__module__}.{e.__qualname__}':
-                    e[0] if isinstance(e, tuple) else e for e in entries})
+    allowed.update(named_globals(entries))
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
