@@ -5,11 +5,15 @@ round runs one step of every setting, in a rotating order, each after a barrier;
 slowest rank's. Ratios are taken per round against the best valid hand-picked setting and summarised
 by their median, so machine noise that hits a whole round cancels out.
 
-Validity is measured, not assumed: during warm-up, a ``find_unused_parameters=False`` setting whose
-reducer did not finalise (DDP's own check) is invalid and its error text kept (the iteration is rescued
-by zero-filling so the peers do not hang); an ignored or frozen parameter that received a gradient on
-some rank is invalid (replicas would diverge). ``static_graph=True`` is not run where the probe saw
-usage change between iterations: DDP raises inside backward there, which would hang the peers.
+Validity is measured, not assumed, for ``auto`` as for every hand-picked setting: during warm-up, a
+``find_unused_parameters=False`` setting whose reducer did not finalise (DDP's own check) is invalid
+and its error text kept (the iteration is rescued by zero-filling so the peers do not hang); an
+ignored parameter that received a gradient on some rank is invalid (replicas would diverge); and
+after warm-up every setting's parameters must equal those of the ``find_unused_parameters=True``
+replica (SGD with momentum and weight decay, so a zero gradient where ``True`` leaves ``None`` shows).
+``static_graph=True`` is not run where the probe saw usage change between iterations: DDP raises
+inside backward there, which would hang the peers. The guard stays live in the timed rounds, and
+the times ``auto`` left its plan are reported.
 """
 import statistics
 import time
@@ -27,6 +31,7 @@ from .reducer_params import ignore_keys_for
 from .report import DYNAMIC, NEVER, build_report
 from .wrapper import ReconfigurableDDP
 
+PARAM_TOLERANCE = 1e-6
 SETTINGS = ('find_unused=False', 'find_unused=True', 'find_unused=True+bucket_view',
             'static_graph', 'ignore_unused', 'freeze_unused', 'auto')
 
@@ -65,16 +70,22 @@ def _always(step: int) -> bool:
     return True
 
 
+def _late(step: int) -> bool:
+    return step >= 5  # after the probe (4 steps), within the warm-up
+
+
 SCENARIOS: Dict[str, Dict[str, Any]] = {
     'no_unused': dict(depth=8, width=64, branch=_always),
     'fixed_unused': dict(depth=8, width=64, branch=_never),
     'per_rank_unused': dict(depth=8, width=64, branch=_rank1),
     'dynamic': dict(depth=8, width=64, branch=_alternating),
     'large_fixed_unused': dict(depth=240, width=16, branch=_never),
+    'wakes_up': dict(depth=8, width=64, branch=_late),
 }
 QUICK = {'no_unused': dict(depth=3, width=8, branch=_always),
          'fixed_unused': dict(depth=3, width=8, branch=_never),
-         'dynamic': dict(depth=3, width=8, branch=_alternating)}
+         'dynamic': dict(depth=3, width=8, branch=_alternating),
+         'wakes_up': dict(depth=3, width=8, branch=_late)}
 
 
 class MMSegStep(nn.Module):
@@ -110,13 +121,24 @@ def _make(scenario: Dict[str, Any]) -> nn.Module:
     return Blocks(scenario['depth'], scenario['width'], scenario['branch'])
 
 
+def _wrapped_step(wrapper: ReconfigurableDDP, x: torch.Tensor, step: int,
+                  opt: Optional[torch.optim.Optimizer] = None) -> None:
+    """One training step through the wrapper's probe/guard, as its ``train_step`` does it."""
+    wrapper.before_backward()
+    wrapper(x, step).backward()
+    change = wrapper.after_backward()
+    if opt is not None:
+        opt.step()
+    wrapper.module.zero_grad()
+    wrapper.after_step(change)
+
+
 def _probe_usage(scenario: Dict[str, Any], steps: int, x: torch.Tensor):
     """The product's probe on a scratch replica: which parameters are unused, and how."""
     wrapper = ReconfigurableDDP(_make(scenario))
     wrapper.start_probe()
     for step in range(steps):
-        wrapper(x, step).backward()
-        wrapper.probe.end_step()
+        _wrapped_step(wrapper, x, step)
     return build_report(wrapper.finish_probe())
 
 
@@ -146,19 +168,29 @@ class _Runner:
                 gradient_as_bucket_view=name.endswith('bucket_view'),
                 static_graph=name == 'static_graph')
         self.module = module
-        self.opt = torch.optim.SGD(module.parameters(), lr=1e-4)
+        self.opt = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-2)
 
     def step(self, x: torch.Tensor, step: int, check: bool) -> None:
-        self.ddp(x, step).backward()
-        wrapper = self.ddp if isinstance(self.ddp, ReconfigurableDDP) else None
-        if wrapper is not None and wrapper.guard is not None:
-            wrapper.guard.after_backward(wrapper.reducer)
+        # the same dropout masks in every setting's replica, so their parameters can be compared
+        torch.manual_seed(1000 * step + ddist.get_rank())
+        if isinstance(self.ddp, ReconfigurableDDP):
+            _wrapped_step(self.ddp, x, step, self.opt)
+            return
+        if self.name == 'static_graph':  # raises inside backward, on every rank, if usage changes
+            try:
+                self.ddp(x, step).backward()
+            except RuntimeError as e:
+                self.error = self.error or 'DDP: ' + str(e).split('. ')[0]
+                return
+        else:
+            self.ddp(x, step).backward()
         if check:
             self._check()
         self.opt.step()
         self.opt.zero_grad()
-        if wrapper is not None and wrapper.probe is not None:
-            wrapper.probe.end_step()
+
+    def flat_params(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.module.parameters()])
 
     def _check(self) -> None:
         reducer = self.ddp.reducer
@@ -189,17 +221,23 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int,
     probe_time = []
     for _ in range(max(warmup, probe_iters + 2)):
         for name, r in runners.items():
+            if r.error and name == 'static_graph':  # its reducer is broken: leave it
+                continue
             t0 = time.perf_counter()
-            r.step(x, step, check=name != 'auto')
+            r.step(x, step, check=True)
             if name == 'auto' and auto.ddp.probe is not None:
                 probe_time.append(time.perf_counter() - t0)
         if auto.ddp.probe is not None and len(auto.ddp.probe.steps) >= probe_iters:
             t0 = time.perf_counter()
-            report_auto = build_report(auto.ddp.finish_probe())
-            auto.ddp.apply_plan(choose_plan(
-                report_auto, module_names=[n for n, _ in auto.module.named_modules()]))
+            auto.ddp.apply_plan(choose_plan(build_report(auto.ddp.finish_probe())))
             rebuild_time = time.perf_counter() - t0
         step += 1
+    reference = runners['find_unused=True'].flat_params()
+    for r in runners.values():
+        diff = (r.flat_params() - reference).abs().max().item()
+        if diff > PARAM_TOLERANCE and r.error is None:
+            r.error = (f'trains differently from find_unused=True: max parameter difference '
+                       f'{diff:.2e} after {step} steps')
     flags = torch.tensor([float(r.error is not None) for r in runners.values()])
     ddist.all_reduce_flags(flags, op=dist.ReduceOp.MAX)
     for (name, r), bad in zip(runners.items(), flags.tolist()):
@@ -218,6 +256,7 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int,
     gathered = ddist.all_gather_object(times)
     slowest = {n: [max(g[n][i] for g in gathered) for i in range(rounds)] for n in timed}
     return dict(slowest=slowest, invalid=invalid, plan=auto.ddp.plan.summary(),
+                switches=list(auto.ddp.switch_log),
                 probe_iters=probe_iters, probe_step_s=statistics.median(probe_time),
                 rebuild_s=rebuild_time)
 
@@ -239,11 +278,13 @@ def summarise(name: str, raw: Dict[str, Any]) -> Dict[str, Any]:
         rows.append(dict(setting=n, valid=True, median_ms=1e3 * medians[n],
                          ratio=statistics.median(ratios), ratio_min=min(ratios),
                          ratio_max=max(ratios)))
-    auto_ms = medians['auto']
-    k = raw['probe_iters']
-    overhead = k * (raw['probe_step_s'] - auto_ms) + raw['rebuild_s']
-    return dict(scenario=name, best=best, plan=raw['plan'], rows=rows,
-                probe_amortised_1000=max(overhead, 0.0) / (1000 * auto_ms))
+    amortised = None
+    if 'auto' in medians:  # an invalid auto is reported as such, not timed
+        auto_ms = medians['auto']
+        overhead = raw['probe_iters'] * (raw['probe_step_s'] - auto_ms) + raw['rebuild_s']
+        amortised = max(overhead, 0.0) / (1000 * auto_ms)
+    return dict(scenario=name, best=best, plan=raw['plan'], switches=raw['switches'], rows=rows,
+                probe_amortised_1000=amortised)
 
 
 def format_table(results: List[Dict[str, Any]]) -> str:
@@ -259,8 +300,10 @@ def format_table(results: List[Dict[str, Any]]) -> str:
             lines.append(f"| {res['scenario']} | {row['setting']}{mark} | "
                          f"{row['median_ms']:.2f} ms | {row['ratio']:.3f} "
                          f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) |")
+        probe = ('n/a' if res['probe_amortised_1000'] is None
+                 else f"{100 * res['probe_amortised_1000']:.2f}%")
         lines.append(f"| {res['scenario']} | auto plan chose | {res['plan']} | probe cost over "
-                     f"1000 iterations: {100 * res['probe_amortised_1000']:.2f}% |")
+                     f"1000 iterations: {probe}; plan left {len(res['switches'])} times |")
     return '\n'.join(lines)
 
 

@@ -100,13 +100,3 @@ def unsafe_globals_in_checkpoint(f: Any) -> Optional[List[str]]:
         return list(getter(f))
     except Exception:  # not a zip checkpoint (legacy format), unreadable: the caller says less
         return None
-
-
-def serves_cpu_with_gloo(group: Any) -> bool:
-    """Whether ``group`` runs CPU tensors on gloo (so control traffic can use it as it is)."""
-    import torch.distributed as dist
-
-    get_config = getattr(dist, 'get_backend_config', None)
-    if get_config is not None:
-        return 'cpu:gloo' in str(get_config(group))
-    return dist.get_backend(group) == 'gloo'

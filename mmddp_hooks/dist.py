@@ -4,8 +4,9 @@ Two planes, because NCCL serves CUDA tensors only:
 
 * **control** (usage records, guard flags, digests, partition checks, row counts): CPU tensors and
   objects over a gloo side group made once for the ranks of the DDP wrapper's ``process_group`` and
-  cached (the group itself where it already serves CPU tensors with gloo). Never syncs CUDA; flag
-  exchanges may run asynchronously.
+  cached: a group of its own even where the wrapper's group is gloo, so the guard's flag exchange,
+  launched asynchronously at the end of backward, runs beside DDP's last bucket all-reduces instead
+  of in line behind them (and in any order relative to them). Never syncs CUDA.
 * **data** (InfoNCE gathers, hand-averaged gradients, loss sums): the wrapper's ``process_group``,
   with tensors on their own device.
 
@@ -22,8 +23,6 @@ import torch
 import torch.distributed as dist
 from mmengine import dist as mmdist
 from torch.distributed import ProcessGroup
-
-from . import compat
 
 _ENV_KEYS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
@@ -121,9 +120,7 @@ def control_group(group: Optional[ProcessGroup] = None) -> ProcessGroup:
     """
     key = group if group is not None else dist.group.WORLD
     if key not in _CONTROL_GROUPS:
-        if compat.serves_cpu_with_gloo(key):
-            _CONTROL_GROUPS[key] = key
-        elif group is None or key is dist.group.WORLD:
+        if group is None or key is dist.group.WORLD:
             _CONTROL_GROUPS[key] = dist.new_group(backend='gloo')
         else:  # only this group's ranks reach here; the others must not be waited for
             _CONTROL_GROUPS[key] = dist.new_group(ranks=dist.get_process_group_ranks(key),

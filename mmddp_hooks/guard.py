@@ -1,33 +1,32 @@
-"""Watch, after each synchronising backward, what a ``find_unused_parameters=False`` plan assumed.
+"""Make every ``find_unused_parameters=False`` step train exactly as ``find_unused_parameters=True``.
 
-Two things can break such a plan later in training: a parameter the plan counted on gets no gradient
-(DDP then waits forever on a bucket on the other ranks and raises "Expected to have finished
-reduction" on this one), or a parameter the plan DDP-ignored wakes up (its gradient is then never
-averaged and replicas drift apart silently). After backward the guard
+A plan keeps DDP on ``False`` because the probe saw a fixed usage: parameters never used (DDP-ignored)
+and parameters unused on some ranks (zero-filled there). Usage can change later: a warm-up branch
+wakes up, another switches off. The guard decides such changes by gradients, never by calls (a stage
+that runs but whose output is dropped, or a head called in a no-grad val loop, changes nothing), and
+fixes the step in which they happen, before the optimizer sees it. After each synchronising backward:
 
-1. zero-fills the gradients the plan expects to be missing on this rank (see :mod:`mmddp_hooks.plan`);
-   (modules the plan froze are watched by forward pre-hooks: a call means the branch woke up; it
-   produced no gradient, so nothing diverges, and all ranks unfreeze it at the next exchange);
-2. asks the reducer whether the iteration finalised; if not, it zero-fills every parameter still
-   without a gradient, which completes the missing buckets and releases the peers waiting on them
-   (the iteration is rescued). For a parameter unused on some ranks this is what
-   ``find_unused_parameters=True`` does; for one unused on every rank it is not: True leaves its
-   gradient ``None``, while here it is zero, so momentum and weight decay still move it that step;
-3. all-reduces one small int vector: per ignored parameter, how many ranks gave it a gradient, whether
-   a frozen module was called, and the number of rescued parameters. When any is non-zero, every
-   rank learns it from the same collective, averages the woken ignored gradients by hand, and
-   reports a switch to a safe plan, so all ranks rebuild DDP at the same iteration.
+1. zero-fill what the plan expects to be unused on this rank; if the reducer still did not finalise,
+   zero-fill every reducer parameter whose gradient hook did not fire (the *rescue*): the missing
+   buckets complete, and each slot holds what ``True`` would have put there, zero for a locally
+   unused parameter;
+2. all-reduce, on the gloo control plane, one int per watched parameter (did it get a gradient on this
+   rank in this step?) and the number of rescued parameters. That is the guard's whole per-step cost:
+   a few hundred CPU ints, nothing read from a GPU;
+3. where no rank used a parameter, set its gradient back to ``None``, as ``True`` leaves it (a zero
+   would still move it through momentum and weight decay); where an ignored parameter got a gradient
+   on any rank, average it by hand on the DDP group (``g / world_size``, summed, as DDP's reducer
+   does), so a branch that wakes up trains from its first step.
 
-Step 3 is one all-reduce of ``len(plan.ignore) + 2`` CPU ints on the gloo control plane (see
-:mod:`mmddp_hooks.dist`), the whole cost of the guard; nothing in it reads a CUDA tensor. It runs every
-step, synchronously, only when the plan ignores parameters; otherwise every ``interval`` steps in the
-background (rescues stay complete and local every step; the switch lands at most two intervals later).
-Woken gradients are averaged on the DDP wrapper's own group, on their device.
+Every rank sees the same sums, so all of them agree, at the same step, that usage changed and on the
+switch to a safer plan.
 """
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
+from torch.autograd import Variable
 from torch.distributed import ProcessGroup
 
 from . import dist as ddist
@@ -50,134 +49,149 @@ def reducer_finalized(reducer) -> bool:
 
 
 class PlanGuard:
-    """Per-rank state of the guard for one applied plan."""
+    """Per-rank state of the guard for one applied plan.
+
+    Args:
+        module: the module DDP wraps, already rebuilt with the plan's ignore set.
+        fill: parameters the plan zero-fills on this rank.
+        ignore: parameters the plan DDP-ignored.
+        group: the DDP wrapper's process group (``None``: the default group).
+    """
 
     def __init__(self, module: nn.Module, fill: List[str], ignore: List[str],
-                 interval: int = 16, watch_modules: Optional[List[str]] = None,
                  group: Optional[ProcessGroup] = None) -> None:
         named = dict(module.named_parameters())
-        modules = dict(module.named_modules())
         self.params: List[ReducerParam] = reducer_params(module)
-        self.fill = [named[n] for n in fill]
         self.ignore_names = list(ignore)
         self.ignored = [named[n] for n in ignore]
-        # flags: one per ignored parameter, then "a frozen module was called", then "rescued"
-        self._woke = torch.zeros(len(self.ignored) + 2, dtype=torch.int32)
-        self._handles = [p.register_post_accumulate_grad_hook(self._waker(i))
-                         for i, p in enumerate(self.ignored)]
-        self.woken_modules: List[str] = []
-        self._handles += [modules[m].register_forward_pre_hook(self._module_waker(m))
-                          for m in watch_modules or []]
-        self._pending: Optional[Tuple[torch.Tensor, Any, List[str]]] = None
-        self.interval = max(1, interval)
-        self._steps = 0
-        self._unreported: List[str] = []
-        self.group = group  # the DDP wrapper's process_group (None: the default group)
+        watched = [rp.param for rp in self.params] + self.ignored
+        fill_names = set(fill)
+        self._fill = np.array([rp.name in fill_names for rp in self.params], dtype=bool)
+        # per watched parameter: a gradient arrived in this backward / in this optimizer step
+        self._fired = np.zeros(len(watched), dtype=bool)
+        self._used = np.zeros(len(watched), dtype=bool)
+        self._handles = [p.register_post_accumulate_grad_hook(self._marker(i))
+                         for i, p in enumerate(watched)]
+        self.group = group
+        self._launch_at_end = False
+        self._pending: Optional[Tuple[np.ndarray, torch.Tensor, Any]] = None
 
-    def _waker(self, i: int):
-        def wake(_: torch.Tensor) -> None:
-            self._woke[i] = 1
-        return wake
-
-    def _module_waker(self, name: str):
-        def wake(*_: Any) -> None:
-            self._woke[-2] = 1
-            if name not in self.woken_modules:
-                self.woken_modules.append(name)
-        return wake
+    def _marker(self, i: int):
+        def mark(_: torch.Tensor) -> None:
+            self._fired[i] = True
+            self._used[i] = True
+            if self._launch_at_end:  # the first gradient of a synchronising backward
+                self._launch_at_end = False
+                Variable._execution_engine.queue_callback(self._launch)
+        return mark
 
     def close(self) -> None:
-        """Remove the hooks and finish an outstanding flag exchange (every rank calls this)."""
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._pending is not None and self._pending[1] is not None:
-            self._pending[1].wait()
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None and self._pending[2] is not None:
+            self._pending[2].wait()
         self._pending = None
 
-    def after_backward(self, reducer) -> Optional[str]:
-        """Fill, rescue, agree. Returns why every rank must switch to a safe plan, or None.
+    def before_backward(self, sync: bool = True) -> None:
+        """Start a backward (``sync``: DDP synchronises gradients in this one)."""
+        self._fired[:] = False
+        self._drop_pending()
+        self._launch_at_end = sync
 
-        With ignored parameters the flags are needed before the optimizer step (a woken gradient
-        must be averaged first), so the exchange is synchronous, every step. Without, a rescue is
-        already complete locally and only the switch needs agreeing on: the exchange runs in the
-        background every ``interval`` steps and is read at the next exchange, when every rank
-        switches together.
-        """
-        zero_fill([p for p in self.fill if p.grad is None])
-        rescued: List[str] = []
+    def _launch(self) -> None:
+        """End of the backward: every gradient of it has arrived, so the flags are final. Start
+        their exchange now, to run beside DDP's last bucket all-reduces and the fills below."""
+        n = len(self.params)
+        local = self._used.copy()
+        missing = int((~self._fired[:n] & ~self._fill).sum())  # what the rescue will fill
+        flags = torch.from_numpy(np.append(local, missing).astype(np.int32))
+        self._pending = (local, flags, ddist.all_reduce_flags(flags, self.group, async_op=True))
+
+    def after_backward(self, reducer) -> Optional[str]:
+        """Fill, rescue, agree, fix. Returns why usage differs from the plan (same on every
+        rank), or None."""
+        n = len(self.params)
+        self._launch_at_end = False  # the fills below run backwards of their own
+        if self._pending is None:  # no watched parameter got a gradient in this backward
+            self._launch()
+        local, flags, work = self._pending
+        self._pending = None
+        fill = [int(i) for i in np.flatnonzero(self._fill) if not self._fired[i]]
+        was_none = {i: self.params[i].param.grad is None for i in fill}
+        zero_fill([self.params[i].param for i in fill])
+        rescued: List[int] = []
         if not reducer_finalized(reducer):
-            missing = [rp for rp in self.params if rp.param.grad is None]
-            zero_fill([rp.param for rp in missing])
-            rescued = [rp.name for rp in missing]
+            rescued = [i for i in range(n) if not self._fired[i] and i not in was_none]
+            was_none.update({i: self.params[i].param.grad is None for i in rescued})
+            zero_fill([self.params[i].param for i in rescued])
             if not reducer_finalized(reducer):
                 self._raise_unfinalized(reducer)
-        flags = self._woke.clone()
-        flags[-1] = len(rescued)
-        self._woke.zero_()
-        if self.ignored:
-            ddist.all_reduce_flags(flags, self.group)
-            return self._agree_on_switch(flags, rescued) if bool(flags.any()) else None
-        self._unreported.extend(n for n in rescued if n not in self._unreported)
-        self._steps += 1
-        if self._steps % self.interval:
-            return None
-        flags[-1] = len(self._unreported)
-        flags[-2] = int(bool(self.woken_modules))
-        work = ddist.all_reduce_flags(flags, self.group, async_op=True)
-        previous, self._pending = self._pending, (flags, work, self._unreported)
-        self._unreported = []
-        if previous is None:
-            return None
-        prev_flags, work, prev_rescued = previous
+        self._used[:] = False
         if work is not None:
             work.wait()
-        return self._agree_on_switch(prev_flags, prev_rescued) if bool(prev_flags.any()) else None
+        counts = flags.numpy()
+        self.record(local)
+        unused_everywhere = [i for i in range(n) if counts[i] == 0]
+        woke = [j for j in range(len(self.ignored)) if counts[n + j] > 0]
+        for i in unused_everywhere:
+            if was_none.get(i):  # True leaves such a gradient as it was: None
+                self.params[i].param.grad = None
+        if woke:
+            self._average_ignored(counts[n:n + len(self.ignored)])
+        if not (unused_everywhere or woke or counts[-1]):
+            return None
+        return self._describe([self.params[i].name for i in rescued],
+                              [self.params[i].name for i in unused_everywhere],
+                              [self.ignore_names[j] for j in woke if local[n + j]])
+
+    def record(self, used: np.ndarray) -> None:
+        """What this rank used in one optimizer step (the probe keeps it)."""
 
     def _raise_unfinalized(self, reducer) -> None:
         try:
             reducer._check_reducer_finalized()
         except RuntimeError as e:
             raise type(e)(explain_unused_error(str(e), self.params) + (
-                '\n[mmddp_hooks] the guard could not rescue this iteration: some parameters '
-                'without a new gradient still hold one from an earlier backward (gradient '
-                'accumulation or grads not set to None). Use find_unused_parameters=True.')) from e
+                '\n[mmddp_hooks] the guard could not complete this iteration although it fed '
+                'zeros to every parameter whose gradient did not arrive')) from e
 
-    def _agree_on_switch(self, flags: torch.Tensor, rescued: List[str]) -> str:
-        """Rare path, entered by every rank together: average woken ignored grads, name causes."""
-        woke = [i for i in range(len(self.ignored)) if int(flags[i]) > 0]
-        # every rank reaches here together; a frozen module's call leaves no gradient to fix
-        if woke:
-            self._average_ignored(flags)
-        local = {'rank': ddist.get_rank(), 'rescued': rescued, 'modules': list(self.woken_modules),
-                 'woke': [self.ignore_names[i] for i in woke if self.ignored[i].grad is not None]}
+    def _describe(self, rescued: List[str], unused_everywhere: List[str],
+                  woke: List[str]) -> str:
+        """Rare path, entered by every rank together: name what changed, rank by rank."""
+        local: Dict[str, Any] = {'rank': ddist.get_rank(), 'rescued': rescued, 'woke': woke}
         everyone = ddist.all_gather_object(local, self.group)
         parts = []
+        if unused_everywhere:
+            parts.append(f'{len(unused_everywhere)} parameters got no gradient on any rank '
+                         f'({_names(unused_everywhere)}); their gradients stay None as under '
+                         'find_unused_parameters=True')
         for r in everyone:
             if r['rescued']:
-                parts.append(f"rank {r['rank']}: {len(r['rescued'])} parameters the plan counted on "
-                             f"got no gradient ({', '.join(r['rescued'][:8])}"
-                             f"{' ...' if len(r['rescued']) > 8 else ''}); rescued with zero "
+                parts.append(f"rank {r['rank']}: {len(r['rescued'])} parameters the plan counted "
+                             f"on got no gradient ({_names(r['rescued'])}); rescued with zero "
                              'gradients as find_unused_parameters=True would')
-            if r['modules']:
-                parts.append(f"rank {r['rank']}: frozen modules were called "
-                             f"({', '.join(r['modules'][:8])}); they did not train since the "
-                             'plan froze them and are unfrozen now')
             if r['woke']:
-                parts.append(f"rank {r['rank']}: ignored parameters woke up "
-                             f"({', '.join(r['woke'][:8])}); their gradients were averaged by hand")
+                parts.append(f"rank {r['rank']}: ignored parameters woke up ({_names(r['woke'])}); "
+                             'their gradients were averaged by hand in the same step')
         return '; '.join(parts)
 
-    def _average_ignored(self, flags: torch.Tensor) -> None:
+    def _average_ignored(self, counts: np.ndarray) -> None:
         """Data plane: the ignored gradients, on their device, over the wrapper's group."""
+        size = ddist.group_size(self.group)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.ignored]
-        flat = ddist.all_reduce_(torch.cat([g.reshape(-1) for g in grads]), self.group)
-        flat /= ddist.group_size(self.group)
+        flat = torch.cat([g.reshape(-1) for g in grads]).mul_(1.0 / size)
+        ddist.all_reduce_(flat, self.group)
         offset = 0
         for i, p in enumerate(self.ignored):
             n = p.numel()
-            if int(flags[i]) > 0:
+            if counts[i] > 0:
                 p.grad = flat[offset:offset + n].view_as(p).clone()
-            else:
-                p.grad = None  # unused on every rank: None, as find_unused_parameters=True leaves it
             offset += n
+
+
+def _names(names: List[str], n: int = 8) -> str:
+    return ', '.join(names[:n]) + (' ...' if len(names) > n else '')

@@ -1,62 +1,78 @@
-"""Record, per training step and rank, which reducer parameters received a gradient.
+"""Record, per optimizer step and rank, which reducer parameters received a gradient.
 
-A post-accumulate-grad hook on each reducer parameter fires exactly when autograd accumulates a
-gradient into it: the same event that DDP's reducer counts as "used". The hooks exist only during
-the probe iterations and are removed afterwards, so they cost nothing later.
+The probe is the guard of an empty plan (``find_unused_parameters=False``, nothing ignored or filled)
+that also keeps what it saw: each probe step trains exactly as ``find_unused_parameters=True`` would
+(see :mod:`mmddp_hooks.guard`), while DDP itself runs as ``False`` does. ``True`` is not needed and
+sometimes cannot run: with reentrant activation checkpointing (``torch.utils.checkpoint``'s default,
+OpenMMLab's ``with_cp=True``) it raises "marked as ready twice". The probe notices such checkpoints
+in the loss's autograd graph, so the plan never switches to ``True`` there.
 """
 from typing import List, Optional
 
 import numpy as np
 import torch
+from torch import nn
 from torch.distributed import ProcessGroup
 
 from . import dist as ddist
-from .reducer_params import ReducerParam
+from .guard import PlanGuard
 from .report import Usage
 
+REENTRANT_NODE = 'CheckpointFunctionBackward'
 
-class UsageProbe:
-    """Marks reducer parameters as used when a gradient is accumulated into them."""
 
-    def __init__(self, params: List[ReducerParam]) -> None:
-        self.params = params
-        self._current = np.zeros(len(params), dtype=bool)
+def uses_reentrant_checkpoint(loss: torch.Tensor) -> bool:
+    """Whether the loss's autograd graph holds a reentrant ``torch.utils.checkpoint`` region."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == REENTRANT_NODE:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+class UsageProbe(PlanGuard):
+    """The guard of the empty plan, keeping each step's local usage for the report."""
+
+    def __init__(self, module: nn.Module, group: Optional[ProcessGroup] = None) -> None:
+        super().__init__(module, fill=[], ignore=[], group=group)
         self.steps: List[np.ndarray] = []
-        self._handles = [rp.param.register_post_accumulate_grad_hook(self._marker(i))
-                         for i, rp in enumerate(params)]
+        self.reentrant_checkpoint = False
 
-    def _marker(self, i: int):
-        def mark(_: torch.Tensor) -> None:
-            self._current[i] = True
-        return mark
+    def record(self, used: np.ndarray) -> None:
+        self.steps.append(used.copy())
 
-    def end_step(self) -> None:
-        """Close one training step (one or more backwards) and start the next."""
-        self.steps.append(self._current.copy())
-        self._current[:] = False
+    def _describe(self, *_: List[str]) -> str:
+        """Unused parameters are what the probe is there to find: nothing to explain or gather."""
+        return ''
 
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+    def inspect(self, loss: torch.Tensor) -> None:
+        """Look for reentrant checkpointing in this step's graph (probe steps only)."""
+        if not self.reentrant_checkpoint and loss.grad_fn is not None:
+            self.reentrant_checkpoint = uses_reentrant_checkpoint(loss)
 
     def local_usage(self) -> np.ndarray:
         """Shape (iterations, params) for this rank."""
         return np.stack(self.steps) if self.steps else np.zeros((0, len(self.params)), bool)
 
-    def gather(self, group: Optional[ProcessGroup] = None) -> Usage:
-        """Combine every rank's record into one :class:`Usage` (control plane, all ranks of ``group``)."""
-        local = self.local_usage()
+    def gather(self) -> Usage:
+        """Combine every rank's record into one :class:`Usage` (control plane, every rank)."""
         names = [rp.name for rp in self.params]
-        gathered = ddist.all_gather_object((names, local), group)
-        for rank, (rank_names, _) in enumerate(gathered):
+        gathered = ddist.all_gather_object(
+            (names, self.local_usage(), self.reentrant_checkpoint), self.group)
+        for rank, (rank_names, _, _) in enumerate(gathered):
             if rank_names != names:
                 raise RuntimeError(
                     f'rank {rank} has a different reducer parameter list than rank '
-                    f'{ddist.group_rank(group)} ({len(rank_names)} vs {len(names)} parameters): '
-                    'the model must be built identically on every rank')
+                    f'{ddist.group_rank(self.group)} ({len(rank_names)} vs {len(names)} '
+                    'parameters): the model must be built identically on every rank')
         steps = {g[1].shape[0] for g in gathered}
         if len(steps) != 1:
             raise RuntimeError(f'ranks probed different numbers of iterations: {sorted(steps)}')
         return Usage(names=names, numels=[rp.numel for rp in self.params],
-                     used=np.stack([g[1] for g in gathered]))
+                     used=np.stack([g[1] for g in gathered]),
+                     reentrant_checkpoint=any(g[2] for g in gathered))

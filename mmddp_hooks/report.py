@@ -20,6 +20,7 @@ class Usage:
     names: List[str]
     numels: List[int]
     used: np.ndarray  # bool, shape (ranks, iterations, params)
+    reentrant_checkpoint: bool = False  # seen in the loss graph: find_unused=True cannot run
 
     def __post_init__(self) -> None:
         self.used = np.asarray(self.used, dtype=bool)
@@ -75,6 +76,7 @@ class UsageReport:
     n_iters: int
     params: List[ParamUsage]
     groups: List[UsageGroup] = field(default_factory=list)
+    reentrant_checkpoint: bool = False
 
     @property
     def where(self) -> str:
@@ -95,6 +97,7 @@ class UsageReport:
 
     def to_dict(self) -> dict:
         return {'n_ranks': self.n_ranks, 'n_iters': self.n_iters, 'counts': self.counts,
+                'reentrant_checkpoint': self.reentrant_checkpoint,
                 'groups': [asdict(g) for g in self.groups],
                 'params': [asdict(p) for p in self.params]}
 
@@ -180,4 +183,5 @@ def group_by_module(params: Sequence[ParamUsage]) -> List[UsageGroup]:
 def build_report(usage: Usage) -> UsageReport:
     params = classify(usage)
     return UsageReport(n_ranks=usage.n_ranks, n_iters=usage.n_iters, params=params,
-                       groups=group_by_module(params))
+                       groups=group_by_module(params),
+                       reentrant_checkpoint=usage.reentrant_checkpoint)

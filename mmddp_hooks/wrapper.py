@@ -61,8 +61,8 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.plan: Optional[DDPPlan] = None
         self.probe: Optional[UsageProbe] = None
         self.guard: Optional[PlanGuard] = None
-        self.switch_log: List[str] = []
-        self.guard_interval = 16
+        self.switch_log: List[str] = []  # why the plan was left, one entry per change
+        self._syncs_backward = True  # whether the last forward prepared a synchronising backward
         self.bucket_strides = self._current_strides()
         self._comm_hook_record: Optional[List[tuple]] = []
         if ddist.is_dist():  # made here, where every rank wraps at once: a collective
@@ -126,53 +126,54 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.rebuild(self.find_unused_parameters, self.static_graph, ignored)
 
     def start_probe(self) -> None:
-        """Probe under ``find_unused_parameters=True`` (cannot crash) and record usage."""
+        """Probe under ``find_unused_parameters=False``, each step completed as ``True`` would."""
         self.close_guard()
-        self.rebuild(find_unused_parameters=True)
-        self.probe = UsageProbe(reducer_params(self.module))
+        self.rebuild(find_unused_parameters=False)
+        self.probe = UsageProbe(self.module, self.process_group)
 
     def finish_probe(self) -> Usage:
         """Stop recording and combine every rank's usage (a collective)."""
         assert self.probe is not None, 'finish_probe() without start_probe()'
         probe, self.probe = self.probe, None
         probe.close()
-        return probe.gather(self.process_group)
+        return probe.gather()
 
     def apply_plan(self, plan: DDPPlan) -> None:
         """Rebuild DDP as the plan says and arm the guard. A collective: call on every rank."""
         self.close_guard()
-        module = self.module
-        named = dict(module.named_parameters())
-        unknown = [n for n in plan.ignore + plan.freeze if n not in named]
+        named = dict(self.module.named_parameters())
+        unknown = [n for n in plan.ignore if n not in named]
         if unknown:
             raise KeyError(f'the plan names parameters this model does not have: {unknown[:5]}')
-        for n in plan.freeze:
-            named[n].requires_grad_(False)
         self.rebuild(plan.find_unused_parameters, plan.static_graph, plan.ignore)
         self.plan = plan
         if plan.guarded:
-            self.guard = PlanGuard(module, plan.fill.get(ddist.group_rank(self.process_group), []),
-                                   plan.ignore, interval=self.guard_interval,
-                                   watch_modules=plan.watch_modules, group=self.process_group)
+            self.guard = PlanGuard(self.module,
+                                   plan.fill.get(ddist.group_rank(self.process_group), []),
+                                   plan.ignore, group=self.process_group)
 
     def close_guard(self) -> None:
-        """Finish the guard's outstanding flag exchange and remove its hooks (every rank)."""
+        """Remove the guard's gradient hooks."""
         if self.guard is not None:
             self.guard.close()
             self.guard = None
 
-    def _switch_to_safe_plan(self, why: str) -> None:
+    def _usage_changed(self, why: str) -> None:
+        """Every rank, same step, already fixed by the guard: leave the plan for a safe one."""
         assert self.plan is not None
-        named = dict(self.module.named_parameters())
-        for n in self.plan.freeze:  # what the plan froze trains again; config-frozen stays frozen
-            named[n].requires_grad_(True)
-        safe = DDPPlan(find_unused_parameters=True,
-                       reasons=self.plan.reasons + [f'switched to find_unused_parameters=True: {why}'])
         self.switch_log.append(why)
+        if self.plan.reentrant_checkpoint:  # True cannot run: the guard keeps fixing each step
+            if len(self.switch_log) == 1:
+                print_log(f'[mmddp_hooks] usage changed after the probe: {why}. The model uses '
+                          'reentrant checkpointing, so the plan stays; the guard completes every '
+                          'such step as find_unused_parameters=True would.', logger='current',
+                          level=logging.WARNING)
+            return
         print_log(f'[mmddp_hooks] usage changed after the probe: {why}. Every rank switches to '
                   'find_unused_parameters=True now; pin it in model_wrapper_cfg if this is '
                   'expected.', logger='current', level=logging.WARNING)
-        self.apply_plan(safe)
+        self.apply_plan(DDPPlan(find_unused_parameters=True, reasons=self.plan.reasons + [
+            f'switched to find_unused_parameters=True: {why}']))
 
     # -------------------------------------------------------------------------------- train step
     def _run_forward(self, data: Union[dict, tuple, list], mode: str) -> Any:
@@ -184,6 +185,31 @@ class ReconfigurableDDP(MMDistributedDataParallel):
                 raise
             raise type(e)(explain_unused_error(str(e), reducer_params(self.module))) from e
 
+    def _watcher(self):
+        return self.probe if self.probe is not None else self.guard
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        self._syncs_backward = self.require_backward_grad_sync  # False inside no_sync()
+        return super().forward(*inputs, **kwargs)
+
+    def before_backward(self) -> None:
+        """Call before each backward (the guard tells what arrives in this one)."""
+        watcher = self._watcher()
+        if watcher is not None:
+            watcher.before_backward(sync=self._syncs_backward)
+
+    def after_backward(self) -> Optional[str]:
+        """Call after a synchronising backward, before the optimizer step: the step is completed
+        as ``find_unused_parameters=True`` would. Returns why usage left the plan, or None."""
+        watcher = self._watcher()
+        change = watcher.after_backward(self.reducer) if watcher is not None else None
+        return change if watcher is self.guard else None
+
+    def after_step(self, change: Optional[str]) -> None:
+        """Call after the optimizer step with what ``after_backward`` returned (every rank)."""
+        if change:
+            self._usage_changed(change)
+
     def train_step(self, data: Union[dict, tuple, list],
                    optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
         """``MMDistributedDataParallel.train_step`` with the probe/guard between backward and step."""
@@ -191,17 +217,16 @@ class ReconfigurableDDP(MMDistributedDataParallel):
             data = self.module.data_preprocessor(data, training=True)
             losses = self._run_forward(data, mode='loss')
         parsed_loss, log_vars = self.module.parse_losses(losses)
+        if self.probe is not None:
+            self.probe.inspect(parsed_loss)
+        self.before_backward()
         optim_wrapper.backward(optim_wrapper.scale_loss(parsed_loss))
-        switch = None
+        change = None
         if optim_wrapper.should_update():
-            if self.guard is not None:
-                switch = self.guard.after_backward(self.reducer)
+            change = self.after_backward()
             optim_wrapper.step()
             optim_wrapper.zero_grad()
-        if self.probe is not None:
-            self.probe.end_step()
         if self.detect_anomalous_params:
             detect_anomalous_params(parsed_loss, model=self)
-        if switch:
-            self._switch_to_safe_plan(switch)
+        self.after_step(change)
         return log_vars

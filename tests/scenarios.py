@@ -11,8 +11,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
+from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel, MMDistributedDataParallel
+from mmengine.registry import METRICS
 from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
@@ -43,6 +46,7 @@ class ScenarioModel(BaseModel):
         self.trunk = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(), nn.Linear(DIM, DIM))
         self.head = nn.Linear(DIM, 1)
         self.calls = 0
+        self.steps = 0  # training forwards (mode='loss'), which val loops do not advance
 
     def branch(self, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return h
@@ -52,7 +56,11 @@ class ScenarioModel(BaseModel):
         out = self.head(h)
         self.calls += 1
         if mode == 'loss':
+            self.steps += 1
             return dict(loss=((out - target) ** 2).mean())
+        return self.predict(h, out)
+
+    def predict(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out
 
 
@@ -141,17 +149,106 @@ class FallsAsleepOnRank0(ScenarioModel):
         return h if self.calls >= 6 and dist.get_rank() == 0 else self.adapter(h)
 
 
+# Habits of real models, for the contract tests (tests/test_contract.py). WAKE: the training
+# iteration at which usage changes, long after the probe.
+WAKE = 30
+
+
+class CalledButUnused(ScenarioModel):
+    """mmseg's ResNet with ``out_indices`` dropping a stage: ``stage4`` runs, its output is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage4 = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU())
+
+    def branch(self, h, index):
+        self.stage4(h)
+        return h
+
+
+class PredictOnlyHead(ScenarioModel):
+    """A head used in ``predict`` mode only: the val loop calls it, without gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refine_head = nn.Linear(DIM, 1)
+
+    def predict(self, h, out):
+        return out + self.refine_head(h)
+
+
+class LateModule(ScenarioModel):
+    """Distillation switched on after a warm-up, on every rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.distill = nn.Linear(DIM, DIM)
+
+    def branch(self, h, index):
+        return h + self.distill(h) if self.steps >= WAKE else h
+
+
+class LateParam(ScenarioModel):
+    """A loose root-level parameter (a learned temperature) used after a warm-up only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.full((1,), 0.5))
+
+    def branch(self, h, index):
+        return h * self.temperature if self.steps >= WAKE else h
+
+
+class SwitchedOff(ScenarioModel):
+    """A warm-up branch switched off on every rank after the warm-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warmup = nn.Linear(DIM, DIM)
+
+    def branch(self, h, index):
+        return h + self.warmup(h) if self.steps < WAKE else h
+
+
+class ReentrantCheckpoint(ScenarioModel):
+    """``with_cp=True``: a block under reentrant ``torch.utils.checkpoint``, as OpenMMLab does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(), nn.Linear(DIM, DIM))
+
+    def branch(self, h, index):
+        return h + torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=True)
+
+
 MODELS = {cls.__name__: cls for cls in (AllUsed, DisabledDistill, RankOneBranch, ModalityDropout,
                                         GoalEncoders, TiedFrozenRoot, WakesUpOnRank1,
-                                        FallsAsleepOnRank0)}
+                                        FallsAsleepOnRank0, CalledButUnused, PredictOnlyHead,
+                                        LateModule, LateParam, SwitchedOff, ReentrantCheckpoint)}
+
+
+@METRICS.register_module(force=True)
+class ScenarioMSE(BaseMetric):
+    """Mean squared error of the val loop's predictions (the val loop only has to run)."""
+
+    def process(self, data_batch, data_samples) -> None:
+        for out, target in zip(data_samples, data_batch['target']):
+            self.results.append(float(((out - target) ** 2).mean()))
+
+    def compute_metrics(self, results) -> Dict[str, float]:
+        return dict(mse=sum(results) / max(len(results), 1))
 
 
 class LossRecorder(Hook):
     def __init__(self) -> None:
         self.losses: List[float] = []
+        self.vals = 0
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         self.losses.append(float(outputs['loss'].detach()))
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self.vals += 1
 
 
 def param_digest(model: nn.Module) -> str:
@@ -166,8 +263,14 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
           iters: int = 10, optimizer: Optional[dict] = None, work_dir: Optional[str] = None,
           resume: bool = False, checkpoint_interval: int = 0,
           ema: bool = False, log_level: str = 'WARNING',
-          prewrap: bool = False, load_from: Optional[str] = None) -> Dict[str, Any]:
-    """Train one scenario on this rank through a real Runner; return what the tests compare."""
+          prewrap: bool = False, load_from: Optional[str] = None,
+          optim_wrapper: Optional[dict] = None, val_interval: int = 0,
+          log_interval: int = 1) -> Dict[str, Any]:
+    """Train one scenario on this rank through a real Runner; return what the tests compare.
+
+    ``optim_wrapper``: extra optimizer-wrapper keys (type, clip_grad, dtype, paramwise_cfg, ...);
+    ``val_interval``: run a val loop every that many iterations.
+    """
     torch.manual_seed(0)
     model = MODELS[model_name]()
     recorder = LossRecorder()
@@ -177,7 +280,7 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         hooks.insert(0, dict(type='DDPAutoTuneHook', **hook))
     if ema:
         hooks.append(dict(type='EMAHook', momentum=0.1))
-    default_hooks = dict(logger=dict(type='LoggerHook', interval=1),
+    default_hooks = dict(logger=dict(type='LoggerHook', interval=log_interval),
                          checkpoint=dict(type='CheckpointHook', interval=checkpoint_interval or 10**6,
                                          by_epoch=False))
     wrapper_cfg = dict(type='ReconfigurableDDP', find_unused_parameters=find_unused)
@@ -189,11 +292,15 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         model=model,
         work_dir=work_dir,
         experiment_name=f'{model_name}_{os.getpid()}_{next(_RUN_IDS)}',
-        train_dataloader=dict(dataset=RandomVectors(), batch_size=2, num_workers=0,
+        # one epoch covers the run: MMEngine sleeps 2 s each time an iteration loop restarts one
+        train_dataloader=dict(dataset=RandomVectors(max(64, 2 * iters * dist.get_world_size())),
+                              batch_size=2, num_workers=0,
                               sampler=dict(type='DefaultSampler', shuffle=True),
                               collate_fn=dict(type='default_collate')),
-        train_cfg=dict(by_epoch=False, max_iters=iters),
-        optim_wrapper=dict(optimizer=optimizer or dict(type='SGD', lr=0.05, momentum=0.9)),
+        train_cfg=dict(by_epoch=False, max_iters=iters, val_interval=val_interval or iters + 1),
+        optim_wrapper=dict(optimizer=optimizer or dict(type='SGD', lr=0.05, momentum=0.9),
+                           **(optim_wrapper or {})),
+        **_val_loop(val_interval),
         cfg=dict(model_wrapper_cfg=wrapper_cfg),
         custom_hooks=hooks,
         default_hooks=default_hooks,
@@ -211,6 +318,7 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
     plan = tune.plan.to_dict() if tune is not None and tune.plan is not None else None
     return dict(
         losses=recorder.losses,
+        vals=recorder.vals,
         digest=param_digest(wrapper.module),
         params={k: v.detach().clone() for k, v in wrapper.module.state_dict().items()},
         plan=plan,
@@ -223,6 +331,15 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         report_path=tune.report_path if tune is not None else None,
         work_dir=work_dir,
     )
+
+
+def _val_loop(val_interval: int) -> Dict[str, Any]:
+    if not val_interval:
+        return {}
+    return dict(val_dataloader=dict(dataset=RandomVectors(8), batch_size=2, num_workers=0,
+                                    sampler=dict(type='DefaultSampler', shuffle=False),
+                                    collate_fn=dict(type='default_collate')),
+                val_evaluator=dict(type='ScenarioMSE'), val_cfg=dict())
 
 
 def _counter():
@@ -281,7 +398,7 @@ def gloo_threads_around_teardown() -> Dict[str, int]:
     """Train through a Runner, drop it, teardown: the group's threads must be gone afterwards."""
     from mmddp_hooks.dist import teardown
 
-    train_plain('DisabledDistill', iters=6, hook=dict(probe_iters=2, guard_interval=2))
+    train_plain('DisabledDistill', iters=6, hook=dict(probe_iters=2))
     during = _threads()  # the finished Runner (a reference cycle) still holds the process group
     teardown()
     return dict(during=during, after=_threads())

@@ -46,13 +46,12 @@ def test_no_unused_switches_find_unused_off(world_size):
 
 
 @pytest.mark.parametrize('world_size', [2, 3])
-def test_disabled_distill_module_is_frozen_and_watched(world_size):
+def test_disabled_distill_module_is_ignored(world_size):
     results = _run('DisabledDistill', world_size)
     plan = _plan(results)
-    assert plan['find_unused_parameters'] is False and not plan['ignore']
-    assert plan['freeze'] == ['resolution_distill.0.weight', 'resolution_distill.0.bias',
+    assert plan['find_unused_parameters'] is False and not plan['fill']
+    assert plan['ignore'] == ['resolution_distill.0.weight', 'resolution_distill.0.bias',
                               'resolution_distill.1.weight', 'resolution_distill.1.bias']
-    assert plan['watch_modules'] == ['resolution_distill']
     report = json.load(open(results[0]['tuned']['report_path']))
     groups = [g for g in report['report']['groups'] if g['kind'] == 'never used']
     assert [(g['prefix'], len(g['names']), g['numel']) for g in groups] == [
@@ -79,41 +78,25 @@ def test_tied_frozen_and_root_level_parameters():
     results = _run('TiedFrozenRoot', 2)
     plan = _plan(results)
     assert plan['find_unused_parameters'] is False
-    # a whole dead module is frozen; a dead root-level parameter has no module to watch: ignored
-    assert plan['freeze'] == ['aux.weight', 'aux.bias'] and plan['ignore'] == ['unused_scale']
-    assert results[0]['tuned']['current']['ignored'] == ['.unused_scale']  # root-level key
-
-
-def test_ignore_keys_cover_every_alias():
-    results = _run('TiedFrozenRoot', 2, hook=dict(probe_iters=4, unused_action='ignore'))
-    assert sorted(_plan(results)['ignore']) == ['aux.bias', 'aux.weight', 'unused_scale']
+    assert sorted(plan['ignore']) == ['aux.bias', 'aux.weight', 'unused_scale']
+    # a root-level parameter's key starts with '.', and a module registered twice is ignored
+    # under every alias
     assert results[0]['tuned']['current']['ignored'] == [
         '.unused_scale', 'aux.bias', 'aux.weight', 'aux_alias.bias', 'aux_alias.weight']
 
 
-@pytest.mark.parametrize('model_name, cause, action', [
-    ('WakesUpOnRank1', 'ignored parameters woke up', 'ignore'),
-    ('FallsAsleepOnRank0', 'got no gradient', 'auto')])
-def test_usage_change_after_probe_is_rescued_and_switched(model_name, cause, action):
+@pytest.mark.parametrize('model_name, cause', [
+    ('WakesUpOnRank1', 'rank 1: ignored parameters woke up (refine.weight, refine.bias); their '
+                       'gradients were averaged by hand in the same step'),
+    ('FallsAsleepOnRank0', 'rank 0: 2 parameters the plan counted on got no gradient '
+                           '(adapter.weight, adapter.bias); rescued')])
+def test_usage_change_after_probe_is_fixed_in_its_step_and_switched(model_name, cause):
     # momentum + weight decay: a wrong None/zero gradient would show in the parameters
-    # guard_interval=2: the background exchange reports the rescue two to four steps later
-    results = _run(model_name, 2, hook=dict(probe_iters=4, guard_interval=2,
-                                            unused_action=action),
+    results = _run(model_name, 2, hook=dict(probe_iters=4),
                    optimizer=dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=1e-2))
     for r in results:
         assert r['tuned']['current']['find_unused'] is True
         assert len(r['tuned']['switch_log']) == 1 and cause in r['tuned']['switch_log'][0]
-
-
-def test_frozen_module_that_wakes_up_is_unfrozen_on_every_rank():
-    results = run_distributed(scenarios.train_plain, 2, args=('WakesUpOnRank1',),
-                              kwargs=dict(hook=dict(probe_iters=4, guard_interval=2), iters=12),
-                              timeout=TIMEOUT)
-    assert results[0]['plan']['freeze'] == ['refine.weight', 'refine.bias']
-    assert results[0]['digest'] == results[1]['digest']  # nothing diverged
-    for r in results:
-        assert r['current']['find_unused'] is True and len(r['switch_log']) == 1
-        assert 'rank 1: frozen modules were called (refine)' in r['switch_log'][0]
 
 
 @pytest.mark.parametrize('model_name', ['DisabledDistill', 'RankOneBranch', 'ModalityDropout',
@@ -132,7 +115,7 @@ def test_resume_keeps_plan_and_matches_uninterrupted_run():
                                                                     dict(probe_iters=3)),
                               timeout=TIMEOUT)
     for r in results:
-        assert r['first_plan']['freeze'] and r['checkpoint_plan'] == r['first_plan']
+        assert r['first_plan']['ignore'] and r['checkpoint_plan'] == r['first_plan']
         assert r['resumed_plan'] == r['first_plan'] and not r['resumed_probed']
         assert r['resumed_losses'] == pytest.approx(r['straight_losses'], rel=1e-5)
         assert r['resumed_digest'] == r['straight_digest']
@@ -144,7 +127,7 @@ def test_saved_plan_is_applied_on_resume_of_the_same_world_size_only(tmp_path):
     kw = dict(hook=dict(probe_iters=2), work_dir=str(tmp_path))
     first = run_distributed(scenarios.train_plain, 2, args=('DisabledDistill',), timeout=TIMEOUT,
                             kwargs=dict(kw, iters=4, checkpoint_interval=4))[0]
-    assert first['probed'] and first['plan']['freeze']
+    assert first['probed'] and first['plan']['ignore']
     fine_tune = run_distributed(scenarios.train_plain, 2, args=('DisabledDistill',),
                                 kwargs=dict(hook=kw['hook'], iters=3,
                                             load_from=str(tmp_path / 'iter_4.pth')),
@@ -152,7 +135,7 @@ def test_saved_plan_is_applied_on_resume_of_the_same_world_size_only(tmp_path):
     assert fine_tune['probed']  # load_from is a new run: the checkpoint's plan is not applied
     grown = run_distributed(scenarios.train_plain, 3, args=('DisabledDistill',), timeout=TIMEOUT,
                             kwargs=dict(kw, iters=6, resume=True))[0]
-    assert grown['probed'] and grown['plan']['freeze'] == first['plan']['freeze']
+    assert grown['probed'] and grown['plan']['ignore'] == first['plan']['ignore']
     same = run_distributed(scenarios.train_plain, 2, args=('DisabledDistill',), timeout=TIMEOUT,
                            kwargs=dict(kw, iters=5, resume=True,
                                        load_from=str(tmp_path / 'iter_4.pth')))[0]
@@ -165,6 +148,6 @@ def test_hand_wrapped_ddp_is_rewrapped():
                               timeout=TIMEOUT)
     for r in results:
         assert r['wrapper_type'] == 'ReconfigurableDDP'
-        assert r['plan']['freeze'] == ['resolution_distill.0.weight', 'resolution_distill.0.bias',
+        assert r['plan']['ignore'] == ['resolution_distill.0.weight', 'resolution_distill.0.bias',
                                        'resolution_distill.1.weight', 'resolution_distill.1.bias']
     assert results[0]['digest'] == results[1]['digest']

@@ -25,7 +25,8 @@ def test_quick_benchmark_flags_invalid_settings(tmp_path, capsys):
         'DDP: Expected to have finished reduction in the prior iteration')
     assert fixed['ignore_unused']['valid'] and fixed['freeze_unused']['valid']
     assert fixed['auto']['valid'] and results['fixed_unused']['plan'] == \
-        'find_unused_parameters=False, freeze 4 never-used params'
+        'find_unused_parameters=False, ignore 4 never-used params'
+    assert results['fixed_unused']['switches'] == [] and results['dynamic']['switches'] == []
     for name in ('find_unused=False', 'ignore_unused', 'freeze_unused', 'static_graph'):
         assert not dynamic[name]['valid'], name
     assert dynamic['find_unused=True']['valid']

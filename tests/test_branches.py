@@ -116,7 +116,7 @@ def test_enabled_but_unreached_branch_is_reported_and_strict_raises():
     assert ('branch point_prompt is enabled by model.use_point_prompt=True but never reached the '
             'loss in 2 iterations on 2 ranks (2 params, e.g. point_encoder.weight)') in \
         r0['plan']['reasons']
-    assert r0['plan']['freeze'] == ['point_encoder.weight', 'point_encoder.bias']
+    assert r0['plan']['ignore'] == ['point_encoder.weight', 'point_encoder.bias']
     strict = run_on_ranks(branch_cases.train_configs, 2, args=([bug],),
                           kwargs=dict(cfg_options={'custom_hooks.0.strict': True}), timeout=120)
     assert not strict.ok

@@ -83,7 +83,6 @@ def control_plane_on_a_cuda_only_group():
     from mmddp_hooks import dist as ddist
     from mmddp_hooks.guard import PlanGuard
     from mmddp_hooks.probe import UsageProbe
-    from mmddp_hooks.reducer_params import reducer_params
 
     _init_cuda_only_gloo()
     try:
@@ -92,25 +91,29 @@ def control_plane_on_a_cuda_only_group():
     except RuntimeError as e:
         refused = str(e)
     rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
-    probe = UsageProbe(reducer_params(model))
-    model(torch.randn(2, 4)).sum().backward()
-    probe.end_step()
-    probe.close()
-    usage = probe.gather()
 
     class Finalized:  # a reducer whose iteration finished
         def _check_reducer_finalized(self):
             pass
 
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    probe = UsageProbe(model)
+    probe.before_backward()
+    model(torch.randn(2, 4)).sum().backward()
+    probe.after_backward(Finalized())
+    probe.close()
+    usage = probe.gather()
+
     model.zero_grad(set_to_none=True)
-    ignored = PlanGuard(model, fill=[], ignore=['1.bias'], interval=1)  # per-step exchange
-    background = PlanGuard(model, fill=[], ignore=[], interval=2)      # asynchronous exchange
-    switches = [ignored.after_backward(Finalized()) for _ in range(3)]
-    switches += [background.after_backward(Finalized()) for _ in range(5)]
-    ignored.close()
-    background.close()
+    model._ddp_params_and_buffers_to_ignore = ['1.bias']  # as the plan's rebuild sets it
+    guard = PlanGuard(model, fill=[], ignore=['1.bias'])
+    switches = []
+    for _ in range(3):  # the used parameters' counts, and an ignored one that stays asleep
+        guard.before_backward()
+        (model[0](torch.randn(2, 4)).sum() + model[1].weight.sum()).backward()
+        switches.append(guard.after_backward(Finalized()))
+    guard.close()
     out = dict(refused=refused, used=usage.used.tolist(), switches=switches,
                objects=ddist.all_gather_object(rank), counts=ddist.row_counts(rank + 3))
     ddist.barrier()
@@ -124,7 +127,7 @@ def test_control_plane_runs_on_a_group_that_refuses_cpu_tensors():
     for r in results:
         assert 'No backend type associated with device type cpu' in r['refused']
         assert r['used'] == [[[True] * 4], [[True] * 4]]
-        assert r['switches'] == [None] * 8
+        assert r['switches'] == [None] * 3
         assert r['objects'] == [0, 1] and r['counts'] == [3, 4]
 
 

@@ -39,16 +39,14 @@ def _compare(model_name, world_size, backend, hook, iters=12):
 
 @pytest.mark.dist
 @pytest.mark.parametrize('model_name, hook, expect', [
-    ('TiedFrozenRoot', dict(probe_iters=4, unused_action='ignore'), 'ignore'),  # per-step exchange
-    ('DisabledDistill', dict(probe_iters=4, guard_interval=2), 'freeze'),     # background exchange
-    ('FallsAsleepOnRank0', dict(probe_iters=4, guard_interval=2), 'switch'),  # rescue, then switch
+    ('TiedFrozenRoot', dict(probe_iters=4), 'ignore'),      # root-level and aliased ignores
+    ('DisabledDistill', dict(probe_iters=4), 'ignore'),     # a whole dead module
+    ('FallsAsleepOnRank0', dict(probe_iters=4), 'switch'),  # rescue, None where no rank used it
 ])
 def test_nccl_world_size_1_plan_paths(model_name, hook, expect):
     tuned = _compare(model_name, 1, 'nccl', hook)
     if expect == 'ignore':
         assert tuned['plan']['ignore'] and tuned['current']['find_unused'] is False
-    elif expect == 'freeze':
-        assert tuned['plan']['freeze'] and tuned['current']['find_unused'] is False
     else:
         assert tuned['current']['find_unused'] is True
         assert len(tuned['switch_log']) == 1 and 'got no gradient' in tuned['switch_log'][0]
@@ -76,18 +74,18 @@ def guard_steps_without_host_sync():
     torch.manual_seed(0)
     model = TwoOfThree(nn.Linear(8, 8), nn.Linear(8, 1), nn.Linear(8, 1)).cuda()
     ddp = ReconfigurableDDP(model, device_ids=[torch.cuda.current_device()])
-    ddp.guard_interval = 2
     out = {}
     for name, plan in (('ignore', DDPPlan(False, ignore=['2.weight', '2.bias'])),
-                       ('freeze', DDPPlan(False, freeze=['2.weight', '2.bias'],
-                                          watch_modules=['2']))):
+                       ('rescue', DDPPlan(False))):  # 2.* is missing every step: rescued
         ddp.apply_plan(plan)
         switches = []
         for _ in range(6):
-            ddp(torch.randn(4, 8, device='cuda')).sum().backward()  # through DDP's reducer
-            torch.cuda.set_sync_debug_mode('error')
+            loss = ddp(torch.randn(4, 8, device='cuda')).sum()  # through DDP's reducer
+            ddp.before_backward()
+            torch.cuda.set_sync_debug_mode('error')  # the flag exchange starts inside backward
             try:
-                switches.append(ddp.guard.after_backward(ddp.reducer))
+                loss.backward()
+                switches.append(ddp.after_backward())
             finally:
                 torch.cuda.set_sync_debug_mode('default')
             model.zero_grad(set_to_none=True)
@@ -99,14 +97,16 @@ def guard_steps_without_host_sync():
 @pytest.mark.dist
 def test_guard_makes_no_host_sync_under_nccl():
     out = run_distributed(guard_steps_without_host_sync, 1, backend='nccl', timeout=TIMEOUT)[0]
-    assert out == {'ignore': [None] * 6, 'freeze': [None] * 6}
+    assert out['ignore'] == [None] * 6
+    assert all('2 parameters got no gradient on any rank (2.weight, 2.bias)' in s
+               for s in out['rescue'])
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize('model_name, hook', [
     ('RankOneBranch', dict(probe_iters=4)),                        # rank-local zero-fill
-    ('WakesUpOnRank1', dict(probe_iters=4, unused_action='ignore')),  # woken ignored parameter
-    ('FallsAsleepOnRank0', dict(probe_iters=4, guard_interval=2)),    # rescue and switch
+    ('WakesUpOnRank1', dict(probe_iters=4)),                       # woken ignored parameter
+    ('FallsAsleepOnRank0', dict(probe_iters=4)),                   # rescue and switch
 ])
 def test_two_ranks_share_the_gpu_over_gloo(model_name, hook):
     tuned = _compare(model_name, 2, 'gloo', hook)

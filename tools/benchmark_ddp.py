@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark every DDP setting against the auto plan, interleaved in the same gloo processes.
 
-    python tools/benchmark_ddp.py [--nproc 2] [--rounds 40] [--quick] [--json out.json] [--plot out.png]
+    python tools/benchmark_ddp.py [--nproc 2] [--rounds 200] [--quick] [--json out.json] [--plot out.png]
 
 Prints a markdown table: per scenario and setting, the median step time of the slowest rank and the
 median (min-max) of per-round ratios against the best valid hand-picked setting; invalid settings
@@ -19,7 +19,7 @@ from pathlib import Path
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--nproc', type=int, default=2)
-    p.add_argument('--rounds', type=int, default=40)
+    p.add_argument('--rounds', type=int, default=200)
     p.add_argument('--warmup', type=int, default=8)
     p.add_argument('--quick', action='store_true', help='tiny models, few rounds, no mmseg model')
     p.add_argument('--scenarios', nargs='+', help='subset of scenario names')

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import dist as ddist
 from ..branches import CONFIG_KEY, Branch, parse_branches, resolve_branches, standard_settings
-from ..plan import DDPPlan, check_options, choose_plan
+from ..plan import DDPPlan, check_policy, choose_plan
 from ..report import NEVER, UsageReport, build_report
 from ..wrapper import ReconfigurableDDP
 
@@ -22,12 +22,13 @@ CHECKPOINT_KEY = 'mmddp_hooks'
 class DDPAutoTuneHook(Hook):
     """Choose DDP's ``find_unused_parameters``/ignore/fill settings from measured usage.
 
-    The first ``probe_iters`` training iterations run under ``find_unused_parameters=True``, whatever
-    the config says, while every rank records which parameters receive a gradient. Then the ranks
+    The first ``probe_iters`` training iterations train exactly as ``find_unused_parameters=True``
+    would, whatever the config says (see :mod:`mmddp_hooks.probe`), while every rank records which
+    parameters receive a gradient. Then the ranks
     combine their records, the hook logs a table of unused parameters grouped by module, writes it as
     JSON to ``work_dir``, and every rank rebuilds DDP with the plan of
-    :func:`mmddp_hooks.plan.choose_plan`. The plan is stored in checkpoints, so a resumed run applies
-    it without probing again.
+    :func:`mmddp_hooks.plan.choose_plan`, watched from then on by :mod:`mmddp_hooks.guard`. The plan is
+    stored in checkpoints, so a resumed run on as many ranks applies it without probing again.
 
     A runner that wrapped the model in plain (MM)DistributedDataParallel is re-wrapped in
     :class:`ReconfigurableDDP` before training; single-process runs are left alone.
@@ -35,32 +36,26 @@ class DDPAutoTuneHook(Hook):
     Args:
         probe_iters: iterations to observe before choosing.
         policy: 'auto' applies the plan; 'keep' keeps the config's settings and only reports.
-        unused_action: what to do with never-used parameters: 'auto' (freeze whole modules, DDP-ignore
-            the rest), 'ignore' or 'freeze' (see :func:`mmddp_hooks.plan.choose_plan`).
         report_file: JSON file name in ``work_dir``.
         branches: config-declared branches (see :mod:`mmddp_hooks.branches`); by default the
             config's top-level ``ddp_branches``. Branches whose flag is off are frozen before the
             probe; branches whose flag is on but that never get a gradient are reported.
         strict: raise, instead of warning, when an enabled branch never reaches the loss.
-        guard_interval: steps between the guard's background flag exchanges when the plan ignores
-            no parameter (1 = every step; a switch to a safe plan lands within two intervals).
     """
 
     priority = 'VERY_HIGH'
 
-    def __init__(self, probe_iters: int = 4, policy: str = 'auto', unused_action: str = 'auto',
+    def __init__(self, probe_iters: int = 4, policy: str = 'auto',
                  report_file: str = 'ddp_usage_report.json', branches: Optional[dict] = None,
-                 strict: bool = False, guard_interval: int = 16) -> None:
+                 strict: bool = False) -> None:
         if probe_iters < 1:
             raise ValueError(f'DDPAutoTuneHook: probe_iters must be >= 1, got {probe_iters}')
-        check_options(policy, unused_action)
+        check_policy(policy)
         self.probe_iters = probe_iters
         self.policy = policy
-        self.unused_action = unused_action
         self.report_file = report_file
         self.branches_declared = branches
         self.strict = strict
-        self.guard_interval = guard_interval
         self.branches: List[Branch] = []
         self._resumed_plan: Optional[DDPPlan] = None
         self.plan: Optional[DDPPlan] = None
@@ -133,7 +128,6 @@ class DDPAutoTuneHook(Hook):
             runner.logger.info('[mmddp_hooks] not a distributed run: DDPAutoTuneHook does nothing')
             return
         self._freeze_switched_off(runner, model)
-        model.guard_interval = self.guard_interval
         if self._resumed_plan is not None:
             self.plan = self._resumed_plan
             runner.logger.info('[mmddp_hooks] resumed: applying the saved DDP plan '
@@ -141,8 +135,7 @@ class DDPAutoTuneHook(Hook):
             model.apply_plan(self.plan)
             return
         runner.logger.info(f'[mmddp_hooks] probing parameter usage for {self.probe_iters} '
-                           'iterations under find_unused_parameters=True (DDP may warn that it '
-                           'found no unused parameter: expected while probing)')
+                           'iterations (each trained as find_unused_parameters=True would)')
         model.start_probe()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -170,7 +163,7 @@ class DDPAutoTuneHook(Hook):
             runner.logger.warning(f'[mmddp_hooks] {note}')
 
     def after_run(self, runner) -> None:
-        """Finish the guard's background flag exchange while every rank's process group is alive."""
+        """Remove the guard's hooks while every rank's process group is alive."""
         model = self._wrapper(runner)
         if model is not None:
             model.close_guard()
@@ -183,10 +176,9 @@ class DDPAutoTuneHook(Hook):
         return choose_plan(report,
                            asked_find_unused=bool(asked.get('find_unused_parameters', False)),
                            asked_static_graph=bool(asked.get('static_graph', False)),
-                           policy=policy or self.policy, unused_action=self.unused_action,
+                           policy=policy or self.policy,
                            grad_accumulation=getattr(runner.optim_wrapper, '_accumulative_counts',
-                                                     1) > 1,
-                           module_names=[n for n, _ in model.module.named_modules()])
+                                                     1) > 1)
 
     def _check_enabled_branches(self, report: UsageReport) -> List[str]:
         """Enabled branches none of whose parameters got a gradient: likely bugs."""

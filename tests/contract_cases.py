@@ -1,0 +1,69 @@
+"""The contract: with the hook, training equals plain DDP's ``find_unused_parameters=True``.
+
+Each case trains a model with a real habit (tests/scenarios.py) through a Runner for 100 iterations,
+with a val loop every 4 and SGD with momentum and weight decay (so a zero gradient where ``True``
+leaves ``None`` shows), once with DDPAutoTuneHook and once as plain DDP, from the same seeds in the
+same ranks. Where ``True`` cannot run (reentrant checkpointing), the reference is plain ``False``.
+"""
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+
+import scenarios
+
+ITERS = 100
+SGD = dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=1e-2)
+LATE = 'ignored parameters woke up'
+OFF = 'parameters got no gradient on any rank'
+
+# model; optimizer-wrapper keys; the config's find_unused (tuned run) and the reference's
+CASES: Dict[str, Dict[str, Any]] = {
+    'called_but_unused': dict(model='CalledButUnused'),
+    'predict_only_head': dict(model='PredictOnlyHead'),
+    'rank_fixed': dict(model='RankOneBranch'),
+    'late_module': dict(model='LateModule'),
+    'late_param': dict(model='LateParam'),
+    'switched_off': dict(model='SwitchedOff'),
+    'reentrant_checkpoint': dict(model='ReentrantCheckpoint', config_find_unused=True,
+                                 reference_find_unused=False),
+    'amp_bf16': dict(model='LateModule', optim_wrapper=dict(type='AmpOptimWrapper',
+                                                            dtype='bfloat16')),
+    'grad_clip': dict(model='SwitchedOff', optim_wrapper=dict(clip_grad=dict(max_norm=0.05))),
+    'two_param_groups': dict(model='LateModule', optim_wrapper=dict(paramwise_cfg=dict(
+        custom_keys={'distill': dict(lr_mult=0.5, decay_mult=0.0)}))),
+    'grad_accumulation': dict(model='LateModule', optim_wrapper=dict(accumulative_counts=2)),
+}
+
+
+def _allow_amp_on_cpu() -> None:
+    """MMEngine's AmpOptimWrapper asserts a GPU, though autocast runs bf16 on CPU and its
+    GradScaler disables itself there: lift the assertion, for this test process only."""
+    if not torch.cuda.is_available():
+        import mmengine.optim.optimizer.amp_optimizer_wrapper as amp
+        amp.is_cuda_available = lambda: True
+
+
+def run_contract(names: List[str], iters: int = ITERS) -> Dict[str, Dict[str, Any]]:
+    """On every rank: each case with the hook, then as plain DDP; what the tests compare."""
+    _allow_amp_on_cpu()
+    out = {}
+    for name in names:
+        case = CASES[name]
+        kw = dict(iters=iters, optimizer=SGD, optim_wrapper=case.get('optim_wrapper'),
+                  val_interval=4, log_interval=50)
+        tuned = scenarios.train(case['model'], hook=dict(probe_iters=4),
+                                find_unused=case.get('config_find_unused', False), **kw)
+        reference = scenarios.train(case['model'],
+                                    find_unused=case.get('reference_find_unused', True), **kw)
+        out[name] = dict(
+            rank=dist.get_rank(),
+            losses=len(tuned['losses']), vals=tuned['vals'],
+            loss_diff=max(abs(a - b) for a, b in zip(tuned['losses'], reference['losses'])),
+            param_diff=max((tuned['params'][k] - reference['params'][k]).abs().max().item()
+                           for k in tuned['params']),
+            bit_equal=all(torch.equal(tuned['params'][k], reference['params'][k])
+                          for k in tuned['params']),
+            digest=tuned['digest'], plan=tuned['plan'], current=tuned['current'],
+            switch_log=tuned['switch_log'])
+    return out
