@@ -1,6 +1,6 @@
 .PHONY: setup test test-fast test-dist test-gpu test-compat stress lint
 
-# Fresh machine -> .venv with torch 2.13.0 (CPU), mmengine 0.10.7, mmcv 2.1.0 (CPU ops), mmseg 1.2.2.
+# Fresh machine -> .venv with torch 2.13.0 (CPU), mmengine 0.10.7, mmcv 2.1.0 (CPU ops), mmseg 1.2.2, mmdet 3.3.0.
 setup:
 	bash tools/setup_env.sh
 

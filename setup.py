@@ -24,6 +24,7 @@ setup(
     install_requires=[TORCH, 'mmengine==0.10.7', 'numpy'],
     extras_require={
         'mmseg': ['mmcv==2.1.0', 'mmsegmentation==1.2.2', 'ftfy', 'regex'],
+        'mmdet': ['mmcv==2.1.0', 'mmdet==3.3.0'],
         'test': ['pytest>=7', 'ruff', 'matplotlib'],
     },
 )

@@ -124,8 +124,9 @@ def _make(scenario: Dict[str, Any]) -> nn.Module:
 def _wrapped_step(wrapper: ReconfigurableDDP, x: torch.Tensor, step: int,
                   opt: Optional[torch.optim.Optimizer] = None) -> None:
     """One training step through the wrapper's probe/guard, as its ``train_step`` does it."""
-    wrapper.before_backward()
-    wrapper(x, step).backward()
+    loss = wrapper(x, step)
+    wrapper.before_backward(loss)
+    loss.backward()
     change = wrapper.after_backward()
     if opt is not None:
         opt.step()

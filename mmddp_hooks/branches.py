@@ -134,13 +134,65 @@ def resolve_branches(branches: List[Branch], model: nn.Module) -> List[Branch]:
     return branches
 
 
+_DDP_DEFAULT = "not set: DDP's default"
+
+
+def _plain(node: Any) -> Any:
+    """A ``ConfigDict`` as plain dicts, so settings pickle across ranks and print as JSON."""
+    return node.to_dict() if hasattr(node, 'to_dict') else dict(node)
+
+
+def _ignored_note(key: str, top: Any, wrapper: Optional[Mapping], why: str) -> str:
+    """Why a top-level ``key`` never reaches DDP, naming the key that decides instead."""
+    if wrapper is None:
+        runs = f'{key}=False ({_DDP_DEFAULT})'
+    else:
+        runs = f'model_wrapper_cfg.{key}={wrapper.get(key, False)}'
+        if key not in wrapper:
+            runs += f' ({_DDP_DEFAULT})'
+    fix = (f'Delete the top-level key: model_wrapper_cfg.{key} decides.' if wrapper and key in wrapper
+           else 'Move the setting into model_wrapper_cfg.')
+    return f'top-level {key}={top} is ignored: {why}, so DDP runs with {runs}. {fix}'
+
+
 def standard_settings(cfg: Mapping) -> Dict[str, Any]:
-    """The config keys that decide DDP's behaviour, as the report shows them."""
-    wrapper = cfg.get('model_wrapper_cfg') or {}
+    """The DDP settings MMEngine's ``Runner`` will apply for this config, and the keys it ignores.
+
+    Mirrors ``Runner.wrap_model`` (mmengine 0.10): a ``model_wrapper_cfg`` (even an empty dict) is
+    built on its own, so a top-level ``find_unused_parameters`` is never read and a key it lacks is
+    DDP's default (False); without one, MMEngine passes only the top-level ``find_unused_parameters``.
+    ``static_graph`` can only come from ``model_wrapper_cfg``. Every tool reports what the run will do,
+    not what the config seems to say: ``dropped`` names each top-level key the run will not see and
+    the key that decides instead. ``sync_bn`` and ``launcher`` are the config's (MMEngine reads them
+    from there alone; ``tools/train.py`` sets ``launcher`` from ``--launcher``).
+    """
+    wrapper = cfg.get('model_wrapper_cfg')
+    top_unused = cfg.get('find_unused_parameters', _MISSING)
+    top_static = cfg.get('static_graph', _MISSING)
+    dropped = []
+    if wrapper is None:
+        find_unused = False if top_unused is _MISSING else top_unused
+        source = _DDP_DEFAULT if top_unused is _MISSING else 'top-level find_unused_parameters'
+        static_graph = False
+    else:
+        find_unused = wrapper.get('find_unused_parameters', False)
+        source = ('model_wrapper_cfg' if 'find_unused_parameters' in wrapper
+                  else f'model_wrapper_cfg, {_DDP_DEFAULT}')
+        static_graph = wrapper.get('static_graph', False)
+        if top_unused is not _MISSING:
+            source += f'; top-level find_unused_parameters={top_unused} is ignored'
+            dropped.append(_ignored_note(
+                'find_unused_parameters', top_unused, wrapper,
+                'model_wrapper_cfg is given and MMEngine builds the wrapper from it alone'))
+    if top_static is not _MISSING:
+        dropped.append(_ignored_note('static_graph', top_static, wrapper,
+                                     'MMEngine never reads it (only model_wrapper_cfg reaches DDP)'))
     return {
-        'find_unused_parameters': wrapper.get('find_unused_parameters',
-                                              cfg.get('find_unused_parameters', False)),
-        'model_wrapper_cfg': dict(wrapper) if wrapper else None,
+        'find_unused_parameters': find_unused,
+        'find_unused_parameters_from': source,
+        'static_graph': static_graph,
+        'model_wrapper_cfg': None if wrapper is None else _plain(wrapper),
         'sync_bn': cfg.get('sync_bn'),
         'launcher': cfg.get('launcher', 'none'),
+        'dropped': dropped,
     }

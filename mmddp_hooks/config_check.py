@@ -10,7 +10,11 @@ from .model_from_config import build_model, load_config
 
 def check_config(path: str, cfg_options: Optional[dict] = None,
                  build: bool = False) -> Dict[str, Any]:
-    """``{'errors': [...], 'warnings': [...], 'settings': {...}, 'branches': [...]}``."""
+    """``{'errors': [...], 'warnings': [...], 'settings': {...}, 'branches': [...]}``.
+
+    ``settings`` are the DDP settings MMEngine will apply (:func:`standard_settings`); every
+    top-level key it will ignore is a warning that names the key that decides instead.
+    """
     errors: List[str] = []
     warnings: List[str] = []
     try:
@@ -18,11 +22,13 @@ def check_config(path: str, cfg_options: Optional[dict] = None,
     except Exception as e:  # a config that does not load is the first error to name
         return dict(config=path, errors=[f'cannot load the config: {type(e).__name__}: {e}'],
                     warnings=[], settings={}, branches=[])
-    settings = standard_settings(cfg)
+    settings = standard_settings(cfg)  # what MMEngine will apply, not what the config seems to say
+    warnings.extend(settings['dropped'])
     hooks = [h.get('type') for h in cfg.get('custom_hooks', []) or []]
     if settings['find_unused_parameters'] and 'DDPAutoTuneHook' not in hooks:
-        warnings.append('find_unused_parameters=True costs every step; add '
-                        "dict(type='DDPAutoTuneHook') to custom_hooks to keep it only if needed")
+        warnings.append(f"find_unused_parameters=True ({settings['find_unused_parameters_from']}) "
+                        "costs every step; add dict(type='DDPAutoTuneHook') to custom_hooks to keep "
+                        'it only if needed')
     _check_registered(cfg, errors)
     branches = []
     try:

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
+from .branches import standard_settings
 from .model_from_config import train_only
 from .report import DYNAMIC, NEVER, RANK_FIXED, UsageReport
 
@@ -28,20 +29,24 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
     cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    # what MMEngine would apply to the config as written (read before the doctor rewrites it), so
+    # the verdict is the real run's: e.g. a top-level find_unused_parameters beside a
+    # model_wrapper_cfg without the key never reaches DDP
+    settings = standard_settings(cfg)
+    find_unused = bool(settings['find_unused_parameters'])
+    static_graph = bool(settings['static_graph'])
     if synthetic:
-        from .mmseg import use_synthetic_data
-        use_synthetic_data(cfg, img_size=size, max_iters=iters)
+        from .synthetic import use_synthetic
+        use_synthetic(cfg, img_size=size, max_iters=iters)
     else:
         train_only(cfg, iters)
     asked = dict(cfg.get('model_wrapper_cfg') or {})
-    find_unused = bool(asked.get('find_unused_parameters', cfg.get('find_unused_parameters', False)))
-    static_graph = bool(asked.get('static_graph', False))
     asked.update(type='ReconfigurableDDP', find_unused_parameters=find_unused)
     cfg.model_wrapper_cfg = asked
     own = [h for h in cfg.get('custom_hooks', []) if h.get('type') == 'DDPAutoTuneHook']
     has_hook = bool(own)
     cfg.custom_hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'DDPAutoTuneHook']
-    # the config's own hook options (unused_action, branches, ...) shape the plan: keep them
+    # the config's own hook options (branches, strict, ...) shape the plan: keep them
     cfg.custom_hooks.append(dict(own[0] if own else {}, type='DDPAutoTuneHook', probe_iters=iters,
                                  policy='keep'))
     cfg.default_hooks = dict(cfg.get('default_hooks') or {}, checkpoint=None)
@@ -58,10 +63,16 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
     kept = tune.choose(runner, report, policy='keep')
     auto = tune.choose(runner, report, policy='auto')
     unused = report.names_of(NEVER) + report.names_of(RANK_FIXED) + report.names_of(DYNAMIC)
+    crash = None
+    if unused and not find_unused and not static_graph:
+        crash = 'find_unused_parameters=False with unused parameters'
+    elif find_unused and report.reentrant_checkpoint:
+        crash = ('find_unused_parameters=True with reentrant activation checkpointing '
+                 '(with_cp=True): "marked as ready twice"')
     return dict(table=report.table(), report=report.to_dict(), asked_find_unused=find_unused,
-                has_hook=has_hook,
-                crashes=bool(unused) and not find_unused and not static_graph and not has_hook,
-                crashes_without_hook=bool(unused) and not find_unused and not static_graph,
+                settings=settings, dropped=settings['dropped'], has_hook=has_hook,
+                crash_reason=crash, crashes=crash is not None and not has_hook,
+                crashes_without_hook=crash is not None,
                 kept=kept.to_dict(), auto=auto.to_dict(), auto_summary=auto.summary())
 
 

@@ -7,7 +7,7 @@ that runs but whose output is dropped, or a head called in a no-grad val loop, c
 fixes the step in which they happen, before the optimizer sees it. After each synchronising backward:
 
 1. zero-fill what the plan expects to be unused on this rank; if the reducer still did not finalise,
-   zero-fill every reducer parameter whose gradient hook did not fire (the *rescue*): the missing
+   zero-fill every reducer parameter whose gradient did not arrive (the *rescue*): the missing
    buckets complete, and each slot holds what ``True`` would have put there, zero for a locally
    unused parameter;
 2. all-reduce, on the gloo control plane, one int per watched parameter (did it get a gradient on this
@@ -64,31 +64,16 @@ class PlanGuard:
         self.params: List[ReducerParam] = reducer_params(module)
         self.ignore_names = list(ignore)
         self.ignored = [named[n] for n in ignore]
-        watched = [rp.param for rp in self.params] + self.ignored
+        self._watched = [rp.param for rp in self.params] + self.ignored
         fill_names = set(fill)
         self._fill = np.array([rp.name in fill_names for rp in self.params], dtype=bool)
-        # per watched parameter: a gradient arrived in this backward / in this optimizer step
-        self._fired = np.zeros(len(watched), dtype=bool)
-        self._used = np.zeros(len(watched), dtype=bool)
-        self._handles = [p.register_post_accumulate_grad_hook(self._marker(i))
-                         for i, p in enumerate(watched)]
+        self._before: List[Optional[Tuple[torch.Tensor, int]]] = []  # each .grad before backward
+        self._fired = np.zeros(len(self._watched), dtype=bool)  # got a gradient in this backward
         self.group = group
-        self._launch_at_end = False
         self._pending: Optional[Tuple[np.ndarray, torch.Tensor, Any]] = None
 
-    def _marker(self, i: int):
-        def mark(_: torch.Tensor) -> None:
-            self._fired[i] = True
-            self._used[i] = True
-            if self._launch_at_end:  # the first gradient of a synchronising backward
-                self._launch_at_end = False
-                Variable._execution_engine.queue_callback(self._launch)
-        return mark
-
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """Finish an outstanding flag exchange (every rank calls this)."""
         self._drop_pending()
 
     def _drop_pending(self) -> None:
@@ -96,17 +81,29 @@ class PlanGuard:
             self._pending[2].wait()
         self._pending = None
 
-    def before_backward(self, sync: bool = True) -> None:
-        """Start a backward (``sync``: DDP synchronises gradients in this one)."""
-        self._fired[:] = False
+    def before_backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Call before ``loss.backward()`` (``sync``: DDP synchronises gradients in this one).
+
+        Gradients are read, not hooked: a parameter got one in this backward if its ``.grad``
+        appeared or changed in place, and in this optimizer step if ``.grad`` is set (gradients are
+        ``None`` after ``zero_grad()``, MMEngine's default). One hook on the loss, which autograd runs
+        first, queues the flag exchange for the end of a synchronising backward.
+        """
         self._drop_pending()
-        self._launch_at_end = sync
+        self._before = [_grad_state(p) for p in self._watched]
+        if sync and loss.requires_grad:
+            loss.register_hook(self._queue_launch)
+
+    def _queue_launch(self, _: torch.Tensor) -> None:
+        Variable._execution_engine.queue_callback(self._launch)
 
     def _launch(self) -> None:
         """End of the backward: every gradient of it has arrived, so the flags are final. Start
         their exchange now, to run beside DDP's last bucket all-reduces and the fills below."""
         n = len(self.params)
-        local = self._used.copy()
+        self._fired = np.array([_changed(p, old) for p, old in zip(self._watched, self._before)],
+                               dtype=bool)
+        local = np.array([p.grad is not None for p in self._watched], dtype=bool)
         missing = int((~self._fired[:n] & ~self._fill).sum())  # what the rescue will fill
         flags = torch.from_numpy(np.append(local, missing).astype(np.int32))
         self._pending = (local, flags, ddist.all_reduce_flags(flags, self.group, async_op=True))
@@ -115,8 +112,7 @@ class PlanGuard:
         """Fill, rescue, agree, fix. Returns why usage differs from the plan (same on every
         rank), or None."""
         n = len(self.params)
-        self._launch_at_end = False  # the fills below run backwards of their own
-        if self._pending is None:  # no watched parameter got a gradient in this backward
+        if self._pending is None:  # not queued: no hook on the loss, or it needed no gradient
             self._launch()
         local, flags, work = self._pending
         self._pending = None
@@ -130,7 +126,6 @@ class PlanGuard:
             zero_fill([self.params[i].param for i in rescued])
             if not reducer_finalized(reducer):
                 self._raise_unfinalized(reducer)
-        self._used[:] = False
         if work is not None:
             work.wait()
         counts = flags.numpy()
@@ -191,6 +186,16 @@ class PlanGuard:
             if counts[i] > 0:
                 p.grad = flat[offset:offset + n].view_as(p).clone()
             offset += n
+
+
+def _grad_state(p: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
+    return None if p.grad is None else (p.grad, p.grad._version)
+
+
+def _changed(p: torch.Tensor, before: Optional[Tuple[torch.Tensor, int]]) -> bool:
+    """A gradient arrived: ``.grad`` appeared, was replaced, or was accumulated into in place."""
+    g = p.grad
+    return g is not None and (before is None or g is not before[0] or g._version != before[1])
 
 
 def _names(names: List[str], n: int = 8) -> str:

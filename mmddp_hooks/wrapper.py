@@ -192,11 +192,11 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self._syncs_backward = self.require_backward_grad_sync  # False inside no_sync()
         return super().forward(*inputs, **kwargs)
 
-    def before_backward(self) -> None:
-        """Call before each backward (the guard tells what arrives in this one)."""
+    def before_backward(self, loss: torch.Tensor) -> None:
+        """Call before each ``loss.backward()`` (the guard tells what arrives in this one)."""
         watcher = self._watcher()
         if watcher is not None:
-            watcher.before_backward(sync=self._syncs_backward)
+            watcher.before_backward(loss, sync=self._syncs_backward)
 
     def after_backward(self) -> Optional[str]:
         """Call after a synchronising backward, before the optimizer step: the step is completed
@@ -219,7 +219,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         parsed_loss, log_vars = self.module.parse_losses(losses)
         if self.probe is not None:
             self.probe.inspect(parsed_loss)
-        self.before_backward()
+        self.before_backward(parsed_loss)
         optim_wrapper.backward(optim_wrapper.scale_loss(parsed_loss))
         change = None
         if optim_wrapper.should_update():

@@ -2,12 +2,13 @@
 import json
 from pathlib import Path
 
-import branch_cases
 import pytest
 from torch import nn
 
 from mmddp_hooks.branches import BranchDeclarationError, parse_branches, resolve_branches
 from mmddp_hooks.testing import run_distributed, run_on_ranks
+
+import branch_cases
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / 'configs' / 'examples' / 'rapsam_like'

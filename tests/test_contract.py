@@ -5,13 +5,13 @@ For every case: replicas bit-identical, and the loss curve and final parameters 
 iterations with a val loop every 4. Where usage never changed, the fast plan is still in force at
 the end; where it changed, the plan was left once, for the reason the case is about.
 """
-import contract_cases
 import pytest
-from contract_cases import CASES, ITERS, LATE, OFF
 
 from mmddp_hooks.testing import run_distributed, run_on_ranks
 
+import contract_cases
 import scenarios
+from contract_cases import CASES, ITERS, LATE, OFF
 
 pytestmark = [pytest.mark.dist, pytest.mark.runner]
 

@@ -1,13 +1,14 @@
 """N ranks x batch b must equal 1 process x batch N*b: loss and every gradient, exactly."""
 from pathlib import Path
 
-import contrastive_cases as cases
 import pytest
 import torch
 
 from mmddp_hooks.contrastive import GlobalInBatchInfoNCE
 from mmddp_hooks.dist import gather_with_grad
 from mmddp_hooks.testing import run_distributed
+
+import contrastive_cases as cases
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 

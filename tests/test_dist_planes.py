@@ -99,8 +99,9 @@ def control_plane_on_a_cuda_only_group():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
     probe = UsageProbe(model)
-    probe.before_backward()
-    model(torch.randn(2, 4)).sum().backward()
+    loss = model(torch.randn(2, 4)).sum()
+    probe.before_backward(loss)
+    loss.backward()
     probe.after_backward(Finalized())
     probe.close()
     usage = probe.gather()
@@ -110,8 +111,9 @@ def control_plane_on_a_cuda_only_group():
     guard = PlanGuard(model, fill=[], ignore=['1.bias'])
     switches = []
     for _ in range(3):  # the used parameters' counts, and an ignored one that stays asleep
-        guard.before_backward()
-        (model[0](torch.randn(2, 4)).sum() + model[1].weight.sum()).backward()
+        loss = model[0](torch.randn(2, 4)).sum() + model[1].weight.sum()
+        guard.before_backward(loss)
+        loss.backward()
         switches.append(guard.after_backward(Finalized()))
     guard.close()
     out = dict(refused=refused, used=usage.used.tolist(), switches=switches,

@@ -5,10 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import explain_models
 import pytest
 
 from mmddp_hooks.testing import run_on_ranks
+
+import explain_models
 
 HERE = os.path.dirname(__file__)
 CONFIG = os.path.join(HERE, 'configs', 'explain_net.py')

@@ -81,7 +81,7 @@ def guard_steps_without_host_sync():
         switches = []
         for _ in range(6):
             loss = ddp(torch.randn(4, 8, device='cuda')).sum()  # through DDP's reducer
-            ddp.before_backward()
+            ddp.before_backward(loss)
             torch.cuda.set_sync_debug_mode('error')  # the flag exchange starts inside backward
             try:
                 loss.backward()

@@ -3,39 +3,22 @@
 Each launch runs under a hard timeout in its own process group (killed whole on expiry).
 """
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+import launch
+
 pytestmark = [pytest.mark.dist, pytest.mark.mmseg]
 
-ROOT = Path(__file__).parents[1]
+ROOT = launch.ROOT
 FCN_STAGE4 = ROOT / 'configs' / 'mmseg' / 'fcn_r18_stage4-unused.py'
 FCN_AUX_OFF = ROOT / 'configs' / 'mmseg' / 'fcn_r18_aux-off.py'
 SEGFORMER = ROOT / 'configs' / 'mmseg' / 'segformer_mit-b0_find-unused.py'
 SYNTH = ['--synthetic', '64', '64']
 
 
-def _run(cmd, timeout=300):
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED='1')
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f'timed out after {timeout}s:\n{out[-5000:]}')
-    return proc.returncode, out
-
-
 def dist_train(config, work_dir, *args):
-    return _run(['bash', 'tools/dist_train.sh', str(config), '2', '--work-dir', str(work_dir),
-                 *SYNTH, *args])
+    return launch.dist_train(config, work_dir, *SYNTH, *args)
 
 
 def test_fcn_unused_stage_is_named_and_ignored_and_resume_keeps_plan(tmp_path):
@@ -103,8 +86,7 @@ def test_segformer_find_unused_not_needed(tmp_path):
     ('configs/mmseg/missing.py', [], 2),
 ])
 def test_ddp_doctor_exit_codes(config, extra, expected):
-    code, out = _run([sys.executable, 'tools/ddp_doctor.py', str(config), '--size', '64', '64',
-                      '--iters', '3', *extra])
+    code, out = launch.doctor(config, '--size', '64', '64', '--iters', '3', *extra)
     assert code == expected, out[-5000:]
     if expected == 1:
         assert 'CRASHES under DDP' in out and 'auxiliary_head' in out

@@ -1,12 +1,13 @@
 """Distributed sanity hooks on 2 gloo ranks through a real Runner: each bad setup is named."""
 import pytest
-import sanity_cases
 import torch
 
 from mmddp_hooks.compat import detail_segfaults_on_gloo
 from mmddp_hooks.hooks.dist_debug_level_hook import DistDebugLevelHook
 from mmddp_hooks.hooks.grad_layout_hook import contiguous_strides, layout_mismatches
 from mmddp_hooks.testing import run_distributed, run_on_ranks
+
+import sanity_cases
 
 STRIDE_WARNING = 'Grad strides do not match bucket view strides'
 

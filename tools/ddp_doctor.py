@@ -6,8 +6,9 @@
 
 Trains a few iterations on gloo CPU ranks with synthetic images/masks of the config's shape (or the
 config's own data with --real-data), probes which parameters get gradients, and prints the usage
-report, whether the config as written crashes under DDP, the plan DDPAutoTuneHook would choose and
-the config lines to paste.
+report, whether the config as written crashes under DDP (judged on the settings MMEngine applies: a
+top-level key MMEngine ignores is printed as a warning, not used), the plan DDPAutoTuneHook would
+choose and the config lines to paste.
 
 Exit codes: 0 the config as written trains under DDP; 1 it would crash with DDP's unused-parameter
 error; 2 the doctor could not run it (the error of every rank is printed). A rank that finished and
@@ -19,8 +20,36 @@ import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv i
 import argparse
 import json
 import sys
+from typing import Optional
 
 from mmengine.config import DictAction
+
+
+def _effective(settings: dict) -> str:
+    """The settings MMEngine applies, with where they come from: what the verdict is about."""
+    text = (f"find_unused_parameters={settings['find_unused_parameters']} "
+            f"({settings['find_unused_parameters_from']})")
+    if settings['static_graph']:
+        text += ', static_graph=True (model_wrapper_cfg)'
+    return text
+
+
+def _no_synthetic_data(config: str, cfg_options: Optional[dict]) -> Optional[str]:
+    """Why the config has no synthetic data, or None: checked once, here, before the ranks start,
+    as each rank would fail on it with a traceback. A config that does not load is left to the
+    ranks, whose errors the doctor reports."""
+    from mmddp_hooks.model_from_config import load_config
+    from mmddp_hooks.synthetic import SyntheticDataUnsupported, synthetic_task
+
+    try:
+        cfg = load_config(config, cfg_options)
+    except Exception:
+        return None
+    try:
+        synthetic_task(cfg)
+    except SyntheticDataUnsupported as err:
+        return str(err)
+    return None
 
 
 def main(argv=None) -> int:
@@ -39,6 +68,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from mmddp_hooks.doctor import CRASHES, FAILED, run_doctor
 
+    unsupported = None if args.real_data else _no_synthetic_data(args.config, args.cfg_options)
+    if unsupported:
+        print(f'ddp_doctor: {unsupported}', file=sys.stderr)
+        return FAILED
     out = run_doctor(args.config, args.nproc, args.iters, args.size, args.cfg_options,
                      synthetic=not args.real_data, timeout=args.timeout,
                      trusted=args.trust_checkpoint)
@@ -48,13 +81,15 @@ def main(argv=None) -> int:
         print(f"ddp_doctor: could not run {args.config}:\n{out['error']}", file=sys.stderr)
     else:
         if out['status'] == CRASHES:
-            verdict = 'CRASHES under DDP: find_unused_parameters=False with unused parameters'
+            verdict = f"CRASHES under DDP: {out['crash_reason']}"
         elif out['crashes_without_hook']:
             verdict = 'trains, thanks to its DDPAutoTuneHook (plain DDP would crash)'
         else:
             verdict = 'trains under DDP as written'
         print(out['table'])
-        print(f'config as written (find_unused_parameters={out["asked_find_unused"]}): {verdict}')
+        print(f'config as written runs DDP with {_effective(out["settings"])}: {verdict}')
+        for note in out['dropped']:
+            print(f'warning: {note}')
         print(f'DDPAutoTuneHook would choose: {out["auto_summary"]}')
         for reason in out['auto']['reasons']:
             print(f'  - {reason}')

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Take a fresh machine to a working .venv with torch (CPU wheel), mmengine, a full mmcv 2.1.0 build
-# with CPU ops, mmsegmentation 1.2.2 and this package (editable, with test extras).
+# with CPU ops, mmsegmentation 1.2.2, mmdetection 3.3.0 and this package (editable, with test extras).
 # Idempotent: each step is skipped when what it installs is already importable at the right version,
 # so a second run takes seconds. mmcv's ~6 min source build is cached by pip's wheel cache.
 set -euo pipefail
@@ -34,10 +34,11 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev
 fi
 
 have mmseg 1.2.2 || { step "mmsegmentation 1.2.2"; "${PIP[@]}" mmsegmentation==1.2.2 ftfy regex torch==2.13.0 mmcv==2.1.0; }
+have mmdet 3.3.0 || { step "mmdetection 3.3.0"; "${PIP[@]}" mmdet==3.3.0 torch==2.13.0 mmcv==2.1.0; }
 
 step "mmddp_hooks (editable, test extras)"
-"${PIP[@]}" --no-build-isolation -e ".[test,mmseg]" torch==2.13.0 mmcv==2.1.0
+"${PIP[@]}" --no-build-isolation -e ".[test,mmseg,mmdet]" torch==2.13.0 mmcv==2.1.0
 
-"$PY" -c "import mmcv.ops, mmseg, mmddp_hooks; print('[setup] ok: torch', __import__('torch').__version__, \
+"$PY" -c "import mmcv.ops, mmseg, mmdet, mmddp_hooks; print('[setup] ok: torch', __import__('torch').__version__, \
 'mmengine', __import__('mmengine').__version__, 'mmcv', mmcv.__version__, 'mmseg', mmseg.__version__, \
-'mmddp_hooks', mmddp_hooks.__version__)"
+'mmdet', mmdet.__version__, 'mmddp_hooks', mmddp_hooks.__version__)"

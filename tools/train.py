@@ -33,9 +33,12 @@ def parse_args(argv=None):
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override settings of the config, key=value')
     p.add_argument('--synthetic', nargs='*', type=int, metavar='H W', default=None,
-                   help='segmentation configs: train on random images/masks (optionally of '
-                        'size H W instead of crop_size), no val/test: a dry run without data')
-    p.add_argument('--iters', type=int, help='with --synthetic: number of training iterations')
+                   help='segmentation and detection configs: train on random images with masks or '
+                        'boxes (optionally of size H W instead of the config\'s), no val/test: a dry '
+                        'run without data')
+    p.add_argument('--iters', type=int,
+                   help='train this many iterations (an epoch-based loop becomes iteration-based, '
+                        'validating once at the end; --synthetic switches validation off)')
     p.add_argument('--trust-checkpoint', action='append', default=[], metavar='FILE',
                    help='load this one checkpoint (path or URL) with full unpickling, which can run '
                         'code from it; every other checkpoint is loaded weights-only')
@@ -48,6 +51,26 @@ def parse_args(argv=None):
     return args
 
 
+def limit_iters(cfg: Config, max_iters: int) -> None:
+    """``--iters N`` on the config's own data: train N iterations, validation and testing kept.
+
+    An iteration-based loop keeps everything but ``max_iters`` (it validates at its last iteration
+    anyway). Any other loop (epoch-based, or none) becomes the dry runs' iteration loop of
+    ``train_only`` (logging and checkpoints by iteration), with the config's validation and testing
+    put back and run once, at iteration N: an epoch-based ``val_interval`` would mean every iteration.
+    """
+    from mmddp_hooks.model_from_config import train_only
+
+    if 'max_iters' in (cfg.get('train_cfg') or {}):
+        cfg.train_cfg.max_iters = max_iters
+        return
+    kept = {k: cfg[k] for k in cfg.keys() if k.startswith(('val_', 'test_'))}
+    train_only(cfg, max_iters)
+    for key, value in kept.items():
+        cfg[key] = value
+    cfg.train_cfg.val_interval = max_iters
+
+
 def build_cfg(args) -> Config:
     import mmddp_hooks  # noqa: F401 - registers the wrapper and hooks
 
@@ -56,9 +79,11 @@ def build_cfg(args) -> Config:
         cfg.merge_from_dict(args.cfg_options)
     cfg.launcher = args.launcher
     if args.synthetic is not None:
-        from mmddp_hooks.mmseg import use_synthetic_data
+        from mmddp_hooks.synthetic import use_synthetic
 
-        use_synthetic_data(cfg, img_size=args.synthetic or None, max_iters=args.iters)
+        use_synthetic(cfg, img_size=args.synthetic or None, max_iters=args.iters)
+    elif args.iters is not None:
+        limit_iters(cfg, args.iters)
     if args.work_dir:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:
@@ -70,23 +95,34 @@ def build_cfg(args) -> Config:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
     if args.launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
+        # MMEngine would pass the top-level key to DDP; it moves into the wrapper's config, so the
+        # run's config (and the hook's report of it) names one setting, not an ignored twin
         cfg.model_wrapper_cfg = dict(type='ReconfigurableDDP',
-                                     find_unused_parameters=cfg.get('find_unused_parameters',
+                                     find_unused_parameters=cfg.pop('find_unused_parameters',
                                                                     False))
     return cfg
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from mmengine.dist import get_rank
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
     from mmddp_hooks.checkpoint import safe_checkpoint_loading, trusted_from
     from mmddp_hooks.dist import init_dist_if_needed, teardown
+    from mmddp_hooks.synthetic import SyntheticDataUnsupported
 
     if args.launcher == 'pytorch':
         init_dist_if_needed()
-    cfg = build_cfg(args)
+    try:
+        cfg = build_cfg(args)
+    except SyntheticDataUnsupported as err:
+        rank = get_rank()
+        teardown()  # every rank read the same config and stops here
+        if rank == 0:
+            print(f'train.py: {err}', file=sys.stderr)
+        return 2
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
     with safe_checkpoint_loading(trusted_from(cfg, args.trust_checkpoint)):
         runner.train()

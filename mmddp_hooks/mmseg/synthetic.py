@@ -8,6 +8,7 @@ from mmseg.structures import SegDataSample
 from torch.utils.data import Dataset
 
 from ..model_from_config import train_only
+from ..synthetic import sample_generator, synthetic_dataloader
 
 
 @DATASETS.register_module()
@@ -42,7 +43,7 @@ class SyntheticSegDataset(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> Dict:
-        g = torch.Generator().manual_seed(self.seed * 100003 + index)
+        g = sample_generator(self.seed, index)
         h, w = self.img_size
         image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
         mask = torch.randint(0, self.num_classes, (1, h, w), generator=g, dtype=torch.long)
@@ -67,13 +68,8 @@ def use_synthetic_data(cfg, img_size: Optional[Sequence[int]] = None, num_sample
     num_classes = cfg.model.get('decode_head', {}).get('num_classes', 19)
     if isinstance(cfg.model.get('decode_head'), list):
         num_classes = cfg.model.decode_head[-1].num_classes
-    old = cfg.get('train_dataloader') or {}
-    cfg.train_dataloader = dict(
-        batch_size=old.get('batch_size', 2), num_workers=0, persistent_workers=False,
-        sampler=dict(type='InfiniteSampler', shuffle=True),
-        collate_fn=dict(type='pseudo_collate'),
-        dataset=dict(type='SyntheticSegDataset', num_samples=num_samples, img_size=size,
-                     num_classes=num_classes))
+    train_only(cfg, max_iters)
+    cfg.train_dataloader = synthetic_dataloader(cfg, dict(
+        type='SyntheticSegDataset', num_samples=num_samples, img_size=size, num_classes=num_classes))
     if cfg.model.get('data_preprocessor') is not None:
         cfg.model.data_preprocessor.size = size
-    train_only(cfg, max_iters)

@@ -1,0 +1,36 @@
+"""Run this repository's tools as a user would, under a hard timeout that kills the whole launch."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def run(cmd: List[str], timeout: float = 300) -> Tuple[int, str]:
+    """Exit code and output of ``cmd`` run from the repository root, in its own process group."""
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f'timed out after {timeout}s:\n{out[-5000:]}')
+    return proc.returncode, out
+
+
+def dist_train(config, work_dir, *args: str, nproc: int = 2) -> Tuple[int, str]:
+    """``tools/dist_train.sh CONFIG NPROC --work-dir DIR ARGS``."""
+    return run(['bash', 'tools/dist_train.sh', str(config), str(nproc), '--work-dir', str(work_dir),
+                *map(str, args)])
+
+
+def doctor(config, *args: str) -> Tuple[int, str]:
+    """``tools/ddp_doctor.py CONFIG ARGS``."""
+    return run([sys.executable, 'tools/ddp_doctor.py', str(config), *map(str, args)])
