@@ -67,7 +67,9 @@ class PlanGuard:
         self._watched = [rp.param for rp in self.params] + self.ignored
         fill_names = set(fill)
         self._fill = np.array([rp.name in fill_names for rp in self.params], dtype=bool)
-        self._before: List[Optional[Tuple[torch.Tensor, int]]] = []  # each .grad before backward
+        # each .grad before the backward (None: no before_backward, grads start as None)
+        self._before: List[Optional[Tuple[torch.Tensor, int]]] = [None] * len(self._watched)
+        self.explain = True  # name what changed, rank by rank (a gather); off once it is known
         self._fired = np.zeros(len(self._watched), dtype=bool)  # got a gradient in this backward
         self.group = group
         self._pending: Optional[Tuple[np.ndarray, torch.Tensor, Any]] = None
@@ -107,6 +109,7 @@ class PlanGuard:
         missing = int((~self._fired[:n] & ~self._fill).sum())  # what the rescue will fill
         flags = torch.from_numpy(np.append(local, missing).astype(np.int32))
         self._pending = (local, flags, ddist.all_reduce_flags(flags, self.group, async_op=True))
+        self._before = [None] * len(self._watched)  # holds no gradient through the step
 
     def after_backward(self, reducer) -> Optional[str]:
         """Fill, rescue, agree, fix. Returns why usage differs from the plan (same on every
@@ -116,13 +119,11 @@ class PlanGuard:
             self._launch()
         local, flags, work = self._pending
         self._pending = None
-        fill = [int(i) for i in np.flatnonzero(self._fill) if not self._fired[i]]
-        was_none = {i: self.params[i].param.grad is None for i in fill}
-        zero_fill([self.params[i].param for i in fill])
+        fill = self._fill & ~self._fired[:n]
+        zero_fill([self.params[i].param for i in np.flatnonzero(fill)])
         rescued: List[int] = []
         if not reducer_finalized(reducer):
-            rescued = [i for i in range(n) if not self._fired[i] and i not in was_none]
-            was_none.update({i: self.params[i].param.grad is None for i in rescued})
+            rescued = [int(i) for i in np.flatnonzero(~self._fired[:n] & ~fill)]
             zero_fill([self.params[i].param for i in rescued])
             if not reducer_finalized(reducer):
                 self._raise_unfinalized(reducer)
@@ -132,13 +133,14 @@ class PlanGuard:
         self.record(local)
         unused_everywhere = [i for i in range(n) if counts[i] == 0]
         woke = [j for j in range(len(self.ignored)) if counts[n + j] > 0]
-        for i in unused_everywhere:
-            if was_none.get(i):  # True leaves such a gradient as it was: None
-                self.params[i].param.grad = None
+        for i in unused_everywhere:  # None on every rank before the fills: True leaves it None
+            self.params[i].param.grad = None
         if woke:
             self._average_ignored(counts[n:n + len(self.ignored)])
         if not (unused_everywhere or woke or counts[-1]):
             return None
+        if not self.explain:
+            return 'usage differs from the plan'
         return self._describe([self.params[i].name for i in rescued],
                               [self.params[i].name for i in unused_everywhere],
                               [self.ignore_names[j] for j in woke if local[n + j]])
@@ -175,17 +177,13 @@ class PlanGuard:
         return '; '.join(parts)
 
     def _average_ignored(self, counts: np.ndarray) -> None:
-        """Data plane: the ignored gradients, on their device, over the wrapper's group."""
+        """Data plane: each woken ignored gradient (same order on every rank), on its device and
+        in its dtype, over the wrapper's group; divided before the sum, as DDP's reducer does."""
         size = ddist.group_size(self.group)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.ignored]
-        flat = torch.cat([g.reshape(-1) for g in grads]).mul_(1.0 / size)
-        ddist.all_reduce_(flat, self.group)
-        offset = 0
         for i, p in enumerate(self.ignored):
-            n = p.numel()
             if counts[i] > 0:
-                p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                p.grad = ddist.all_reduce_(grad.mul(1.0 / size), self.group)
 
 
 def _grad_state(p: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:

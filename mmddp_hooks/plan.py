@@ -107,6 +107,7 @@ def choose_plan(report: UsageReport,
         return auto
 
     kept = DDPPlan(find_unused_parameters=asked_find_unused, static_graph=asked_static_graph,
+                   reentrant_checkpoint=report.reentrant_checkpoint,
                    reasons=[asked, "policy='keep': the config's settings are kept"])
     if kept.find_unused_parameters != auto.find_unused_parameters or never or rank_fixed:
         kept.reasons.append(f'policy=\'auto\' would choose: {auto.summary()}')

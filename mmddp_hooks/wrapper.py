@@ -56,6 +56,8 @@ class ReconfigurableDDP(MMDistributedDataParallel):
             kwargs.pop('device_ids', None)
             kwargs.pop('output_device', None)
             module = revert_sync_batchnorm(module)
+        # what the user set DDP to ignore (parameters and buffers) stays ignored through every plan
+        self._user_ignored = list(getattr(module, '_ddp_params_and_buffers_to_ignore', ()))
         super().__init__(module=module, detect_anomalous_params=detect_anomalous_params, **kwargs)
         self.config_kwargs: Dict[str, Any] = {k: v for k, v in kwargs.items() if k in _CARRIED}
         self.plan: Optional[DDPPlan] = None
@@ -102,8 +104,9 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         """Rebuild DDP on this object with new settings. A collective: call on every rank."""
         module = self.module
         self.reducer._remove_autograd_hooks()
+        keys = ignore_keys_for(module, ignore or [])
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            module, ignore_keys_for(module, ignore or []))
+            module, self._user_ignored + [k for k in keys if k not in self._user_ignored])
         kwargs = dict(self.config_kwargs, find_unused_parameters=find_unused_parameters,
                       static_graph=static_graph)
         training = self.training
@@ -153,7 +156,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
                                    plan.ignore, group=self.process_group)
 
     def close_guard(self) -> None:
-        """Remove the guard's gradient hooks."""
+        """Finish the guard's outstanding flag exchange (every rank)."""
         if self.guard is not None:
             self.guard.close()
             self.guard = None
@@ -161,14 +164,17 @@ class ReconfigurableDDP(MMDistributedDataParallel):
     def _usage_changed(self, why: str) -> None:
         """Every rank, same step, already fixed by the guard: leave the plan for a safe one."""
         assert self.plan is not None
-        self.switch_log.append(why)
         if self.plan.reentrant_checkpoint:  # True cannot run: the guard keeps fixing each step
-            if len(self.switch_log) == 1:
-                print_log(f'[mmddp_hooks] usage changed after the probe: {why}. The model uses '
-                          'reentrant checkpointing, so the plan stays; the guard completes every '
-                          'such step as find_unused_parameters=True would.', logger='current',
-                          level=logging.WARNING)
+            if not self.guard.explain:  # said once: no gather, no log line on every later step
+                return
+            self.switch_log.append(why)
+            self.guard.explain = False
+            print_log(f'[mmddp_hooks] usage changed after the probe: {why}. The model uses '
+                      'reentrant checkpointing, so the plan stays; the guard completes every such '
+                      'step as find_unused_parameters=True would.', logger='current',
+                      level=logging.WARNING)
             return
+        self.switch_log.append(why)
         print_log(f'[mmddp_hooks] usage changed after the probe: {why}. Every rank switches to '
                   'find_unused_parameters=True now; pin it in model_wrapper_cfg if this is '
                   'expected.', logger='current', level=logging.WARNING)

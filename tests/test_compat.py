@@ -54,19 +54,23 @@ def comm_hook_survives_rebuilds():
             return self[1](self[0](x))  # self[2] never used
 
     torch.manual_seed(0)
-    ddp = ReconfigurableDDP(TwoOfThree(nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 1)))
+    model = TwoOfThree(nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 1))
+    model._ddp_params_and_buffers_to_ignore = ['0.bias']  # the user's own: kept through plans
+    ddp = ReconfigurableDDP(model)
     ddp.register_comm_hook('mine', counting_hook)
     seen = []
     ddp.rebuild(find_unused_parameters=False, ignore=['2.weight', '2.bias'])
     for plan in (None, DDPPlan(False, ignore=['2.weight', '2.bias']), DDPPlan(True)):
         if plan is not None:
             ddp.apply_plan(plan)
-        ddp(torch.randn(2, 4)).sum().backward()
-        if ddp.guard is not None:
-            ddp.guard.after_backward(ddp.reducer)
+        loss = ddp(torch.randn(2, 4)).sum()
+        ddp.before_backward(loss)
+        loss.backward()
+        ddp.after_backward()
         ddp.module.zero_grad(set_to_none=True)
         seen.append(len(calls))
         calls.clear()
+        assert '0.bias' in ddp.module._ddp_params_and_buffers_to_ignore, plan
     ddp.close_guard()
     return seen
 

@@ -1,9 +1,10 @@
 """The contract, through a real Runner on 2 and 3 gloo ranks (cases in tests/contract_cases.py).
 
 For every case: replicas bit-identical, and the loss curve and final parameters equal to plain DDP's
-(``find_unused_parameters=True``, or ``False`` where ``True`` cannot run) within 1e-6 after 100
-iterations with a val loop every 4. Where usage never changed, the fast plan is still in force at
-the end; where it changed, the plan was left once, for the reason the case is about.
+(``find_unused_parameters=True``, or ``False`` where ``True`` cannot run) after 100 iterations with
+a val loop every 4: bit for bit on 2 ranks, within 1e-6 on 3. Where usage never changed, the fast
+plan is still in force at the end; where it changed, the plan was left once, for the reason the case
+is about.
 """
 import pytest
 
@@ -43,6 +44,9 @@ def test_trains_as_plain_ddp(contract, name):
     for r in rows:
         assert r['losses'] == ITERS and r['vals'] == ITERS // 4
         assert r['loss_diff'] <= TOLERANCE and r['param_diff'] <= TOLERANCE, r
+        # 2 ranks: a+b in any order, so bit for bit; 3 ranks: ring sums follow bucket positions,
+        # which the plan's ignore set and DDP's bucket rebuild move: last-bit differences
+        assert r['bit_equal'] or world_size > 2, r
     plan, current, switches = rows[0]['plan'], rows[0]['current'], rows[0]['switch_log']
     if name in KEEPS_PLAN:
         assert not plan['find_unused_parameters'] and plan['ignore'] == KEEPS_PLAN[name]

@@ -163,7 +163,7 @@ class DDPAutoTuneHook(Hook):
             runner.logger.warning(f'[mmddp_hooks] {note}')
 
     def after_run(self, runner) -> None:
-        """Remove the guard's hooks while every rank's process group is alive."""
+        """Finish the guard's flag exchange while every rank's process group is alive."""
         model = self._wrapper(runner)
         if model is not None:
             model.close_guard()
