@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 from mmengine.config import Config
+from torch.utils.data import Dataset
 
 SEG, DET = 'mmseg', 'mmdet'
 
@@ -72,6 +73,28 @@ def synthetic_dataloader(cfg: Config, dataset: Dict[str, Any]) -> Dict[str, Any]
                 collate_fn=dict(type='pseudo_collate'), dataset=dataset)
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The random source of sample ``index``: the same on every rank, so the sampler decides who gets it."""
-    return torch.Generator().manual_seed(seed * 100003 + index)
+class SyntheticDataset(Dataset):
+    """``num_samples`` random samples of ``img_size`` (H, W) with labels in ``[0, num_classes)``.
+
+    Deterministic per index (seeded), so every rank sees the same sample for the same index and a
+    distributed sampler's partition is what decides who trains on what.
+    """
+
+    def __init__(self, num_samples: int, img_size: Sequence[int], num_classes: int,
+                 seed: int = 0) -> None:
+        if len(img_size) != 2 or min(img_size) < 1:
+            raise ValueError(f'img_size must be (H, W) with positive sizes, got {img_size}')
+        if num_classes < 1:
+            raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+        self.num_samples = num_samples
+        self.img_size = tuple(int(s) for s in img_size)
+        self.num_classes = num_classes
+        self.seed = seed
+        self.metainfo = dict(classes=tuple(f'class{i}' for i in range(num_classes)))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def generator(self, index: int) -> torch.Generator:
+        """The random source of sample ``index``."""
+        return torch.Generator().manual_seed(self.seed * 100003 + index)

@@ -2,10 +2,7 @@
 # top-level find_unused_parameters = True stays, and model_wrapper_cfg is added. MMEngine then builds
 # DDP from model_wrapper_cfg alone: find_unused_parameters is DDP's default, False, and the backbone's
 # conv2 (run, its output dropped by out_indices) crashes plain DDP at iteration 2.
-_base_ = ['mmdet::yolo/yolov3_mobilenetv2_8xb24-ms-416-300e_coco.py']
-custom_imports = dict(imports=['mmddp_hooks'], allow_failed_imports=False)
+_base_ = ['mmdet::yolo/yolov3_mobilenetv2_8xb24-ms-416-300e_coco.py', './_ddp_cpu_.py']
 model = dict(backbone=dict(init_cfg=None))
 train_dataloader = dict(batch_size=2)
-randomness = dict(seed=0)
-model_wrapper_cfg = dict(type='ReconfigurableDDP')
-custom_hooks = [dict(type='DDPAutoTuneHook', probe_iters=2), dict(type='ReplicaConsistencyHook')]
+model_wrapper_cfg = dict(_delete_=True, type='ReconfigurableDDP')

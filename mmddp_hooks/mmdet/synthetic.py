@@ -9,10 +9,9 @@ from mmdet.structures.mask import BitmapMasks
 from mmengine.config import Config
 from mmengine.registry import DATASETS
 from mmengine.structures import InstanceData
-from torch.utils.data import Dataset
 
 from ..model_from_config import train_only
-from ..synthetic import sample_generator, synthetic_dataloader
+from ..synthetic import SyntheticDataset, synthetic_dataloader
 
 RESIZES = ('Resize', 'RandomResize', 'RandomChoiceResize', 'FixScaleResize')
 DEFAULT_SIZE = (128, 128)
@@ -20,7 +19,7 @@ DEFAULT_NUM_CLASSES = 80  # COCO's, for a model whose heads do not say
 
 
 @DATASETS.register_module()
-class SyntheticDetDataset(Dataset):
+class SyntheticDetDataset(SyntheticDataset):
     """What ``PackDetInputs`` would give after ``LoadAnnotations``: uint8 CHW images, boxes, labels.
 
     ``gt_instances`` holds 1-3 ``HorizontalBoxes`` inside the image (at least ``min(8, H, W)`` pixels a
@@ -40,19 +39,8 @@ class SyntheticDetDataset(Dataset):
     def __init__(self, num_samples: int = 32, img_size: Sequence[int] = DEFAULT_SIZE,
                  num_classes: int = DEFAULT_NUM_CLASSES, with_mask: bool = False,
                  seed: int = 0) -> None:
-        if len(img_size) != 2 or min(img_size) < 1:
-            raise ValueError(f'img_size must be (H, W) with positive sizes, got {img_size}')
-        if num_classes < 1:
-            raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-        self.num_samples = num_samples
-        self.img_size = tuple(int(s) for s in img_size)
-        self.num_classes = num_classes
+        super().__init__(num_samples, img_size, num_classes, seed)
         self.with_mask = with_mask
-        self.seed = seed
-        self.metainfo = dict(classes=tuple(f'class{i}' for i in range(num_classes)))
-
-    def __len__(self) -> int:
-        return self.num_samples
 
     def _instances(self, boxes: torch.Tensor, labels: torch.Tensor) -> InstanceData:
         """Instances as ``PackDetInputs`` packs them: boxes wrapped, masks as a ``BitmapMasks``."""
@@ -66,7 +54,7 @@ class SyntheticDetDataset(Dataset):
         return instances
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        g = sample_generator(self.seed, index)
+        g = self.generator(index)
         h, w = self.img_size
         image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
         num = 0 if index % 4 == 3 else int(torch.randint(1, 4, (1,), generator=g))

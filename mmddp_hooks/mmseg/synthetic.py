@@ -5,14 +5,13 @@ import torch
 from mmengine.registry import DATASETS
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
-from torch.utils.data import Dataset
 
 from ..model_from_config import train_only
-from ..synthetic import sample_generator, synthetic_dataloader
+from ..synthetic import SyntheticDataset, synthetic_dataloader
 
 
 @DATASETS.register_module()
-class SyntheticSegDataset(Dataset):
+class SyntheticSegDataset(SyntheticDataset):
     """What ``PackSegInputs`` would give: uint8 CHW images and ``gt_sem_seg`` masks.
 
     Deterministic per index (seeded), so every rank sees the same sample for the same index and a
@@ -29,21 +28,10 @@ class SyntheticSegDataset(Dataset):
 
     def __init__(self, num_samples: int = 32, img_size: Sequence[int] = (64, 64),
                  num_classes: int = 19, seed: int = 0) -> None:
-        if len(img_size) != 2 or min(img_size) < 1:
-            raise ValueError(f'img_size must be (H, W) with positive sizes, got {img_size}')
-        if num_classes < 1:
-            raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-        self.num_samples = num_samples
-        self.img_size = tuple(int(s) for s in img_size)
-        self.num_classes = num_classes
-        self.seed = seed
-        self.metainfo = dict(classes=tuple(f'class{i}' for i in range(num_classes)))
-
-    def __len__(self) -> int:
-        return self.num_samples
+        super().__init__(num_samples, img_size, num_classes, seed)
 
     def __getitem__(self, index: int) -> Dict:
-        g = sample_generator(self.seed, index)
+        g = self.generator(index)
         h, w = self.img_size
         image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
         mask = torch.randint(0, self.num_classes, (1, h, w), generator=g, dtype=torch.long)
