@@ -16,10 +16,14 @@ def test_single_process_run_is_left_alone(tmp_path, capsys):
         train_cfg=dict(by_epoch=False, max_iters=2),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
         custom_hooks=[dict(type='DDPAutoTuneHook', probe_iters=1)],
+        cfg=dict(find_unused_parameters=True, model_wrapper_cfg=dict(type='ReconfigurableDDP')),
         default_hooks=dict(checkpoint=None), log_level='INFO')
     runner.train()
     captured = capsys.readouterr()
     assert 'not a distributed run: DDPAutoTuneHook does nothing' in captured.out + captured.err
+    # the top-level key MMEngine will not pass to DDP is named, with the one that decides
+    assert ('[mmddp_hooks] top-level find_unused_parameters=True is ignored: model_wrapper_cfg is '
+            'given') in captured.out + captured.err
     assert not (tmp_path / 'ddp_usage_report.json').exists()
 
 

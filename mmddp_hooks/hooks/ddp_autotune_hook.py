@@ -63,6 +63,8 @@ class DDPAutoTuneHook(Hook):
         self.report_path: Optional[str] = None
 
     def before_run(self, runner) -> None:
+        for note in standard_settings(runner.cfg)['dropped']:  # the run does not see these keys
+            runner.logger.warning(f'[mmddp_hooks] {note}')
         model = runner.model
         if isinstance(model, DistributedDataParallel) and not isinstance(model, ReconfigurableDDP):
             runner.logger.info(f'[mmddp_hooks] re-wrapping {type(model).__name__} in '
