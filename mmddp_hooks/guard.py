@@ -11,8 +11,9 @@ fixes the step in which they happen, before the optimizer sees it. After each sy
    buckets complete, and each slot holds what ``True`` would have put there, zero for a locally
    unused parameter;
 2. all-reduce, on the gloo control plane, one int per watched parameter (did it get a gradient on this
-   rank in this step?) and the number of rescued parameters. That is the guard's whole per-step cost:
-   a few hundred CPU ints, nothing read from a GPU;
+   rank in this step?, read from ``.grad``) and the number of rescued parameters: a few hundred CPU
+   ints, started asynchronously at the end of backward, nothing read from a GPU. With those reads,
+   that is the guard's per-step cost;
 3. where no rank used a parameter, set its gradient back to ``None``, as ``True`` leaves it (a zero
    would still move it through momentum and weight decay); where an ignored parameter got a gradient
    on any rank, average it by hand on the DDP group (``g / world_size``, summed, as DDP's reducer
