@@ -178,6 +178,8 @@ class _Runner:
             _wrapped_step(self.ddp, x, step, self.opt)
             return
         if self.name == 'static_graph':  # raises inside backward, on every rank, if usage changes
+            if self.error:  # it did: its reducer is broken, leave it
+                return
             try:
                 self.ddp(x, step).backward()
             except RuntimeError as e:
@@ -222,8 +224,6 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int,
     probe_time = []
     for _ in range(max(warmup, probe_iters + 2)):
         for name, r in runners.items():
-            if r.error and name == 'static_graph':  # its reducer is broken: leave it
-                continue
             t0 = time.perf_counter()
             r.step(x, step, check=True)
             if name == 'auto' and auto.ddp.probe is not None:

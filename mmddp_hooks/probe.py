@@ -40,20 +40,18 @@ class UsageProbe(PlanGuard):
 
     def __init__(self, module: nn.Module, group: Optional[ProcessGroup] = None) -> None:
         super().__init__(module, fill=[], ignore=[], group=group)
+        self.explain = False  # unused parameters are what the probe is there to find
         self.steps: List[np.ndarray] = []
         self.reentrant_checkpoint = False
 
     def record(self, used: np.ndarray) -> None:
-        self.steps.append(used.copy())
+        self.steps.append(used)
 
-    def _describe(self, *_: List[str]) -> str:
-        """Unused parameters are what the probe is there to find: nothing to explain or gather."""
-        return ''
-
-    def inspect(self, loss: torch.Tensor) -> None:
-        """Look for reentrant checkpointing in this step's graph (probe steps only)."""
+    def before_backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """The guard's, and a look for reentrant checkpointing in this step's graph."""
         if not self.reentrant_checkpoint and loss.grad_fn is not None:
             self.reentrant_checkpoint = uses_reentrant_checkpoint(loss)
+        super().before_backward(loss, sync)
 
     def local_usage(self) -> np.ndarray:
         """Shape (iterations, params) for this rank."""

@@ -223,8 +223,6 @@ class ReconfigurableDDP(MMDistributedDataParallel):
             data = self.module.data_preprocessor(data, training=True)
             losses = self._run_forward(data, mode='loss')
         parsed_loss, log_vars = self.module.parse_losses(losses)
-        if self.probe is not None:
-            self.probe.inspect(parsed_loss)
         self.before_backward(parsed_loss)
         optim_wrapper.backward(optim_wrapper.scale_loss(parsed_loss))
         change = None
