@@ -68,8 +68,9 @@ class PlanGuard:
         self._watched = [rp.param for rp in self.params] + self.ignored
         fill_names = set(fill)
         self._fill = np.array([rp.name in fill_names for rp in self.params], dtype=bool)
-        # each .grad before the backward (None: no before_backward, grads start as None)
-        self._before: List[Optional[Tuple[torch.Tensor, int]]] = [None] * len(self._watched)
+        # each .grad and its version before the backward (None: no before_backward, or every .grad
+        # was None, MMEngine's default after zero_grad())
+        self._before: Optional[Tuple[List[Optional[torch.Tensor]], List[int]]] = None
         self.explain = True  # name what changed, rank by rank (a gather); off once it is known
         self._fired = np.zeros(len(self._watched), dtype=bool)  # got a gradient in this backward
         self.group = group
@@ -93,7 +94,10 @@ class PlanGuard:
         first, queues the flag exchange for the end of a synchronising backward.
         """
         self._drop_pending()
-        self._before = [_grad_state(p) for p in self._watched]
+        grads = [p.grad for p in self._watched]
+        self._before = None
+        if any(g is not None for g in grads):  # accumulating, or zero_grad(set_to_none=False)
+            self._before = (grads, [-1 if g is None else g._version for g in grads])
         if sync and loss.requires_grad:
             loss.register_hook(self._queue_launch)
 
@@ -104,13 +108,20 @@ class PlanGuard:
         """End of the backward: every gradient of it has arrived, so the flags are final. Start
         their exchange now, to run beside DDP's last bucket all-reduces and the fills below."""
         n = len(self.params)
-        self._fired = np.array([_changed(p, old) for p, old in zip(self._watched, self._before)],
-                               dtype=bool)
-        local = np.array([p.grad is not None for p in self._watched], dtype=bool)
-        missing = int((~self._fired[:n] & ~self._fill).sum())  # what the rescue will fill
-        flags = torch.from_numpy(np.append(local, missing).astype(np.int32))
+        grads = [p.grad for p in self._watched]
+        local = np.array([g is not None for g in grads], dtype=bool)
+        if self._before is None:
+            self._fired = local
+        else:  # a gradient arrived: .grad appeared, was replaced, or was accumulated into in place
+            before, versions = self._before
+            self._fired = np.array([g is not None and (g is not b or g._version != v)
+                                    for g, b, v in zip(grads, before, versions)], dtype=bool)
+            self._before = None  # holds no gradient through the step
+        flags = np.empty(len(local) + 1, dtype=np.int32)
+        flags[:-1] = local
+        flags[-1] = np.count_nonzero(~self._fired[:n] & ~self._fill)  # what the rescue will fill
+        flags = torch.from_numpy(flags)
         self._pending = (local, flags, ddist.all_reduce_flags(flags, self.group, async_op=True))
-        self._before = [None] * len(self._watched)  # holds no gradient through the step
 
     def after_backward(self, reducer) -> Optional[str]:
         """Fill, rescue, agree, fix. Returns why usage differs from the plan (same on every
@@ -132,14 +143,14 @@ class PlanGuard:
             work.wait()
         counts = flags.numpy()
         self.record(local)
-        unused_everywhere = [i for i in range(n) if counts[i] == 0]
-        woke = [j for j in range(len(self.ignored)) if counts[n + j] > 0]
+        if counts[:n].all() and not counts[n:].any():  # as planned on every rank
+            return None
+        unused_everywhere = np.flatnonzero(counts[:n] == 0)
+        woke = np.flatnonzero(counts[n:-1] > 0)
         for i in unused_everywhere:  # None on every rank before the fills: True leaves it None
             self.params[i].param.grad = None
-        if woke:
-            self._average_ignored(counts[n:n + len(self.ignored)])
-        if not (unused_everywhere or woke or counts[-1]):
-            return None
+        if len(woke):
+            self._average_ignored(counts[n:-1])
         if not self.explain:
             return 'usage differs from the plan'
         return self._describe([self.params[i].name for i in rescued],
@@ -185,16 +196,6 @@ class PlanGuard:
             if counts[i] > 0:
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 p.grad = ddist.all_reduce_(grad.mul(1.0 / size), self.group)
-
-
-def _grad_state(p: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
-    return None if p.grad is None else (p.grad, p.grad._version)
-
-
-def _changed(p: torch.Tensor, before: Optional[Tuple[torch.Tensor, int]]) -> bool:
-    """A gradient arrived: ``.grad`` appeared, was replaced, or was accumulated into in place."""
-    g = p.grad
-    return g is not None and (before is None or g is not before[0] or g._version != before[1])
 
 
 def _names(names: List[str], n: int = 8) -> str:
