@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .branches import standard_settings
 from .model_from_config import train_only
-from .report import DYNAMIC, NEVER, RANK_FIXED, UsageReport
+from .plan import crash_reason
+from .report import UsageReport
 
 OK, CRASHES, FAILED = 0, 1, 2
 
@@ -62,13 +63,7 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
     report: UsageReport = tune.report
     kept = tune.choose(runner, report, policy='keep')
     auto = tune.choose(runner, report, policy='auto')
-    unused = report.names_of(NEVER) + report.names_of(RANK_FIXED) + report.names_of(DYNAMIC)
-    crash = None
-    if unused and not find_unused and not static_graph:
-        crash = 'find_unused_parameters=False with unused parameters'
-    elif find_unused and report.reentrant_checkpoint:
-        crash = ('find_unused_parameters=True with reentrant activation checkpointing '
-                 '(with_cp=True): "marked as ready twice"')
+    crash = crash_reason(report, find_unused, static_graph)
     return dict(table=report.table(), report=report.to_dict(), asked_find_unused=find_unused,
                 settings=settings, dropped=settings['dropped'], has_hook=has_hook,
                 crash_reason=crash, crashes=crash is not None and not has_hook,

@@ -20,7 +20,7 @@ The fastest correct setting, by what the probe saw:
 With gradient accumulation, anything unused gets ``find_unused_parameters=True`` (where it can run).
 """
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .report import DYNAMIC, NEVER, RANK_FIXED, UsageReport
 
@@ -111,15 +111,24 @@ def choose_plan(report: UsageReport,
                    reasons=[asked, "policy='keep': the config's settings are kept"])
     if kept.find_unused_parameters != auto.find_unused_parameters or never or rank_fixed:
         kept.reasons.append(f'policy=\'auto\' would choose: {auto.summary()}')
-    if not asked_find_unused and not asked_static_graph and (never or rank_fixed or dynamic):
-        kept.reasons.append('the config as written crashes under DDP: '
-                            f'{len(never) + len(rank_fixed) + len(dynamic)} parameters did not '
-                            f'receive a gradient {where}, e.g. '
-                            f'{_examples(never + rank_fixed + dynamic)}')
-    if asked_find_unused and report.reentrant_checkpoint:
-        kept.reasons.append('the config as written crashes under DDP: find_unused_parameters=True '
-                            'with reentrant activation checkpointing raises "marked as ready twice"')
+    crash = crash_reason(report, asked_find_unused, asked_static_graph)
+    if crash:
+        unused = never + rank_fixed + dynamic
+        detail = (f': {len(unused)} parameters did not receive a gradient {where}, e.g. '
+                  f'{_examples(unused)}' if unused and not asked_find_unused else '')
+        kept.reasons.append(f'the config as written crashes under DDP: {crash}{detail}')
     return kept
+
+
+def crash_reason(report: UsageReport, find_unused: bool, static_graph: bool) -> Optional[str]:
+    """Why plain DDP with these settings crashes on the measured usage (None: it trains)."""
+    unused = report.names_of(NEVER) or report.names_of(RANK_FIXED) or report.names_of(DYNAMIC)
+    if unused and not find_unused and not static_graph:
+        return 'find_unused_parameters=False with unused parameters'
+    if find_unused and report.reentrant_checkpoint:
+        return ('find_unused_parameters=True with reentrant activation checkpointing '
+                '(with_cp=True): "marked as ready twice"')
+    return None
 
 
 def _what_was_unused(never: List[str], rank_fixed: List[str], where: str) -> str:

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mmddp_hooks.plan import DDPPlan, choose_plan
+from mmddp_hooks.plan import DDPPlan, choose_plan, crash_reason
 from mmddp_hooks.report import (
     ALWAYS,
     DYNAMIC,
@@ -145,3 +145,20 @@ def test_plan_round_trips_through_checkpoint_dict():
     plan = DDPPlan(False, ignore=['a'], fill={1: ['b']}, reasons=['x'])
     assert DDPPlan.from_dict(plan.to_dict()) == plan
     assert plan.to_dict()['fill'] == {'1': ['b']}
+
+
+def test_crash_reason_is_plain_ddp_on_the_measured_usage():
+    """The doctor's verdict and the keep plan's warning come from this one rule."""
+    fixed = _usage_report_fixed()
+    clean = build_report(Usage(NAMES, [1] * 5, np.ones((2, 4, len(NAMES)), bool)))
+    reentrant = build_report(Usage(NAMES, [1] * 5, np.ones((2, 4, len(NAMES)), bool),
+                                   reentrant_checkpoint=True))
+    assert crash_reason(fixed, find_unused=False, static_graph=False) == \
+        'find_unused_parameters=False with unused parameters'
+    assert crash_reason(fixed, find_unused=True, static_graph=False) is None
+    assert crash_reason(fixed, find_unused=False, static_graph=True) is None
+    assert crash_reason(clean, find_unused=False, static_graph=False) is None
+    assert 'marked as ready twice' in crash_reason(reentrant, find_unused=True, static_graph=False)
+    assert crash_reason(reentrant, find_unused=False, static_graph=False) is None
+    kept = choose_plan(reentrant, asked_find_unused=True, policy='keep')
+    assert any('crashes under DDP' in r and 'ready twice' in r for r in kept.reasons)

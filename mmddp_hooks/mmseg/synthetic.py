@@ -53,9 +53,10 @@ def use_synthetic_data(cfg, img_size: Optional[Sequence[int]] = None, num_sample
     """
     size = tuple(img_size or cfg.get('crop_size') or
                  cfg.model.get('data_preprocessor', {}).get('size') or (64, 64))
-    num_classes = cfg.model.get('decode_head', {}).get('num_classes', 19)
-    if isinstance(cfg.model.get('decode_head'), list):
-        num_classes = cfg.model.decode_head[-1].num_classes
+    head = cfg.model.get('decode_head') or {}
+    if isinstance(head, list):  # CascadeEncoderDecoder: the last head predicts the classes
+        head = head[-1]
+    num_classes = head.get('num_classes', 19)
     train_only(cfg, max_iters)
     cfg.train_dataloader = synthetic_dataloader(cfg, dict(
         type='SyntheticSegDataset', num_samples=num_samples, img_size=size, num_classes=num_classes))
