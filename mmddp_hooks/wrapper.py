@@ -26,9 +26,6 @@ from .probe import UsageProbe
 from .reducer_params import ignore_keys_for, reducer_params
 from .report import Usage
 
-# The DDP keyword arguments a rebuild carries over from the config (plus what the plan overrides).
-_CARRIED = ('broadcast_buffers', 'bucket_cap_mb', 'gradient_as_bucket_view', 'process_group',
-            'dim', 'output_device', 'device_ids', 'static_graph', 'find_unused_parameters')
 _MODULE_HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called',
                       '_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_backward_hooks',
                       '_backward_pre_hooks', '_state_dict_hooks', '_state_dict_pre_hooks',
@@ -59,7 +56,9 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         # what the user set DDP to ignore (parameters and buffers) stays ignored through every plan
         self._user_ignored = list(getattr(module, '_ddp_params_and_buffers_to_ignore', ()))
         super().__init__(module=module, detect_anomalous_params=detect_anomalous_params, **kwargs)
-        self.config_kwargs: Dict[str, Any] = {k: v for k, v in kwargs.items() if k in _CARRIED}
+        # every DDP argument the config gave is given again by each rebuild (the plan overrides
+        # find_unused_parameters and static_graph only)
+        self.config_kwargs: Dict[str, Any] = dict(kwargs)
         self.plan: Optional[DDPPlan] = None
         self.probe: Optional[UsageProbe] = None
         self.guard: Optional[PlanGuard] = None

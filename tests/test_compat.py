@@ -1,5 +1,6 @@
 """What differs between torch releases is adapted in mmddp_hooks.compat, and nowhere else."""
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -53,10 +54,23 @@ def comm_hook_survives_rebuilds():
         def forward(self, x):
             return self[1](self[0](x))  # self[2] never used
 
+    # every DDP argument of the config reaches each rebuild, also those newer releases added
+    given = []
+    ddp_init = nn.parallel.DistributedDataParallel.__init__
+
+    def spy(self, *args, **kwargs):
+        given.append(kwargs)
+        ddp_init(self, *args, **kwargs)
+
+    nn.parallel.DistributedDataParallel.__init__ = spy
+    newer = {'init_sync': True, 'skip_all_reduce_unused_params': False}
+    accepted = inspect.signature(ddp_init).parameters
+    extra = dict(bucket_cap_mb=1, **{k: v for k, v in newer.items() if k in accepted})
+
     torch.manual_seed(0)
     model = TwoOfThree(nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 1))
     model._ddp_params_and_buffers_to_ignore = ['0.bias']  # the user's own: kept through plans
-    ddp = ReconfigurableDDP(model)
+    ddp = ReconfigurableDDP(model, **extra)
     ddp.register_comm_hook('mine', counting_hook)
     seen = []
     ddp.rebuild(find_unused_parameters=False, ignore=['2.weight', '2.bias'])
@@ -72,6 +86,7 @@ def comm_hook_survives_rebuilds():
         calls.clear()
         assert '0.bias' in ddp.module._ddp_params_and_buffers_to_ignore, plan
     ddp.close_guard()
+    assert len(given) == 4 and all(kw.items() >= extra.items() for kw in given), (extra, given)
     return seen
 
 
