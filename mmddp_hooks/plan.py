@@ -114,8 +114,8 @@ def choose_plan(report: UsageReport,
     crash = crash_reason(report, asked_find_unused, asked_static_graph)
     if crash:
         unused = never + rank_fixed + dynamic
-        detail = (f': {len(unused)} parameters did not receive a gradient {where}, e.g. '
-                  f'{_examples(unused)}' if unused and not asked_find_unused else '')
+        detail = (f' ({len(unused)} parameters did not receive a gradient {where}, e.g. '
+                  f'{_examples(unused)})' if unused and not asked_find_unused else '')
         kept.reasons.append(f'the config as written crashes under DDP: {crash}{detail}')
     return kept
 

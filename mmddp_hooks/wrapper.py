@@ -30,6 +30,13 @@ _MODULE_HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_
                       '_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_backward_hooks',
                       '_backward_pre_hooks', '_state_dict_hooks', '_state_dict_pre_hooks',
                       '_load_state_dict_pre_hooks', '_load_state_dict_post_hooks')
+# DDP arguments a rebuild in place cannot honour: DDP registers their hooks on the module again at
+# every construction (delayed all-reduce, mixed precision), and builds no reducer at all when every
+# parameter is delayed.
+_NOT_REBUILDABLE = ('delay_all_reduce_named_params', 'param_to_hook_all_reduce', 'mixed_precision')
+# Valid only while the unused set never changes (torch: else DDP hangs or desynchronises); the plan
+# changes DDP's settings exactly when usage changes, and already keeps never-used parameters out.
+_FIXED_USAGE_ONLY = ('skip_all_reduce_unused_params',)
 
 
 def _on_cpu(module: nn.Module) -> bool:
@@ -49,6 +56,19 @@ class ReconfigurableDDP(MMDistributedDataParallel):
 
     def __init__(self, module: nn.Module, detect_anomalous_params: bool = False,
                  **kwargs: Any) -> None:
+        refused = [k for k in _NOT_REBUILDABLE if kwargs.get(k) is not None]
+        if refused:
+            raise ValueError(f'model_wrapper_cfg sets {refused}: ReconfigurableDDP rebuilds DDP in '
+                             'place, which these arguments do not survive (DDP would register their '
+                             'hooks again at each rebuild). Remove them, or train without '
+                             "DDPAutoTuneHook (type='MMDistributedDataParallel').")
+        for key in _FIXED_USAGE_ONLY:
+            if kwargs.pop(key, None):
+                print_log(f'[mmddp_hooks] model_wrapper_cfg.{key}=True is not passed to DDP: it is '
+                          'valid only while the unused parameters never change, and the plan '
+                          'changes DDP exactly when they do (never-used parameters are kept out of '
+                          "DDP's all-reduce by the plan itself).", logger='current',
+                          level=logging.WARNING)
         if _on_cpu(module):
             kwargs.pop('device_ids', None)
             kwargs.pop('output_device', None)

@@ -63,14 +63,18 @@ def comm_hook_survives_rebuilds():
         ddp_init(self, *args, **kwargs)
 
     nn.parallel.DistributedDataParallel.__init__ = spy
-    newer = {'init_sync': True, 'skip_all_reduce_unused_params': False}
     accepted = inspect.signature(ddp_init).parameters
-    extra = dict(bucket_cap_mb=1, **{k: v for k, v in newer.items() if k in accepted})
+    extra = dict(bucket_cap_mb=1, check_reduction=False)  # check_reduction: in every release
+    if 'init_sync' in accepted:
+        extra['init_sync'] = True
+    # valid only for a usage that never changes: not passed on (it is what the plan measures)
+    skip = {'skip_all_reduce_unused_params': True} if 'skip_all_reduce_unused_params' in accepted \
+        else {}
 
     torch.manual_seed(0)
     model = TwoOfThree(nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 1))
     model._ddp_params_and_buffers_to_ignore = ['0.bias']  # the user's own: kept through plans
-    ddp = ReconfigurableDDP(model, **extra)
+    ddp = ReconfigurableDDP(model, **extra, **skip)
     ddp.register_comm_hook('mine', counting_hook)
     seen = []
     ddp.rebuild(find_unused_parameters=False, ignore=['2.weight', '2.bias'])
@@ -87,6 +91,7 @@ def comm_hook_survives_rebuilds():
         assert '0.bias' in ddp.module._ddp_params_and_buffers_to_ignore, plan
     ddp.close_guard()
     assert len(given) == 4 and all(kw.items() >= extra.items() for kw in given), (extra, given)
+    assert not any(k in kw for kw in given for k in skip), given
     return seen
 
 
@@ -94,3 +99,12 @@ def comm_hook_survives_rebuilds():
 def test_comm_hooks_are_registered_again_after_every_rebuild():
     for seen in run_distributed(comm_hook_survives_rebuilds, 2, timeout=120):
         assert len(seen) == 3 and all(n >= 1 for n in seen), seen
+
+
+@pytest.mark.parametrize('key', ['delay_all_reduce_named_params', 'param_to_hook_all_reduce',
+                                 'mixed_precision'])
+def test_ddp_arguments_a_rebuild_cannot_honour_are_refused_by_name(key):
+    from mmddp_hooks.wrapper import ReconfigurableDDP
+
+    with pytest.raises(ValueError, match=f"model_wrapper_cfg sets \\['{key}'\\].*Remove them"):
+        ReconfigurableDDP(nn.Linear(2, 2), **{key: object()})
