@@ -11,7 +11,8 @@ fixes the step in which they happen, before the optimizer sees it. After each sy
    buckets complete, and each slot holds what ``True`` would have put there, zero for a locally
    unused parameter;
 2. all-reduce, on the gloo control plane, one int per watched parameter (did it get a gradient on this
-   rank in this step?, read from ``.grad``) and the number of rescued parameters: a few hundred CPU
+   rank in this step?, read from ``.grad``, or from a hook for this backward where ``.grad`` was
+   already set before it) and the number of rescued parameters: a few hundred CPU
    ints, started asynchronously at the end of backward, nothing read from a GPU. With those reads,
    that is the guard's per-step cost;
 3. where no rank used a parameter, set its gradient back to ``None``, as ``True`` leaves it (a zero
@@ -22,6 +23,7 @@ fixes the step in which they happen, before the optimizer sees it. After each sy
 Every rank sees the same sums, so all of them agree, at the same step, that usage changed and on the
 switch to a safer plan.
 """
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -68,9 +70,10 @@ class PlanGuard:
         self._watched = [rp.param for rp in self.params] + self.ignored
         fill_names = set(fill)
         self._fill = np.array([rp.name in fill_names for rp in self.params], dtype=bool)
-        # each .grad and its version before the backward (None: no before_backward, or every .grad
-        # was None, MMEngine's default after zero_grad())
-        self._before: Optional[Tuple[List[Optional[torch.Tensor]], List[int]]] = None
+        # which watched parameters got a gradient in this backward, recorded by hooks only where
+        # .grad was already set before it (None: every .grad started as None)
+        self._arrived: Optional[np.ndarray] = None
+        self._handles: List[Any] = []
         self.explain = True  # name what changed, rank by rank (a gather); off once it is known
         self._fired = np.zeros(len(self._watched), dtype=bool)  # got a gradient in this backward
         self.group = group
@@ -79,6 +82,12 @@ class PlanGuard:
     def close(self) -> None:
         """Finish an outstanding flag exchange (every rank calls this)."""
         self._drop_pending()
+        self._unhook()
+
+    def _unhook(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _drop_pending(self) -> None:
         if self._pending is not None and self._pending[2] is not None:
@@ -88,16 +97,21 @@ class PlanGuard:
     def before_backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """Call before ``loss.backward()`` (``sync``: DDP synchronises gradients in this one).
 
-        Gradients are read, not hooked: a parameter got one in this backward if its ``.grad``
-        appeared or changed in place, and in this optimizer step if ``.grad`` is set (gradients are
-        ``None`` after ``zero_grad()``, MMEngine's default). One hook on the loss, which autograd runs
-        first, queues the flag exchange for the end of a synchronising backward.
+        Gradients are read, not hooked, when every ``.grad`` starts as ``None`` (``zero_grad()``,
+        MMEngine's default): then a parameter got one in this backward, and in this optimizer step,
+        if its ``.grad`` is set. Where ``.grad`` is already set (accumulation, ``zero_grad(
+        set_to_none=False)``) a post-accumulate hook per parameter tells, for this backward only:
+        ``.grad`` versions cannot, since DDP's bucket-view gradients share one version counter per
+        bucket. One hook on the loss, which autograd runs first, queues the flag exchange for the
+        end of a synchronising backward.
         """
         self._drop_pending()
-        grads = [p.grad for p in self._watched]
-        self._before = None
-        if any(g is not None for g in grads):  # accumulating, or zero_grad(set_to_none=False)
-            self._before = (grads, [-1 if g is None else g._version for g in grads])
+        self._unhook()
+        self._arrived = None
+        if sync and any(p.grad is not None for p in self._watched):
+            arrived = self._arrived = np.zeros(len(self._watched), dtype=bool)
+            self._handles = [p.register_post_accumulate_grad_hook(partial(_arrive, arrived, i))
+                             for i, p in enumerate(self._watched)]
         if sync and loss.requires_grad:
             loss.register_hook(self._queue_launch)
 
@@ -108,15 +122,9 @@ class PlanGuard:
         """End of the backward: every gradient of it has arrived, so the flags are final. Start
         their exchange now, to run beside DDP's last bucket all-reduces and the fills below."""
         n = len(self.params)
-        grads = [p.grad for p in self._watched]
-        local = np.array([g is not None for g in grads], dtype=bool)
-        if self._before is None:
-            self._fired = local
-        else:  # a gradient arrived: .grad appeared, was replaced, or was accumulated into in place
-            before, versions = self._before
-            self._fired = np.array([g is not None and (g is not b or g._version != v)
-                                    for g, b, v in zip(grads, before, versions)], dtype=bool)
-            self._before = None  # holds no gradient through the step
+        local = np.array([p.grad is not None for p in self._watched], dtype=bool)
+        self._fired = local if self._arrived is None else self._arrived
+        self._unhook()  # the fills below are not arrivals
         flags = np.empty(len(local) + 1, dtype=np.int32)
         flags[:-1] = local
         flags[-1] = np.count_nonzero(~self._fired[:n] & ~self._fill)  # what the rescue will fill
@@ -196,6 +204,10 @@ class PlanGuard:
             if counts[i] > 0:
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 p.grad = ddist.all_reduce_(grad.mul(1.0 / size), self.group)
+
+
+def _arrive(arrived: np.ndarray, i: int, _: torch.Tensor) -> None:
+    arrived[i] = True
 
 
 def _names(names: List[str], n: int = 8) -> str:
