@@ -9,10 +9,10 @@ check_torch()  # before anything leans on DDP internals of an unsupported releas
 
 from . import dist  # noqa: F401,E402
 from .contrastive import GlobalInBatchInfoNCE  # noqa: E402
-from .hooks import DDPAutoTuneHook, ReplicaConsistencyHook  # noqa: E402
+from .hooks import DDPAutoTuneHook, ReplicaConsistencyHook, TrainableScheduleHook  # noqa: E402
 from .plan import DDPPlan, choose_plan  # noqa: E402
 from .version import __version__  # noqa: E402
 from .wrapper import ReconfigurableDDP  # noqa: E402
 
 __all__ = ['__version__', 'dist', 'DDPAutoTuneHook', 'DDPPlan', 'GlobalInBatchInfoNCE',
-           'ReconfigurableDDP', 'ReplicaConsistencyHook', 'choose_plan']
+           'ReconfigurableDDP', 'ReplicaConsistencyHook', 'TrainableScheduleHook', 'choose_plan']

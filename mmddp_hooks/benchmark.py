@@ -37,14 +37,17 @@ SETTINGS = ('find_unused=False', 'find_unused=True', 'find_unused=True+bucket_vi
 
 
 class Blocks(nn.Module):
-    """``depth`` residual blocks of ``width``; ``branch(step)`` decides whether the extra head runs."""
+    """``depth`` residual blocks of ``width``; ``branch(step)`` decides whether the extra head runs;
+    the first ``frozen`` blocks do not require grad (a frozen trunk that stays frozen)."""
 
-    def __init__(self, depth: int, width: int, branch: Optional[Callable[[int], bool]] = None):
+    def __init__(self, depth: int, width: int, branch: Optional[Callable[[int], bool]] = None,
+                 frozen: int = 0):
         super().__init__()
         torch.manual_seed(0)
         self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
         self.extra = nn.Sequential(nn.Linear(width, width), nn.Linear(width, width))
         self.branch = branch
+        self.blocks[:frozen].requires_grad_(False)
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         for block in self.blocks:
@@ -81,6 +84,7 @@ SCENARIOS: Dict[str, Dict[str, Any]] = {
     'dynamic': dict(depth=8, width=64, branch=_alternating),
     'large_fixed_unused': dict(depth=240, width=16, branch=_never),
     'wakes_up': dict(depth=8, width=64, branch=_late),
+    'frozen_part': dict(depth=8, width=64, branch=_never, frozen=4),
 }
 QUICK = {'no_unused': dict(depth=3, width=8, branch=_always),
          'fixed_unused': dict(depth=3, width=8, branch=_never),
@@ -118,7 +122,8 @@ class MMSegStep(nn.Module):
 def _make(scenario: Dict[str, Any]) -> nn.Module:
     if 'config' in scenario:
         return MMSegStep(scenario['config'])
-    return Blocks(scenario['depth'], scenario['width'], scenario['branch'])
+    return Blocks(scenario['depth'], scenario['width'], scenario['branch'],
+                  scenario.get('frozen', 0))
 
 
 def _wrapped_step(wrapper: ReconfigurableDDP, x: torch.Tensor, step: int,
@@ -259,7 +264,22 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int,
     return dict(slowest=slowest, invalid=invalid, plan=auto.ddp.plan.summary(),
                 switches=list(auto.ddp.switch_log),
                 probe_iters=probe_iters, probe_step_s=statistics.median(probe_time),
-                rebuild_s=rebuild_time)
+                rebuild_s=rebuild_time, tracking=_tracking_cost(auto.ddp, rounds))
+
+
+def _tracking_cost(wrapper: ReconfigurableDDP, rounds: int) -> Dict[str, float]:
+    """What following the trainable set adds to a step in which nothing changes, timed apart (it
+    is too small to show in a step's time): reading every parameter's ``requires_grad`` against the
+    build, an upper bound of both paths (the guard reads the parameters it watches; its flag
+    exchange keeps one int per parameter, which carries both facts). Slowest rank, median."""
+    reads = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        wrapper.trainable.change()
+        reads.append(time.perf_counter() - t0)
+    gathered = ddist.all_gather_object(reads)
+    return dict(reads_s=statistics.median(max(g[i] for g in gathered) for i in range(rounds)),
+                guarded=wrapper.guard is not None)
 
 
 def summarise(name: str, raw: Dict[str, Any]) -> Dict[str, Any]:
@@ -285,7 +305,8 @@ def summarise(name: str, raw: Dict[str, Any]) -> Dict[str, Any]:
         overhead = raw['probe_iters'] * (raw['probe_step_s'] - auto_ms) + raw['rebuild_s']
         amortised = max(overhead, 0.0) / (1000 * auto_ms)
     return dict(scenario=name, best=best, plan=raw['plan'], switches=raw['switches'], rows=rows,
-                probe_amortised_1000=amortised)
+                probe_amortised_1000=amortised, tracking=raw.get('tracking'),
+                auto_ms=1e3 * medians['auto'] if 'auto' in medians else None)
 
 
 def format_table(results: List[Dict[str, Any]]) -> str:
@@ -305,6 +326,14 @@ def format_table(results: List[Dict[str, Any]]) -> str:
                  else f"{100 * res['probe_amortised_1000']:.2f}%")
         lines.append(f"| {res['scenario']} | auto plan chose | {res['plan']} | probe cost over "
                      f"1000 iterations: {probe}; plan left {len(res['switches'])} times |")
+        t = res.get('tracking')
+        if t and res['auto_ms']:
+            cost = 1e6 * t['reads_s']
+            how = ('in the flag exchange the guard already makes, same size' if t['guarded'] else
+                   'no exchange while nothing changes (find_unused_parameters=True)')
+            lines.append(f"| {res['scenario']} | auto: trainable-set tracking | {cost:.0f} us per "
+                         f"step ({100 * cost / (1e3 * res['auto_ms']):.2f}% of auto's step) | "
+                         f'requires_grad reads; {how} |')
     return '\n'.join(lines)
 
 

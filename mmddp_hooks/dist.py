@@ -17,6 +17,7 @@ on a CPU-only machine; teardown finishes outstanding control work and drops the 
 import datetime
 import gc
 import os
+import pickle
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -160,6 +161,37 @@ def barrier(group: Optional[ProcessGroup] = None) -> None:
     """Wait for every rank of ``group`` (control plane)."""
     if is_dist():
         dist.barrier(group=control_group(group))
+
+
+class StoreTimeout(RuntimeError):
+    """Some ranks did not post to :func:`store_exchange` in time (``missing``: their ranks)."""
+
+    def __init__(self, missing: List[int], posted: Dict[int, Any]) -> None:
+        super().__init__(f'ranks {missing} posted nothing')
+        self.missing, self.posted = missing, posted
+
+
+def store_exchange(tag: str, value: Any, group: Optional[ProcessGroup] = None,
+                   timeout_s: float = 30.0) -> Dict[int, Any]:
+    """Every rank's ``value`` through the c10d store, or :class:`StoreTimeout` after ``timeout_s``.
+
+    For a rank that noticed something on its own (no collective runs every step to tell it that
+    the others did too): a rank that posts waits at most ``timeout_s`` for the others, where a
+    collective would wait for ever on a rank that has nothing to say. ``tag`` must be new for every
+    exchange (the store keeps keys). Returns ``{global rank: value}`` over ``group``'s ranks.
+    """
+    if not is_dist():
+        return {0: value}
+    store = dist.distributed_c10d._get_default_store()
+    ranks = dist.get_process_group_ranks(group) if group is not None else range(get_world_size())
+    keys = {r: f'mmddp_hooks/{tag}/{r}' for r in ranks}
+    store.set(keys[get_rank()], pickle.dumps(value))
+    try:
+        store.wait(list(keys.values()), datetime.timedelta(seconds=timeout_s))
+    except Exception as e:  # DistStoreError (torch >= 2.2) or RuntimeError: a timeout
+        posted = {r: pickle.loads(store.get(k)) for r, k in keys.items() if store.check([k])}
+        raise StoreTimeout([r for r in ranks if r not in posted], posted) from e
+    return {r: pickle.loads(store.get(k)) for r, k in keys.items()}
 
 
 # --------------------------------------------------------------------------------------- data plane

@@ -22,6 +22,12 @@ fixes the step in which they happen, before the optimizer sees it. After each sy
 
 Every rank sees the same sums, so all of them agree, at the same step, that usage changed and on the
 switch to a safer plan.
+
+The same exchange carries, in the same int per parameter, whether its ``requires_grad`` differs from
+when DDP was built
+(:mod:`mmddp_hooks.trainable`): a freeze or unfreeze is then fixed in the step where it shows (a
+newly trainable parameter averaged by hand, a newly frozen one back to ``None``) and is not a usage
+change; a change on some ranks only stops training in that step, on every rank, with the names.
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
@@ -35,12 +41,25 @@ from torch.distributed import ProcessGroup
 from . import dist as ddist
 from .explain import explain_unused_error
 from .reducer_params import ReducerParam, reducer_params
+from .trainable import TrainableChange, TrainableSet, rank_dependent_message
 
 
 def zero_fill(params: List[torch.Tensor]) -> None:
-    """Run each parameter's AccumulateGrad with zeros, firing DDP's reducer hook for it."""
-    if params:
+    """Run each parameter's AccumulateGrad with zeros, firing DDP's reducer hook for it.
+
+    A parameter frozen since DDP was built is still in its reducer: it requires grad for the fill
+    only (DDP's hook sits on its gradient accumulator, which outlives the flag).
+    """
+    if not params:
+        return
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
         torch.autograd.backward(params, [torch.zeros_like(p) for p in params])
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def reducer_finalized(reducer) -> bool:
@@ -59,15 +78,25 @@ class PlanGuard:
         fill: parameters the plan zero-fills on this rank.
         ignore: parameters the plan DDP-ignored.
         group: the DDP wrapper's process group (``None``: the default group).
+        trainable: what DDP was built from (default: the module's flags now).
     """
 
     def __init__(self, module: nn.Module, fill: List[str], ignore: List[str],
-                 group: Optional[ProcessGroup] = None) -> None:
+                 group: Optional[ProcessGroup] = None,
+                 trainable: Optional[TrainableSet] = None) -> None:
+        trainable = trainable or TrainableSet(module)
+        built = dict(zip(map(id, trainable.params), trainable.built))
         named = dict(module.named_parameters())
         self.params: List[ReducerParam] = reducer_params(module)
         self.ignore_names = list(ignore)
         self.ignored = [named[n] for n in ignore]
-        self._watched = [rp.param for rp in self.params] + self.ignored
+        # watched: the reducer's parameters, the ignored ones, then every other (frozen) one
+        seen = {id(p) for p in [rp.param for rp in self.params] + self.ignored}
+        off = [(n, p) for n, p in zip(trainable.names, trainable.params) if id(p) not in seen]
+        self._watched = [rp.param for rp in self.params] + self.ignored + [p for _, p in off]
+        self.names = [rp.name for rp in self.params] + self.ignore_names + [n for n, _ in off]
+        self._built = np.array([built[id(p)] for p in self._watched], dtype=bool)
+        self.trainable_change: Optional[TrainableChange] = None  # set by the step it shows in
         fill_names = set(fill)
         self._fill = np.array([rp.name in fill_names for rp in self.params], dtype=bool)
         # which watched parameters got a gradient in this backward, recorded by hooks only where
@@ -77,6 +106,9 @@ class PlanGuard:
         self.explain = True  # name what changed, rank by rank (a gather); off once it is known
         self._fired = np.zeros(len(self._watched), dtype=bool)  # got a gradient in this backward
         self.group = group
+        # one int per watched parameter carries both facts: got a gradient (0/1) + base * its
+        # requires_grad differs from the build (0/1); summed over the ranks, each stays readable
+        self._base = ddist.group_size(group) + 1
         self._pending: Optional[Tuple[np.ndarray, torch.Tensor, Any]] = None
 
     def close(self) -> None:
@@ -111,7 +143,7 @@ class PlanGuard:
         if sync and any(p.grad is not None for p in self._watched):
             arrived = self._arrived = np.zeros(len(self._watched), dtype=bool)
             self._handles = [p.register_post_accumulate_grad_hook(partial(_arrive, arrived, i))
-                             for i, p in enumerate(self._watched)]
+                             for i, p in enumerate(self._watched) if p.requires_grad]
         if sync and loss.requires_grad:
             loss.register_hook(self._queue_launch)
 
@@ -121,20 +153,23 @@ class PlanGuard:
     def _launch(self) -> None:
         """End of the backward: every gradient of it has arrived, so the flags are final. Start
         their exchange now, to run beside DDP's last bucket all-reduces and the fills below."""
-        n = len(self.params)
+        n, w = len(self.params), len(self._watched)
         local = np.array([p.grad is not None for p in self._watched], dtype=bool)
+        changed = np.array([p.requires_grad for p in self._watched], dtype=bool) != self._built
         self._fired = local if self._arrived is None else self._arrived
         self._unhook()  # the fills below are not arrivals
-        flags = np.empty(len(local) + 1, dtype=np.int32)
-        flags[:-1] = local
-        flags[-1] = np.count_nonzero(~self._fired[:n] & ~self._fill)  # what the rescue will fill
+        flags = np.empty(w + 1, dtype=np.int32)
+        flags[:w] = local + self._base * changed
+        # what the rescue will fill, other than parameters frozen since the build
+        flags[-1] = np.count_nonzero(~self._fired[:n] & ~self._fill & ~changed[:n])
         flags = torch.from_numpy(flags)
         self._pending = (local, flags, ddist.all_reduce_flags(flags, self.group, async_op=True))
 
     def after_backward(self, reducer) -> Optional[str]:
         """Fill, rescue, agree, fix. Returns why usage differs from the plan (same on every
         rank), or None."""
-        n = len(self.params)
+        n, w = len(self.params), len(self._watched)
+        self.trainable_change = None
         if self._pending is None:  # not queued: no hook on the loss, or it needed no gradient
             self._launch()
         local, flags, work = self._pending
@@ -150,15 +185,31 @@ class PlanGuard:
         if work is not None:
             work.wait()
         counts = flags.numpy()
-        self.record(local)
-        if counts[:n].all() and not counts[n:].any():  # as planned on every rank
-            return None
-        unused_everywhere = np.flatnonzero(counts[:n] == 0)
-        woke = np.flatnonzero(counts[n:-1] > 0)
+        self.record(local[:n])
+        if counts[:n].all() and (counts[:n] < self._base).all() and not counts[n:].any():
+            return None  # as planned on every rank
+        got, changed = counts[:w] % self._base, counts[:w] // self._base
+        size = self._base - 1
+        if ((changed > 0) & (changed < size)).any():
+            self._raise_rank_dependent()
+        changed = changed == size  # the same change on every rank
+        now = np.array([p.requires_grad for p in self._watched], dtype=bool)
+        unused_everywhere = np.flatnonzero(got[:n] == 0)
         for i in unused_everywhere:  # None on every rank before the fills: True leaves it None
             self.params[i].param.grad = None
-        if len(woke):
-            self._average_ignored(counts[n:-1])
+        if got[n:].any():  # ignored, or frozen at the build and trainable now
+            self._average_off_reducer(got[n:])
+        if changed.any():
+            for i in np.flatnonzero(changed & ~now):  # frozen in this step: None, as if frozen
+                self._watched[i].grad = None          # before it (gradients of the window too)
+            self.trainable_change = TrainableChange(
+                unfrozen=[self.names[i] for i in np.flatnonzero(changed & now)],
+                frozen=[self.names[i] for i in np.flatnonzero(changed & ~now)])
+        unused_everywhere = [i for i in unused_everywhere if not changed[i]]
+        woke = [j for j in range(len(self.ignored)) if got[n + j] and not changed[n + j]]
+        rescued = [i for i in rescued if not changed[i]]
+        if not unused_everywhere and not woke and not counts[-1]:  # a trainable change only
+            return None
         if not self.explain:
             return 'usage differs from the plan'
         return self._describe([self.params[i].name for i in rescued],
@@ -196,14 +247,30 @@ class PlanGuard:
                              'their gradients were averaged by hand in the same step')
         return '; '.join(parts)
 
-    def _average_ignored(self, counts: np.ndarray) -> None:
-        """Data plane: each woken ignored gradient (same order on every rank), on its device and
-        in its dtype, over the wrapper's group; divided before the sum, as DDP's reducer does."""
-        size = ddist.group_size(self.group)
-        for i, p in enumerate(self.ignored):
-            if counts[i] > 0:
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                p.grad = ddist.all_reduce_(grad.mul(1.0 / size), self.group)
+    def _raise_rank_dependent(self) -> None:
+        """Every rank, same step: name each rank's own change, then stop before the optimizer."""
+        now = np.array([p.requires_grad for p in self._watched], dtype=bool)
+        diff = np.flatnonzero(now != self._built)
+        mine = TrainableChange(unfrozen=[self.names[i] for i in diff if now[i]],
+                               frozen=[self.names[i] for i in diff if not now[i]])
+        everyone = ddist.all_gather_object((ddist.get_rank(), mine), self.group)
+        raise RuntimeError(rank_dependent_message(
+            {r: c for r, c in everyone if c}, [r for r, c in everyone if not c]))
+
+    def _average_off_reducer(self, counts: np.ndarray) -> None:
+        """Data plane: each gradient outside DDP's reducer that some rank got (woken ignored ones,
+        newly trainable ones), same order on every rank, on its device and in its dtype, over the
+        wrapper's group; divided before the sum, as DDP's reducer does."""
+        off = self._watched[len(self.params):]
+        average_by_hand([p for i, p in enumerate(off) if counts[i] > 0], self.group)
+
+
+def average_by_hand(params: List[torch.Tensor], group: Optional[ProcessGroup]) -> None:
+    """Average ``params``' gradients over ``group`` (zeros where a rank got none), as DDP would."""
+    size = ddist.group_size(group)
+    for p in params:
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        p.grad = ddist.all_reduce_(grad.mul(1.0 / size), group)
 
 
 def _arrive(arrived: np.ndarray, i: int, _: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ from torch.distributed import ProcessGroup
 from . import dist as ddist
 from .guard import PlanGuard
 from .report import Usage
+from .trainable import TrainableSet
 
 REENTRANT_NODE = 'CheckpointFunctionBackward'
 
@@ -38,8 +39,9 @@ def uses_reentrant_checkpoint(loss: torch.Tensor) -> bool:
 class UsageProbe(PlanGuard):
     """The guard of the empty plan, keeping each step's local usage for the report."""
 
-    def __init__(self, module: nn.Module, group: Optional[ProcessGroup] = None) -> None:
-        super().__init__(module, fill=[], ignore=[], group=group)
+    def __init__(self, module: nn.Module, group: Optional[ProcessGroup] = None,
+                 trainable: Optional[TrainableSet] = None) -> None:
+        super().__init__(module, fill=[], ignore=[], group=group, trainable=trainable)
         self.explain = False  # unused parameters are what the probe is there to find
         self.steps: List[np.ndarray] = []
         self.reentrant_checkpoint = False

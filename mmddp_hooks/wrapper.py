@@ -6,6 +6,7 @@ the same object: the optimizer keeps its parameters and state, and hooks holding
 ``runner.model.module`` (EMA, checkpointing) keep working. It also makes CPU/gloo runs work as they
 would on GPUs: ``device_ids`` is dropped for CPU modules and SyncBN is reverted to BN.
 """
+import itertools
 import logging
 from typing import Any, Dict, List, Optional, Union
 
@@ -20,11 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import dist as ddist
 from .explain import UNUSED_MARKER, explain_unused_error
-from .guard import PlanGuard
+from .guard import PlanGuard, average_by_hand, reducer_finalized, zero_fill
 from .plan import DDPPlan
 from .probe import UsageProbe
 from .reducer_params import ignore_keys_for, reducer_params
 from .report import Usage
+from .trainable import TrainableChange, TrainableSet, rank_dependent_message, where_now
 
 _MODULE_HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called',
                       '_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_backward_hooks',
@@ -39,6 +41,9 @@ _NOT_REBUILDABLE = ('delay_all_reduce_named_params', 'param_to_hook_all_reduce',
 _FIXED_USAGE_ONLY = ('skip_all_reduce_unused_params',)
 
 
+_WRAPPERS = itertools.count()
+
+
 def _on_cpu(module: nn.Module) -> bool:
     return all(p.device.type == 'cpu' for p in module.parameters())
 
@@ -50,12 +55,19 @@ class ReconfigurableDDP(MMDistributedDataParallel):
     Args:
         module: the model to wrap.
         detect_anomalous_params: as in ``MMDistributedDataParallel``.
+        trainable_change_timeout: seconds a rank that saw ``requires_grad`` change waits for the
+            others to report the same change, where no guard's exchange runs every step
+            (``find_unused_parameters=True`` plans); past it, training stops with the ranks named.
         **kwargs: ``DistributedDataParallel`` arguments. ``device_ids``/``output_device`` are dropped
             for CPU modules (DDP rejects them there; MMEngine always passes ``[LOCAL_RANK]``).
+
+    The trainable set is followed: a parameter that starts or stops requiring grad between two
+    steps, on every rank, is averaged (or left ``None``) in the step where the change shows, and
+    DDP is rebuilt with the new set before the next forward (see :mod:`mmddp_hooks.trainable`).
     """
 
     def __init__(self, module: nn.Module, detect_anomalous_params: bool = False,
-                 **kwargs: Any) -> None:
+                 trainable_change_timeout: float = 30.0, **kwargs: Any) -> None:
         refused = [k for k in _NOT_REBUILDABLE if kwargs.get(k) is not None]
         if refused:
             raise ValueError(f'model_wrapper_cfg sets {refused}: ReconfigurableDDP rebuilds DDP in '
@@ -83,6 +95,14 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.probe: Optional[UsageProbe] = None
         self.guard: Optional[PlanGuard] = None
         self.switch_log: List[str] = []  # why the plan was left, one entry per change
+        self.trainable = TrainableSet(self.module)  # what DDP averages now
+        self.trainable_changes: List[TrainableChange] = []  # each change of the trainable set
+        self.trainable_log: List[str] = []  # and how it was logged
+        self.trainable_change_timeout = trainable_change_timeout
+        self._trainable_change: Optional[TrainableChange] = None
+        # store tags: wrappers are made in the same order on every rank, as are the exchanges
+        self._store_tag = f'trainable/{next(_WRAPPERS)}'
+        self._store_exchanges = 0
         self._syncs_backward = True  # whether the last forward prepared a synchronising backward
         self.bucket_strides = self._current_strides()
         self._comm_hook_record: Optional[List[tuple]] = []
@@ -139,6 +159,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         for state, hook in comm_hooks:
             self.register_comm_hook(state, hook)
         self.bucket_strides = self._current_strides()
+        self.trainable = TrainableSet(module)
 
     def refresh_buckets(self) -> None:
         """Rebuild with the current settings, so bucket views follow the parameters' layouts."""
@@ -150,8 +171,10 @@ class ReconfigurableDDP(MMDistributedDataParallel):
     def start_probe(self) -> None:
         """Probe under ``find_unused_parameters=False``, each step completed as ``True`` would."""
         self.close_guard()
+        if self.probe is not None:
+            self.probe.close()
         self.rebuild(find_unused_parameters=False)
-        self.probe = UsageProbe(self.module, self.process_group)
+        self.probe = UsageProbe(self.module, self.process_group, self.trainable)
 
     def finish_probe(self) -> Usage:
         """Stop recording and combine every rank's usage (a collective)."""
@@ -172,7 +195,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         if plan.guarded:
             self.guard = PlanGuard(self.module,
                                    plan.fill.get(ddist.group_rank(self.process_group), []),
-                                   plan.ignore, group=self.process_group)
+                                   plan.ignore, group=self.process_group, trainable=self.trainable)
 
     def close_guard(self) -> None:
         """Finish the guard's outstanding flag exchange (every rank)."""
@@ -227,13 +250,62 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         """Call after a synchronising backward, before the optimizer step: the step is completed
         as ``find_unused_parameters=True`` would. Returns why usage left the plan, or None."""
         watcher = self._watcher()
-        change = watcher.after_backward(self.reducer) if watcher is not None else None
+        if watcher is None:
+            self._trainable_change = self._follow_unguarded()
+            return None
+        change = watcher.after_backward(self.reducer)
+        self._trainable_change = watcher.trainable_change
         return change if watcher is self.guard else None
 
     def after_step(self, change: Optional[str]) -> None:
         """Call after the optimizer step with what ``after_backward`` returned (every rank)."""
+        trainable, self._trainable_change = self._trainable_change, None
+        if trainable:
+            text = f'trainable set changed{where_now()}: {trainable.describe()}'
+            self.trainable_changes.append(trainable)
+            self.trainable_log.append(text)
+            print_log(f'[mmddp_hooks] {text}; that step was averaged as DDP built with the new set '
+                      'would have, and every rank rebuilds DDP with it now', logger='current')
         if change:
             self._usage_changed(change)
+        if trainable and self.trainable.change():  # not rebuilt by a switch above
+            if self.probe is not None:
+                print_log('[mmddp_hooks] the probe starts again: what it recorded was measured '
+                          'on another trainable set', logger='current')
+                self.start_probe()
+            elif self.plan is not None:
+                self.apply_plan(self.plan)
+            else:
+                self.refresh_buckets()
+
+    def _follow_unguarded(self) -> Optional[TrainableChange]:
+        """Where no guard exchanges flags every step: a rank that sees its trainable set changed
+        asks the others through the store (nothing is exchanged while nothing changes), then fixes
+        the step as the guard does. Returns the change, or None."""
+        change = self.trainable.change()
+        if not change:
+            return None
+        named = dict(zip(self.trainable.names, self.trainable.params))
+        got = [n for n in change.unfrozen if named[n].grad is not None]
+        try:
+            posted = ddist.store_exchange(f'{self._store_tag}/{self._store_exchanges}', (change, got),
+                                          self.process_group, self.trainable_change_timeout)
+        except ddist.StoreTimeout as e:
+            raise RuntimeError(rank_dependent_message(
+                {r: c for r, (c, _) in e.posted.items()}, e.missing,
+                self.trainable_change_timeout)) from None
+        self._store_exchanges += 1
+        if any(c != change for c, _ in posted.values()):
+            raise RuntimeError(rank_dependent_message({r: c for r, (c, _) in posted.items()}))
+        averaged = self.trainable.averaged
+        frozen_in_reducer = [named[n] for n in change.frozen if id(named[n]) in averaged]
+        if frozen_in_reducer and not reducer_finalized(self.reducer):  # False: it waits for them
+            zero_fill(frozen_in_reducer)
+        used = {n for _, g in posted.values() for n in g}
+        average_by_hand([named[n] for n in change.unfrozen if n in used], self.process_group)
+        for n in change.frozen:
+            named[n].grad = None
+        return change
 
     def train_step(self, data: Union[dict, tuple, list],
                    optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ same ranks. Where ``True`` cannot run (reentrant checkpointing), the reference i
 from typing import Any, Dict, List
 
 import torch
-import torch.distributed as dist
 
 import scenarios
 
@@ -36,7 +35,7 @@ CASES: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _allow_amp_on_cpu() -> None:
+def allow_amp_on_cpu() -> None:
     """MMEngine's AmpOptimWrapper asserts a GPU, though autocast runs bf16 on CPU and its
     GradScaler disables itself there: lift the assertion, for this test process only."""
     if not torch.cuda.is_available():
@@ -46,7 +45,7 @@ def _allow_amp_on_cpu() -> None:
 
 def run_contract(names: List[str], iters: int = ITERS) -> Dict[str, Dict[str, Any]]:
     """On every rank: each case with the hook, then as plain DDP; what the tests compare."""
-    _allow_amp_on_cpu()
+    allow_amp_on_cpu()
     out = {}
     for name in names:
         case = CASES[name]
@@ -56,14 +55,5 @@ def run_contract(names: List[str], iters: int = ITERS) -> Dict[str, Dict[str, An
                                 find_unused=case.get('config_find_unused', False), **kw)
         reference = scenarios.train(case['model'],
                                     find_unused=case.get('reference_find_unused', True), **kw)
-        out[name] = dict(
-            rank=dist.get_rank(),
-            losses=len(tuned['losses']), vals=tuned['vals'],
-            loss_diff=max(abs(a - b) for a, b in zip(tuned['losses'], reference['losses'])),
-            param_diff=max((tuned['params'][k] - reference['params'][k]).abs().max().item()
-                           for k in tuned['params']),
-            bit_equal=all(torch.equal(tuned['params'][k], reference['params'][k])
-                          for k in tuned['params']),
-            digest=tuned['digest'], plan=tuned['plan'], current=tuned['current'],
-            switch_log=tuned['switch_log'])
+        out[name] = scenarios.compare_runs(tuned, reference)
     return out

@@ -4,10 +4,11 @@ Every model reproduces one user report: a config-disabled distillation module, a
 rank only, modality dropout, random goal-encoder selection, tied weights + a frozen layer + root-level
 parameters, and branches that wake up or fall asleep after the probe.
 """
+import fnmatch
 import hashlib
 import os
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -233,7 +234,7 @@ class ScenarioMSE(BaseMetric):
 
     def process(self, data_batch, data_samples) -> None:
         for out, target in zip(data_samples, data_batch['target']):
-            self.results.append(float(((out - target) ** 2).mean()))
+            self.results.append(float(((out - target.to(out.device)) ** 2).mean()))
 
     def compute_metrics(self, results) -> Dict[str, float]:
         return dict(mse=sum(results) / max(len(results), 1))
@@ -265,17 +266,23 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
           ema: bool = False, log_level: str = 'WARNING',
           prewrap: bool = False, load_from: Optional[str] = None,
           optim_wrapper: Optional[dict] = None, val_interval: int = 0,
-          log_interval: int = 1) -> Dict[str, Any]:
+          log_interval: int = 1, frozen: Sequence[str] = (), extra_hooks: Sequence[Any] = (),
+          wrapper: Optional[dict] = None) -> Dict[str, Any]:
     """Train one scenario on this rank through a real Runner; return what the tests compare.
 
     ``optim_wrapper``: extra optimizer-wrapper keys (type, clip_grad, dtype, paramwise_cfg, ...);
-    ``val_interval``: run a val loop every that many iterations.
+    ``val_interval``: run a val loop every that many iterations; ``frozen``: globs of parameters
+    that do not require grad when the model is wrapped; ``extra_hooks``: more custom hooks;
+    ``wrapper``: more ``model_wrapper_cfg`` keys.
     """
     torch.manual_seed(0)
     model = MODELS[model_name]()
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, g) for g in frozen):
+            p.requires_grad_(False)
     recorder = LossRecorder()
     work_dir = work_dir or tempfile.mkdtemp(prefix=f'mmddp_{model_name}_')
-    hooks: List[Any] = [recorder]
+    hooks: List[Any] = [recorder, *extra_hooks]
     if hook is not None:
         hooks.insert(0, dict(type='DDPAutoTuneHook', **hook))
     if ema:
@@ -283,11 +290,16 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
     default_hooks = dict(logger=dict(type='LoggerHook', interval=log_interval),
                          checkpoint=dict(type='CheckpointHook', interval=checkpoint_interval or 10**6,
                                          by_epoch=False))
-    wrapper_cfg = dict(type='ReconfigurableDDP', find_unused_parameters=find_unused)
+    wrapper_cfg = dict(type='ReconfigurableDDP', find_unused_parameters=find_unused, **(wrapper or {}))
     if torch.cuda.is_available():  # the Runner moves the model to the current GPU (shared by ranks)
         wrapper_cfg['device_ids'] = [torch.cuda.current_device()]
-    if prewrap:  # the user wrapped the model by hand: the runner leaves it alone
-        model, wrapper_cfg = MMDistributedDataParallel(model, find_unused_parameters=find_unused), None
+    if prewrap:  # the user wrapped the model by hand: the runner leaves it alone (and on its device)
+        devices = dict(device_ids=[torch.cuda.current_device()]) if torch.cuda.is_available() else {}
+        model = model.cuda() if devices else model
+        model = MMDistributedDataParallel(model, find_unused_parameters=find_unused, **devices)
+        wrapper_cfg = None
+    optim_cfg = dict(optimizer=optimizer or dict(type='SGD', lr=0.05, momentum=0.9),
+                     **(optim_wrapper or {}))
     runner = Runner(
         model=model,
         work_dir=work_dir,
@@ -298,10 +310,9 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
                               sampler=dict(type='DefaultSampler', shuffle=True),
                               collate_fn=dict(type='default_collate')),
         train_cfg=dict(by_epoch=False, max_iters=iters, val_interval=val_interval or iters + 1),
-        optim_wrapper=dict(optimizer=optimizer or dict(type='SGD', lr=0.05, momentum=0.9),
-                           **(optim_wrapper or {})),
+        optim_wrapper=optim_cfg,
         **_val_loop(val_interval),
-        cfg=dict(model_wrapper_cfg=wrapper_cfg),
+        cfg=dict(model_wrapper_cfg=wrapper_cfg, optim_wrapper=optim_cfg),  # as Runner.from_cfg has
         custom_hooks=hooks,
         default_hooks=default_hooks,
         launcher='pytorch',
@@ -326,11 +337,20 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
                      ignored=sorted(getattr(wrapper.module, '_ddp_params_and_buffers_to_ignore',
                                             []))),
         switch_log=list(getattr(wrapper, 'switch_log', [])),
+        trainable_log=list(getattr(wrapper, 'trainable_log', [])),
         probed=tune is not None and tune.report_path is not None,
         wrapper_type=type(wrapper).__name__,
         report_path=tune.report_path if tune is not None else None,
         work_dir=work_dir,
+        optimized=_optimized(runner.optim_wrapper, wrapper.module),
     )
+
+
+def _optimized(optim_wrapper, module: nn.Module) -> Dict[str, Dict[str, float]]:
+    """Each parameter the optimizer holds: its group's lr and weight decay, by name."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return {names[id(p)]: dict(lr=g['lr'], weight_decay=g.get('weight_decay', 0.0))
+            for g in optim_wrapper.optimizer.param_groups for p in g['params']}
 
 
 def _val_loop(val_interval: int) -> Dict[str, Any]:
@@ -350,6 +370,32 @@ def _counter():
 
 
 _RUN_IDS = _counter()
+
+
+def compare_runs(tuned: Dict[str, Any], reference: Dict[str, Any]) -> Dict[str, Any]:
+    """What the contract tests compare between a tuned run and its reference, on this rank."""
+    return dict(
+        rank=dist.get_rank(), losses=len(tuned['losses']), vals=tuned['vals'],
+        loss_diff=max(abs(a - b) for a, b in zip(tuned['losses'], reference['losses'])),
+        param_diff=max((tuned['params'][k] - reference['params'][k]).abs().max().item()
+                       for k in tuned['params']),
+        bit_equal=all(torch.equal(tuned['params'][k], reference['params'][k])
+                      for k in tuned['params']),
+        digest=tuned['digest'], plan=tuned['plan'], current=tuned['current'],
+        switch_log=tuned['switch_log'], trainable_log=tuned['trainable_log'])
+
+
+def assert_trains_alike(rows: List[Dict[str, Any]], world_size: int, iters: int,
+                        tolerance: float = 1e-6) -> None:
+    """Every rank's :func:`compare_runs` row: replicas bit-identical, ``iters`` losses and a val
+    every 4, loss curve and final parameters within ``tolerance`` of the reference, bit for bit on
+    2 ranks (a+b in any order; on 3, ring sums follow bucket positions, which the plan's ignore set
+    and DDP's bucket rebuild move: last-bit differences)."""
+    assert len({r['digest'] for r in rows}) == 1, 'replicas diverged'
+    for r in rows:
+        assert r['losses'] == iters and r['vals'] == iters // 4
+        assert r['loss_diff'] <= tolerance and r['param_diff'] <= tolerance, r
+        assert r['bit_equal'] or world_size > 2, r
 
 
 def compare_with_find_unused(model_name: str, hook: dict, iters: int = 10,

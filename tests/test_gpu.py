@@ -4,7 +4,9 @@ a. every plan path through a real Runner under NCCL with world size 1: each coll
    real NCCL call under NCCL's device rules (a CPU tensor on the NCCL group raises);
 b. two ranks sharing the GPU over gloo with CUDA tensors, for the paths that need several ranks;
 c. the mmseg launcher on the GPU;
-d. GlobalInBatchInfoNCE on CUDA under fp16/bf16 autocast, with host syncs turned into errors.
+d. GlobalInBatchInfoNCE on CUDA under fp16/bf16 autocast, with host syncs turned into errors;
+e. trainable-set changes (freeze/unfreeze) against their reference, NCCL world size 1 and 2 gloo
+   ranks sharing the GPU.
 """
 import os
 import subprocess
@@ -17,6 +19,7 @@ import torch
 from mmddp_hooks.testing import run_distributed
 
 import scenarios
+import trainable_cases
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
@@ -29,7 +32,7 @@ SGD_WD = dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=1e-2)
 def _compare(model_name, world_size, backend, hook, iters=12):
     results = run_distributed(scenarios.compare_with_find_unused, world_size, backend=backend,
                               args=(model_name, hook), kwargs=dict(iters=iters, optimizer=SGD_WD),
-                              timeout=TIMEOUT)
+                              timeout=TIMEOUT, local_devices=torch.cuda.device_count())
     assert len({r['tuned']['digest'] for r in results}) == 1, 'replicas diverged'
     for r in results:
         assert r['tuned']['losses'] == pytest.approx(r['reference_losses'], rel=1e-5, abs=1e-6)
@@ -117,6 +120,23 @@ def test_two_ranks_share_the_gpu_over_gloo(model_name, hook):
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize('world_size, backend', [(1, 'nccl'), (2, 'gloo')])
+def test_trainable_set_changes_on_the_gpu(world_size, backend):
+    """Freeze/unfreeze against the reference (tests/trainable_cases.py) with CUDA tensors: the
+    guard's exchange, the store exchange under find_unused_parameters=True, and real bf16 AMP."""
+    names = ['both', 'find_unused_plan', 'amp_bf16', 'accumulation']
+    ranks = run_distributed(trainable_cases.run_cases, world_size, backend=backend,
+                            args=(names,), kwargs=dict(iters=70), timeout=TIMEOUT,
+                            local_devices=torch.cuda.device_count())
+    for name in names:
+        rows = [r[name] for r in ranks]
+        assert len({r['digest'] for r in rows}) == 1, 'replicas diverged'
+        for r in rows:
+            assert r['loss_diff'] <= 1e-5 and r['param_diff'] <= 1e-5, (name, r)
+            assert len(r['trainable_log']) == 2 and r['switch_log'] == [], (name, r)
+
+
+@pytest.mark.dist
 @pytest.mark.mmseg
 def test_dist_train_fcn_stage4_on_the_gpu(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED='1')
@@ -139,11 +159,12 @@ def test_infonce_on_cuda_under_autocast_without_host_sync(dtype):
     mask = torch.rand(16, generator=g) > 0.2
     reference = GlobalInBatchInfoNCE(symmetric=True)(q, k, mask=mask)['loss_infonce']
     criterion = GlobalInBatchInfoNCE(symmetric=True, learnable_temperature=True).cuda()
-    qc = q.cuda().requires_grad_()
+    qc, kc, mc, eye = q.cuda().requires_grad_(), k.cuda(), mask.cuda(), torch.eye(32, device='cuda')
+    torch.cuda.synchronize()  # the inputs' copies and fills are done before host syncs are errors
     torch.cuda.set_sync_debug_mode('error')
     try:
         with torch.autocast('cuda', dtype=dtype):
-            loss = criterion(qc @ torch.eye(32, device='cuda'), k.cuda(), mask=mask.cuda())
+            loss = criterion(qc @ eye, kc, mask=mc)
         loss['loss_infonce'].backward()
     finally:
         torch.cuda.set_sync_debug_mode('default')

@@ -5,6 +5,7 @@ Each launch runs under a hard timeout in its own process group (killed whole on 
 import json
 
 import pytest
+import torch
 
 import launch
 
@@ -14,6 +15,7 @@ ROOT = launch.ROOT
 FCN_STAGE4 = ROOT / 'configs' / 'mmseg' / 'fcn_r18_stage4-unused.py'
 FCN_AUX_OFF = ROOT / 'configs' / 'mmseg' / 'fcn_r18_aux-off.py'
 SEGFORMER = ROOT / 'configs' / 'mmseg' / 'segformer_mit-b0_find-unused.py'
+FCN_SCHEDULE = ROOT / 'configs' / 'mmseg' / 'fcn_r18_unfreeze-schedule.py'
 SYNTH = ['--synthetic', '64', '64']
 
 
@@ -93,3 +95,22 @@ def test_ddp_doctor_exit_codes(config, extra, expected):
         assert "model_wrapper_cfg = dict(type='ReconfigurableDDP', find_unused_parameters=False)" in out
     if expected == 0 and config == FCN_AUX_OFF:
         assert 'thanks to its DDPAutoTuneHook' in out
+
+
+def test_frozen_stages_lifted_by_the_schedule_train_on_every_rank(tmp_path):
+    """frozen_stages=2 and a paramwise_cfg: MMEngine's constructor skips the frozen stages, the
+    hook builds the optimizer again with them, lowers frozen_stages as it unfreezes, and DDP
+    follows both changes with bit-identical replicas."""
+    code, out = dist_train(FCN_SCHEDULE, tmp_path, '--iters', '10')
+    assert code == 0, out[-5000:]
+    assert 'optimizer built again so that it holds the 36 parameters the schedule unfreezes' in out
+    assert 'backbone.frozen_stages 2 -> 1' in out and 'backbone.frozen_stages 1 -> -1' in out
+    assert 'trainable set changed at iteration 6: unfroze 15 params (backbone.layer2.0.conv1' in out
+    assert 'trainable set changed at iteration 8: unfroze 21 params (backbone.stem.0.weight' in out
+    assert 'replicas bit-identical on 2 ranks at iteration 10' in out
+    assert 'usage changed after the probe' not in out
+    before, after = (torch.load(tmp_path / f'iter_{i}.pth', map_location='cpu',
+                                weights_only=False)['state_dict'] for i in (5, 10))
+    for name in ('backbone.layer2.0.conv1.weight', 'backbone.stem.0.weight',
+                 'backbone.layer1.0.bn1.weight'):
+        assert not torch.equal(before[name], after[name]), f'{name} was never updated'

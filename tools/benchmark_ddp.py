@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     p.add_argument('--mmseg-config', default=str(Path(__file__).parents[1] / 'configs' / 'mmseg' /
                                                  'fcn_r18_stage4-unused.py'),
                    help="real mmseg model scenario ('' to skip)")
+    p.add_argument('--mmseg-frozen-config', default=str(
+        Path(__file__).parents[1] / 'configs' / 'mmseg' / 'fcn_r18_unfreeze-schedule.py'),
+                   help="the same model with frozen_stages=2, which stay frozen ('' to skip)")
     p.add_argument('--json', help='write the results here')
     p.add_argument('--plot', help='write a PNG of the ratios here')
     p.add_argument('--timeout', type=float, default=900.0, help='seconds per scenario')
@@ -36,6 +39,8 @@ def main(argv=None) -> int:
     scenarios = dict(bench.QUICK if args.quick else bench.SCENARIOS)
     if not args.quick and args.mmseg_config:
         scenarios['mmseg_fcn_r18'] = dict(config=args.mmseg_config)
+    if not args.quick and args.mmseg_frozen_config:
+        scenarios['mmseg_fcn_r18_frozen_stages'] = dict(config=args.mmseg_frozen_config)
     if args.scenarios:
         scenarios = {k: v for k, v in scenarios.items() if k in args.scenarios}
     rounds = min(args.rounds, 6) if args.quick else args.rounds

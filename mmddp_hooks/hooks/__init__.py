@@ -4,6 +4,7 @@ from .dist_debug_level_hook import DistDebugLevelHook
 from .double_wrap_check_hook import DoubleWrapCheckHook
 from .grad_layout_hook import GradLayoutHook
 from .replica_consistency_hook import ReplicaConsistencyHook
+from .trainable_schedule_hook import TrainableScheduleHook
 
 __all__ = ['DataPartitionCheckHook', 'DDPAutoTuneHook', 'DistDebugLevelHook', 'DoubleWrapCheckHook',
-           'GradLayoutHook', 'ReplicaConsistencyHook']
+           'GradLayoutHook', 'ReplicaConsistencyHook', 'TrainableScheduleHook']

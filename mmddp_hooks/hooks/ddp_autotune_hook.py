@@ -13,6 +13,7 @@ from .. import dist as ddist
 from ..branches import CONFIG_KEY, Branch, parse_branches, resolve_branches, standard_settings
 from ..plan import DDPPlan, check_policy, choose_plan
 from ..report import NEVER, UsageReport, build_report
+from ..trainable import optimizer_params, where_now
 from ..wrapper import ReconfigurableDDP
 
 CHECKPOINT_KEY = 'mmddp_hooks'
@@ -61,6 +62,7 @@ class DDPAutoTuneHook(Hook):
         self.plan: Optional[DDPPlan] = None
         self.report: Optional[UsageReport] = None
         self.report_path: Optional[str] = None
+        self._changes_seen = 0  # trainable-set changes whose optimizer membership was checked
 
     def before_run(self, runner) -> None:
         for note in standard_settings(runner.cfg)['dropped']:  # the run does not see these keys
@@ -142,6 +144,8 @@ class DDPAutoTuneHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         model = self._wrapper(runner)
+        if model is not None and len(model.trainable_changes) > self._changes_seen:
+            self._check_optimizer_holds(runner, model)
         if model is None or model.probe is None or len(model.probe.steps) < self.probe_iters:
             return
         report = build_report(model.finish_probe())
@@ -163,6 +167,23 @@ class DDPAutoTuneHook(Hook):
             if self.strict:
                 raise RuntimeError(f'[mmddp_hooks] strict: {note}')
             runner.logger.warning(f'[mmddp_hooks] {note}')
+
+    def _check_optimizer_holds(self, runner, model: ReconfigurableDDP) -> None:
+        """An unfrozen parameter the optimizer does not hold would be averaged but never updated:
+        stop, naming it (TrainableScheduleHook builds the optimizer with what it unfreezes)."""
+        new, self._changes_seen = model.trainable_changes[self._changes_seen:], \
+            len(model.trainable_changes)
+        named = dict(model.module.named_parameters())
+        held = optimizer_params(runner.optim_wrapper)
+        missing = [n for c in new for n in c.unfrozen if id(named[n]) not in held]
+        if missing:
+            raise RuntimeError(
+                f'[mmddp_hooks] {len(missing)} parameters were unfrozen{where_now()} but the '
+                f'optimizer does not hold them ({", ".join(missing[:6])}'
+                f'{" ..." if len(missing) > 6 else ""}): they would be averaged and never updated. '
+                "MMEngine's constructor with a paramwise_cfg skips parameters that do not require "
+                'grad when it builds the optimizer. Unfreeze them with TrainableScheduleHook, which '
+                'builds the optimizer with them, or have them require grad when it is built.')
 
     def after_run(self, runner) -> None:
         """Finish the guard's flag exchange while every rank's process group is alive."""

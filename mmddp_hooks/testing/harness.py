@@ -131,7 +131,8 @@ def run_on_ranks(fn: Callable[..., Any],
                  backend: str = 'gloo',
                  env: Optional[Dict[str, str]] = None,
                  failure_grace: float = 5.0,
-                 init_process_group: bool = True) -> DistRunResult:
+                 init_process_group: bool = True,
+                 local_devices: Optional[int] = None) -> DistRunResult:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks with an initialised process group.
 
     ``fn`` must be importable by reference (a module-level function). Each rank's return value must
@@ -144,6 +145,9 @@ def run_on_ranks(fn: Callable[..., Any],
         init_process_group: False leaves initialisation to ``fn`` (torchrun's variables are set),
             to test code that must run before the process group exists.
         env: extra environment variables for every rank.
+        local_devices: GPUs the ranks share: ``LOCAL_RANK`` is ``rank % local_devices`` (two ranks
+            on one GPU both get 0; MMEngine's logger indexes the visible devices by ``LOCAL_RANK``).
+            ``None``: ``LOCAL_RANK`` is the rank, as torchrun sets it on one node.
     """
     kwargs = kwargs or {}
     workdir = Path(tempfile.mkdtemp(prefix='mmddp_ranks_'))
@@ -169,7 +173,8 @@ def run_on_ranks(fn: Callable[..., Any],
     start = time.monotonic()
     try:
         for rank in range(world_size):
-            rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
+            local_rank = rank % local_devices if local_devices else rank
+            rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(local_rank))
             log = (workdir / f'rank{rank}.log').open('wb')
             logs.append(log)
             group = pgid
