@@ -329,7 +329,7 @@ def format_table(results: List[Dict[str, Any]]) -> str:
         t = res.get('tracking')
         if t and res['auto_ms']:
             cost = 1e6 * t['reads_s']
-            how = ('in the flag exchange the guard already makes, same size' if t['guarded'] else
+            how = ('in the flag exchange the guard already makes' if t['guarded'] else
                    'no exchange while nothing changes (find_unused_parameters=True)')
             lines.append(f"| {res['scenario']} | auto: trainable-set tracking | {cost:.0f} us per "
                          f"step ({100 * cost / (1e3 * res['auto_ms']):.2f}% of auto's step) | "

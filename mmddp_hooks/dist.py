@@ -171,6 +171,12 @@ class StoreTimeout(RuntimeError):
         self.missing, self.posted = missing, posted
 
 
+def store() -> Any:
+    """The default process group's c10d store: a channel beside the collectives, which keeps
+    working while they hang (heartbeats, and exchanges a collective could wait on for ever)."""
+    return dist.distributed_c10d._get_default_store()
+
+
 def store_exchange(tag: str, value: Any, group: Optional[ProcessGroup] = None,
                    timeout_s: float = 30.0) -> Dict[int, Any]:
     """Every rank's ``value`` through the c10d store, or :class:`StoreTimeout` after ``timeout_s``.
@@ -182,16 +188,16 @@ def store_exchange(tag: str, value: Any, group: Optional[ProcessGroup] = None,
     """
     if not is_dist():
         return {0: value}
-    store = dist.distributed_c10d._get_default_store()
+    kv = store()
     ranks = dist.get_process_group_ranks(group) if group is not None else range(get_world_size())
     keys = {r: f'mmddp_hooks/{tag}/{r}' for r in ranks}
-    store.set(keys[get_rank()], pickle.dumps(value))
+    kv.set(keys[get_rank()], pickle.dumps(value))
     try:
-        store.wait(list(keys.values()), datetime.timedelta(seconds=timeout_s))
+        kv.wait(list(keys.values()), datetime.timedelta(seconds=timeout_s))
     except Exception as e:  # DistStoreError (torch >= 2.2) or RuntimeError: a timeout
-        posted = {r: pickle.loads(store.get(k)) for r, k in keys.items() if store.check([k])}
+        posted = {r: pickle.loads(kv.get(k)) for r, k in keys.items() if kv.check([k])}
         raise StoreTimeout([r for r in ranks if r not in posted], posted) from e
-    return {r: pickle.loads(store.get(k)) for r, k in keys.items()}
+    return {r: pickle.loads(kv.get(k)) for r, k in keys.items()}
 
 
 # --------------------------------------------------------------------------------------- data plane

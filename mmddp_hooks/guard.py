@@ -140,7 +140,7 @@ class PlanGuard:
         self._drop_pending()
         self._unhook()
         self._arrived = None
-        if sync and any(p.grad is not None for p in self._watched):
+        if sync and any(p.grad is not None and p.requires_grad for p in self._watched):
             arrived = self._arrived = np.zeros(len(self._watched), dtype=bool)
             self._handles = [p.register_post_accumulate_grad_hook(partial(_arrive, arrived, i))
                              for i, p in enumerate(self._watched) if p.requires_grad]
@@ -155,7 +155,11 @@ class PlanGuard:
         their exchange now, to run beside DDP's last bucket all-reduces and the fills below."""
         n, w = len(self.params), len(self._watched)
         local = np.array([p.grad is not None for p in self._watched], dtype=bool)
-        changed = np.array([p.requires_grad for p in self._watched], dtype=bool) != self._built
+        rg = np.array([p.requires_grad for p in self._watched], dtype=bool)
+        changed = rg != self._built
+        # outside the reducer only what requires grad now counts: a stale .grad of a frozen
+        # parameter is nothing to average
+        local[n:] &= rg[n:]
         self._fired = local if self._arrived is None else self._arrived
         self._unhook()  # the fills below are not arrivals
         flags = np.empty(w + 1, dtype=np.int32)

@@ -11,7 +11,7 @@ parameter names. Every check names the entry (``schedule[i]``) and the key.
 """
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from torch import nn
 
@@ -31,6 +31,7 @@ class ScheduleEntry:
     unfreeze: List[str] = field(default_factory=list)
     frozen: List[str] = field(default_factory=list)     # parameter names, once resolved
     unfrozen: List[str] = field(default_factory=list)
+    start: Optional[int] = None  # the iteration it applies before, once the loop is known
 
     @property
     def when(self) -> str:
@@ -83,11 +84,15 @@ def parse_schedule(schedule: Any) -> List[ScheduleEntry]:
     return entries
 
 
-def resolve_schedule(entries: Sequence[ScheduleEntry], module: nn.Module) -> None:
+def resolve_schedule(entries: Sequence[ScheduleEntry], module: nn.Module,
+                     iters_per_epoch: Optional[int] = None) -> None:
     """Match each entry's globs on the model; a glob matching nothing, an entry that freezes and
-    unfreezes one parameter, or two entries at the same time point that disagree are errors."""
+    unfreezes one parameter, or two entries at the same time point that disagree are errors.
+    ``iters_per_epoch`` (an epoch-based loop's) places ``at_epoch`` entries among ``at`` ones."""
     names = [n for n, _ in module.named_parameters()]
     for e in entries:
+        e.start = e.at if e.at is not None else (
+            e.at_epoch * iters_per_epoch if iters_per_epoch is not None else None)
         for key, out in (('freeze', e.frozen), ('unfreeze', e.unfrozen)):
             for glob in getattr(e, key):
                 hits = [n for n in names if fnmatchcase(n, glob)]
@@ -100,12 +105,22 @@ def resolve_schedule(entries: Sequence[ScheduleEntry], module: nn.Module) -> Non
             raise ScheduleError(f'{e.label()} both freezes and unfreezes {both[:4]}')
     for i, a in enumerate(entries):
         for b in entries[i + 1:]:
-            if (a.at, a.at_epoch) != (b.at, b.at_epoch):
+            same = a.start == b.start if None not in (a.start, b.start) else \
+                (a.at, a.at_epoch) == (b.at, b.at_epoch)
+            if not same:
                 continue
             clash = sorted((set(a.frozen) & set(b.unfrozen)) | (set(a.unfrozen) & set(b.frozen)))
             if clash:
                 raise ScheduleError(f'{a.label()} and {b.label()} apply at the same time and '
                                     f'disagree on {clash[:4]}')
+
+
+def due_in_order(entries: Sequence[ScheduleEntry], applied: Set[int], iteration: int,
+                 epoch: int) -> List[ScheduleEntry]:
+    """The entries not applied yet that are due, in time order (list order where tied): a resumed
+    run applies what it missed as the uninterrupted run did."""
+    due = [e for e in entries if e.index not in applied and e.due(iteration, epoch)]
+    return sorted(due, key=lambda e: (e.start if e.start is not None else -1, e.index))
 
 
 def scheduled_unfreezes(entries: Sequence[ScheduleEntry]) -> List[str]:

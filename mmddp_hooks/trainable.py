@@ -8,7 +8,7 @@ flag exchange, or a store exchange where no guard runs) and rebuilds DDP on ever
 next forward.
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import numpy as np
 from mmengine.logging import MessageHub
@@ -37,10 +37,15 @@ class TrainableChange:
 
 class TrainableSet:
     """Every parameter of ``module`` (deduplicated, first alias) and whether it required grad when
-    DDP was last built: the set DDP's reducer averages, before the plan's ignore list."""
+    DDP was last built: the set DDP's reducer averages, before the plan's ignore list. Parameters
+    the user told DDP to ignore (``user_ignored``: DDP ignore keys) are left out: DDP never
+    averages them, trainable or not."""
 
-    def __init__(self, module: nn.Module) -> None:
-        named = list(module.named_parameters())
+    def __init__(self, module: nn.Module, user_ignored: Sequence[str] = ()) -> None:
+        keys = set(user_ignored)
+        mine = {id(p) for mn, m in module.named_modules()
+                for pn, p in m.named_parameters(recurse=False) if f'{mn}.{pn}' in keys}
+        named = [(n, p) for n, p in module.named_parameters() if id(p) not in mine]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.built = [p.requires_grad for p in self.params]

@@ -57,7 +57,9 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         detect_anomalous_params: as in ``MMDistributedDataParallel``.
         trainable_change_timeout: seconds a rank that saw ``requires_grad`` change waits for the
             others to report the same change, where no guard's exchange runs every step
-            (``find_unused_parameters=True`` plans); past it, training stops with the ranks named.
+            (``find_unused_parameters=True`` plans, or no DDPAutoTuneHook); past it, training
+            stops with the ranks named. Generous: under NCCL a rank can be a step behind (rank 0
+            saving a checkpoint), and a false alarm would stop a correct run.
         **kwargs: ``DistributedDataParallel`` arguments. ``device_ids``/``output_device`` are dropped
             for CPU modules (DDP rejects them there; MMEngine always passes ``[LOCAL_RANK]``).
 
@@ -67,7 +69,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
     """
 
     def __init__(self, module: nn.Module, detect_anomalous_params: bool = False,
-                 trainable_change_timeout: float = 30.0, **kwargs: Any) -> None:
+                 trainable_change_timeout: float = 300.0, **kwargs: Any) -> None:
         refused = [k for k in _NOT_REBUILDABLE if kwargs.get(k) is not None]
         if refused:
             raise ValueError(f'model_wrapper_cfg sets {refused}: ReconfigurableDDP rebuilds DDP in '
@@ -95,7 +97,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.probe: Optional[UsageProbe] = None
         self.guard: Optional[PlanGuard] = None
         self.switch_log: List[str] = []  # why the plan was left, one entry per change
-        self.trainable = TrainableSet(self.module)  # what DDP averages now
+        self.trainable = TrainableSet(self.module, self._user_ignored)  # what DDP averages now
         self.trainable_changes: List[TrainableChange] = []  # each change of the trainable set
         self.trainable_log: List[str] = []  # and how it was logged
         self.trainable_change_timeout = trainable_change_timeout
@@ -159,7 +161,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         for state, hook in comm_hooks:
             self.register_comm_hook(state, hook)
         self.bucket_strides = self._current_strides()
-        self.trainable = TrainableSet(module)
+        self.trainable = TrainableSet(module, self._user_ignored)
 
     def refresh_buckets(self) -> None:
         """Rebuild with the current settings, so bucket views follow the parameters' layouts."""

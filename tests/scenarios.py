@@ -19,6 +19,7 @@ from mmengine.model import BaseModel, MMDistributedDataParallel
 from mmengine.registry import METRICS
 from mmengine.runner import Runner
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from mmddp_hooks.checkpoint import safe_checkpoint_loading
@@ -267,19 +268,23 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
           prewrap: bool = False, load_from: Optional[str] = None,
           optim_wrapper: Optional[dict] = None, val_interval: int = 0,
           log_interval: int = 1, frozen: Sequence[str] = (), extra_hooks: Sequence[Any] = (),
-          wrapper: Optional[dict] = None) -> Dict[str, Any]:
+          wrapper: Optional[dict] = None, dataset: Optional[Dataset] = None,
+          ddp_ignore: Sequence[str] = ()) -> Dict[str, Any]:
     """Train one scenario on this rank through a real Runner; return what the tests compare.
 
     ``optim_wrapper``: extra optimizer-wrapper keys (type, clip_grad, dtype, paramwise_cfg, ...);
     ``val_interval``: run a val loop every that many iterations; ``frozen``: globs of parameters
     that do not require grad when the model is wrapped; ``extra_hooks``: more custom hooks;
-    ``wrapper``: more ``model_wrapper_cfg`` keys.
+    ``wrapper``: more ``model_wrapper_cfg`` keys; ``dataset``: the training set; ``ddp_ignore``:
+    what the user tells DDP to ignore.
     """
     torch.manual_seed(0)
     model = MODELS[model_name]()
     for name, p in model.named_parameters():
         if any(fnmatch.fnmatchcase(name, g) for g in frozen):
             p.requires_grad_(False)
+    if ddp_ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ddp_ignore))
     recorder = LossRecorder()
     work_dir = work_dir or tempfile.mkdtemp(prefix=f'mmddp_{model_name}_')
     hooks: List[Any] = [recorder, *extra_hooks]
@@ -305,7 +310,7 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         work_dir=work_dir,
         experiment_name=f'{model_name}_{os.getpid()}_{next(_RUN_IDS)}',
         # one epoch covers the run: MMEngine sleeps 2 s each time an iteration loop restarts one
-        train_dataloader=dict(dataset=RandomVectors(max(64, 2 * iters * dist.get_world_size())),
+        train_dataloader=dict(dataset=dataset or RandomVectors(max(64, 2 * iters * dist.get_world_size())),
                               batch_size=2, num_workers=0,
                               sampler=dict(type='DefaultSampler', shuffle=True),
                               collate_fn=dict(type='default_collate')),

@@ -82,6 +82,11 @@ def test_hung_collective_is_killed_within_timeout():
             os.kill(pid, 0)
     with pytest.raises(DistTestFailure, match='TIMED OUT'):
         result.values()
+    # each killed rank says where it was: rank 0 in the sleep, rank 1 in the collective
+    line = _hang_in_collective.__code__.co_firstlineno + 3
+    assert f'test_harness.py", line {line} in _hang_in_collective' in result.ranks[0].error
+    assert 'where it was when killed' in result.ranks[1].error
+    assert 'all_reduce' in result.ranks[1].error, result.ranks[1].error
 
 
 def test_abort_at_exit_is_a_teardown_fault_not_a_failed_rank():

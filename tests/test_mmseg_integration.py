@@ -101,8 +101,10 @@ def test_frozen_stages_lifted_by_the_schedule_train_on_every_rank(tmp_path):
     """frozen_stages=2 and a paramwise_cfg: MMEngine's constructor skips the frozen stages, the
     hook builds the optimizer again with them, lowers frozen_stages as it unfreezes, and DDP
     follows both changes with bit-identical replicas."""
-    code, out = dist_train(FCN_SCHEDULE, tmp_path, '--iters', '10')
+    code, out = dist_train(FCN_SCHEDULE, tmp_path, '--iters', '10', '--hang-timeout', '120')
     assert code == 0, out[-5000:]
+    assert '(HIGHEST     ) HangWatchdogHook' in out  # --hang-timeout: watched, no false alarm
+    assert 'no progress for' not in out
     assert 'optimizer built again so that it holds the 36 parameters the schedule unfreezes' in out
     assert 'backbone.frozen_stages 2 -> 1' in out and 'backbone.frozen_stages 1 -> -1' in out
     assert 'trainable set changed at iteration 6: unfroze 15 params (backbone.layer2.0.conv1' in out

@@ -54,18 +54,20 @@ def test_plain_ddp_lets_the_replicas_drift_apart_on_an_unfreeze():
     assert len(digests) == 2
 
 
-@pytest.mark.parametrize('model, find_unused, hook', [
-    ('AllUsed', False, True),          # the guard's exchange: every rank stops in that step
-    ('ModalityDropout', True, True),   # find_unused_parameters=True plan: the store exchange
-    ('AllUsed', True, False),          # ReconfigurableDDP alone, no hook
+@pytest.mark.parametrize('model, find_unused, hook, what', [
+    ('AllUsed', False, True, 'freeze'),         # the guard's exchange: every rank stops there
+    ('AllUsed', False, True, 'unfreeze'),
+    ('ModalityDropout', True, True, 'freeze'),  # find_unused_parameters=True: the store exchange
+    ('AllUsed', True, False, 'unfreeze'),       # ReconfigurableDDP alone, no hook
 ])
-def test_a_change_on_some_ranks_only_stops_with_names(model, find_unused, hook):
-    result = run_on_ranks(trainable_cases.rank_dependent, 2, args=(model, find_unused, hook),
+def test_a_change_on_some_ranks_only_stops_with_names(model, find_unused, hook, what):
+    result = run_on_ranks(trainable_cases.rank_dependent, 2, args=(model, find_unused, hook, what),
                           timeout=120, failure_grace=20)
     assert not result.ok and not result.timed_out, result.describe()
     errors = '\n'.join(r.error or '' for r in result.ranks)
     assert 'changed on some ranks only at iteration 9' in errors, result.describe()
-    assert 'rank 1: froze 2 params (trunk.0.weight, trunk.0.bias)' in errors
+    done = {'freeze': 'froze', 'unfreeze': 'unfroze'}[what]
+    assert f'rank 1: {done} 2 params (trunk.0.weight, trunk.0.bias)' in errors
     assert 'ranks [0]' in errors
 
 
@@ -95,3 +97,10 @@ def test_an_unfreeze_the_optimizer_cannot_follow_is_an_error_not_a_no_op():
     for r in result.ranks:
         assert ('2 parameters were unfrozen at iteration 7 but the optimizer does not hold them '
                 '(trunk.0.weight, trunk.0.bias)') in (r.error or ''), result.describe()
+
+
+def test_a_parameter_the_user_told_ddp_to_ignore_stays_rank_local():
+    rows = run_distributed(trainable_cases.user_ignored_param, 2, timeout=180)
+    for r in rows:  # equal to plain DDP on each rank, where head.bias differs between the ranks
+        assert r['bit_equal'] and r['loss_diff'] == 0.0, r
+    assert len({r['digest'] for r in rows}) == 2

@@ -3,7 +3,7 @@ import pytest
 from torch import nn
 
 from mmddp_hooks.hooks.trainable_schedule_hook import _lower_frozen_stages, _norms_within
-from mmddp_hooks.schedule import ScheduleError, parse_schedule, resolve_schedule
+from mmddp_hooks.schedule import ScheduleError, due_in_order, parse_schedule, resolve_schedule
 from mmddp_hooks.trainable import TrainableSet
 
 
@@ -101,3 +101,25 @@ def test_frozen_stages_is_lowered_so_model_train_keeps_the_unfreeze():
     assert all(p.requires_grad for n, p in model.named_parameters() if n in layer1)
     assert not any(p.requires_grad for n, p in model.named_parameters()
                    if n.startswith('backbone.stem.'))
+
+
+def test_a_resumed_run_applies_what_it_missed_in_time_order():
+    """Written out of order: freeze at 100, unfreeze at 50. Resumed at 120, the uninterrupted run
+    had the parameter frozen (50 then 100), so the freeze must come last."""
+    entries = _resolve([dict(at=100, freeze=['head.*']), dict(at=50, unfreeze=['head.*'])])
+    assert [e.index for e in due_in_order(entries, set(), 120, 0)] == [1, 0]
+    assert [e.index for e in due_in_order(entries, {1}, 120, 0)] == [0]
+
+
+def test_an_epoch_entry_and_an_iteration_entry_at_the_same_iteration_that_disagree():
+    entries = parse_schedule([dict(at=20, freeze=['aux.*']), dict(at_epoch=2, unfreeze=['aux.*'])])
+    with pytest.raises(ScheduleError, match=r'schedule\[0\] \(at=20\) and schedule\[1\] '
+                                            r'\(at_epoch=2\) apply at the same time'):
+        resolve_schedule(entries, Toy(), iters_per_epoch=10)
+
+
+def test_parameters_the_user_told_ddp_to_ignore_are_not_followed():
+    """DDP never averages them, trainable or not: the guard must not average them by hand."""
+    model = Toy()
+    trainable = TrainableSet(model, user_ignored=['head.bias'])
+    assert 'head.bias' not in trainable.names and 'head.weight' in trainable.names

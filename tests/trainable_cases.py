@@ -162,12 +162,14 @@ def plain_ddp_unfreeze(iters: int = 40) -> Dict[str, Any]:
     return dict(digest=out['digest'])
 
 
-def rank_dependent(model: str, find_unused: bool, hook: bool, iters: int = 12) -> Dict[str, Any]:
-    """Rank 1 alone freezes trunk.0 at iteration 8: the run must stop there, naming it."""
+def rank_dependent(model: str, find_unused: bool, hook: bool, what: str = 'freeze',
+                   iters: int = 12) -> Dict[str, Any]:
+    """Rank 1 alone freezes (or unfreezes) trunk.0 at iteration 8: the run must stop there."""
     return scenarios.train_plain(model, hook=dict(probe_iters=2) if hook else None,
                                  find_unused=find_unused, iters=iters,
+                                 frozen=['trunk.0.*'] if what == 'unfreeze' else (),
                                  wrapper=dict(trainable_change_timeout=5),
-                                 extra_hooks=[FlipRequiresGrad([(8, 'freeze', ['trunk.0.*'])],
+                                 extra_hooks=[FlipRequiresGrad([(8, what, ['trunk.0.*'])],
                                                                rank=1)])
 
 
@@ -212,3 +214,13 @@ def hand_unfreeze_with_paramwise() -> Dict[str, Any]:
     return scenarios.train_plain('AllUsed', hook=dict(probe_iters=4), frozen=['trunk.0.*'],
                                  optimizer=SGD, optim_wrapper=PARAMWISE, iters=10,
                                  extra_hooks=[FlipRequiresGrad([(6, 'unfreeze', ['trunk.0.*'])])])
+
+
+def user_ignored_param(iters: int = 40) -> Dict[str, Any]:
+    """head.bias is one the user told DDP to ignore (it stays rank-local under plain DDP): the
+    hook's guard and a trainable change must leave it rank-local too."""
+    case = dict(model='RankOneBranch', frozen=['trunk.0.*'], flips=[(20, 'unfreeze', ['trunk.0.*'])])
+    kw = dict(iters=iters, optimizer=SGD, val_interval=4, log_interval=50, ddp_ignore=['head.bias'])
+    tuned = scenarios.train(case['model'], hook=dict(probe_iters=4), frozen=case['frozen'],
+                            extra_hooks=[FlipRequiresGrad(case['flips'])], **kw)
+    return scenarios.compare_runs(tuned, reference(case, **kw))

@@ -42,6 +42,10 @@ def parse_args(argv=None):
     p.add_argument('--trust-checkpoint', action='append', default=[], metavar='FILE',
                    help='load this one checkpoint (path or URL) with full unpickling, which can run '
                         'code from it; every other checkpoint is loaded weights-only')
+    p.add_argument('--hang-timeout', type=float, metavar='SECONDS',
+                   help='add HangWatchdogHook: when a rank makes no progress for SECONDS, every '
+                        "rank ends with a report of which rank is stuck where (0: the hook's "
+                        'default timeout, derived from the step times)')
     p.add_argument('--launcher', choices=['none', 'pytorch'], default=None,
                    help='job launcher (default: pytorch under torchrun, else none)')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -91,6 +95,11 @@ def build_cfg(args) -> Config:
     if args.resume:
         cfg.resume = True
         cfg.load_from = None
+    if args.hang_timeout is not None:
+        cfg.custom_hooks = [h for h in cfg.get('custom_hooks', [])
+                            if h.get('type') != 'HangWatchdogHook'] + [dict(
+                                type='HangWatchdogHook', timeout=args.hang_timeout or None,
+                                action='abort')]
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
@@ -113,6 +122,9 @@ def main(argv=None) -> int:
     from mmddp_hooks.dist import init_dist_if_needed, teardown
     from mmddp_hooks.synthetic import SyntheticDataUnsupported
 
+    if args.hang_timeout is not None:  # NCCL's flight recorder, unless the user set it up
+        os.environ.setdefault('TORCH_NCCL_TRACE_BUFFER_SIZE', '2000')
+        os.environ.setdefault('TORCH_NCCL_DUMP_ON_TIMEOUT', '1')
     if args.launcher == 'pytorch':
         init_dist_if_needed()
     try:

@@ -10,7 +10,14 @@ from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..schedule import ScheduleEntry, ScheduleError, parse_schedule, resolve_schedule, scheduled_unfreezes
+from ..schedule import (
+    ScheduleEntry,
+    ScheduleError,
+    due_in_order,
+    parse_schedule,
+    resolve_schedule,
+    scheduled_unfreezes,
+)
 from ..trainable import TrainableChange, optimizer_params
 
 
@@ -49,12 +56,14 @@ class TrainableScheduleHook(Hook):
 
     def before_run(self, runner) -> None:
         module = _module(runner)
-        resolve_schedule(self.entries, module)
-        if isinstance(runner.train_loop, IterBasedTrainLoop):
+        by_iter = isinstance(runner.train_loop, IterBasedTrainLoop)
+        if by_iter:
             by_epoch = [e.label() for e in self.entries if e.at_epoch is not None]
             if by_epoch:
                 raise ScheduleError(f'{by_epoch[0]}: at_epoch needs an epoch-based train loop '
                                     '(train_cfg by_epoch=True); this one counts iterations: use at')
+        resolve_schedule(self.entries, module,
+                         None if by_iter else len(runner.train_loop.dataloader))
         self._hold_in_optimizer(runner, module)
 
     def _hold_in_optimizer(self, runner, module: nn.Module) -> None:
@@ -77,6 +86,11 @@ class TrainableScheduleHook(Hook):
                                 f'the schedule unfreezes ({", ".join(still[:4])}) even when they '
                                 'require grad: once unfrozen they would never be updated. Add '
                                 'them to its param groups.')
+        if runner.param_schedulers and runner.cfg.get('param_scheduler') is None:
+            raise ScheduleError('the optimizer must be built again with the parameters the '
+                                'schedule unfreezes, but the param schedulers bound to it were not '
+                                'built from the config (no param_scheduler key), so they cannot '
+                                'be built again for it')
         runner.optim_wrapper = wrapper
         if runner.cfg.get('param_scheduler') is not None:
             runner.param_schedulers = runner.build_param_scheduler(
@@ -96,8 +110,7 @@ class TrainableScheduleHook(Hook):
             m.eval()
 
     def _apply_due(self, runner) -> None:
-        due = [e for e in self.entries
-               if e.index not in self._applied and e.due(runner.iter, runner.epoch)]
+        due = due_in_order(self.entries, self._applied, runner.iter, runner.epoch)
         for e in due:
             self._apply(runner, e)
             self._applied.add(e.index)

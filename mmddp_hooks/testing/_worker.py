@@ -1,11 +1,18 @@
 """One rank of :func:`mmddp_hooks.testing.run_on_ranks`: init, call, teardown, write the result."""
+import faulthandler
 import os
 import pickle
 import sys
+import time
 import traceback
 
 
 def main(spec_path: str, rank: str, result_path: str) -> int:
+    from mmddp_hooks.testing.harness import STACK_DUMP_AT
+
+    if STACK_DUMP_AT in os.environ:
+        faulthandler.dump_traceback_later(max(float(os.environ[STACK_DUMP_AT]) - time.time(), 0.1),
+                                          file=sys.stderr)
     from mmddp_hooks.dist import init_dist_if_needed, teardown
 
     try:
@@ -29,6 +36,7 @@ def main(spec_path: str, rank: str, result_path: str) -> int:
             pickle.dump({'error': 'return value is not picklable:\n' + traceback.format_exc()}, f)
         code = 1
     os.replace(tmp, result_path)
+    faulthandler.cancel_dump_traceback_later()
     sys.stdout.flush()
     sys.stderr.flush()
     return code

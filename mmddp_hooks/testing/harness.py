@@ -8,6 +8,7 @@ fails the test with each rank's output instead of hanging the suite.
 """
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 OUTPUT_TAIL_CHARS = 6000
+STACK_DUMP_LEAD = 2.0  # seconds before the timeout at which a rank still running dumps its stacks
+# when (time.time()) a rank still running writes every thread's stack to its log: just before the
+# harness kills it. faulthandler's own thread writes it, with no signal that would interrupt a
+# blocking call and without the GIL, so a rank stuck anywhere still says where.
+STACK_DUMP_AT = 'MMDDP_STACK_DUMP_AT'
+_DUMP = re.compile(r'^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):', re.M)
 
 
 class DistTestFailure(AssertionError):
@@ -105,6 +112,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stacks_in(output: str) -> str:
+    """The faulthandler dump at the end of a rank's output."""
+    match = _DUMP.search(output)
+    return output[match.start():].rstrip() if match else ''
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -164,6 +177,7 @@ def run_on_ranks(fn: Callable[..., Any],
         'PYTHONPATH': os.pathsep.join(p for p in sys.path if p),
         'PYTHONUNBUFFERED': '1',
         'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1'),
+        STACK_DUMP_AT: str(time.time() + timeout - min(STACK_DUMP_LEAD, timeout / 4)),
     })
     base_env.update(env or {})
 
@@ -203,6 +217,10 @@ def run_on_ranks(fn: Callable[..., Any],
         if 'value' not in payload and error is None:
             error = ('rank produced no result: killed after a timeout or a peer failure'
                      if proc.returncode and proc.returncode < 0 else 'rank produced no result')
+            stacks = _stacks_in(output) if timed_out else ''
+            if stacks:
+                error += '; where it was when killed (every thread, most recent call first):\n' + \
+                    stacks
         result.ranks.append(RankResult(rank=rank, exitcode=proc.returncode,
                                        value=payload.get('value'), error=error, output=output,
                                        has_value='value' in payload))

@@ -1,0 +1,75 @@
+"""Ranks that hang, and runs that are slow but progressing, for HangWatchdogHook.
+
+At iteration HANG (MMEngine's 1-based count) rank 1 sleeps for ever in forward, loops for ever in
+forward, or sleeps for ever in its dataset's ``__getitem__``, while rank 0 goes on into the step's
+collectives and waits there.
+"""
+import time
+from typing import Any, Dict
+
+import torch.distributed as dist
+
+import scenarios
+
+HANG = 6  # the iteration whose step hangs on rank 1
+WATCH = dict(type='HangWatchdogHook', timeout=4, action='abort', interval=0.5)
+
+
+class SleepsInForward(scenarios.ScenarioModel):
+    def branch(self, h, index):
+        if dist.get_rank() == 1 and self.steps == HANG - 1:
+            time.sleep(3600)  # the line the report must name
+        return h
+
+
+class LoopsInForward(scenarios.ScenarioModel):
+    def branch(self, h, index):
+        if dist.get_rank() == 1 and self.steps == HANG - 1:
+            while True:  # the line the report must name
+                pass
+        return h
+
+
+class StuckDataset(scenarios.RandomVectors):
+    """Rank 1's sampler asks for sample 2 * (HANG - 1) + 1 in iteration HANG (batches of 2,
+    num_workers=0): then it never returns."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.fetched = 0
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        self.fetched += 1
+        if dist.get_rank() == 1 and self.fetched > 2 * (HANG - 1):
+            time.sleep(3600)  # the line the report must name
+        return super().__getitem__(i)
+
+
+class SlowButProgressing(scenarios.ScenarioModel):
+    """A long first iteration, and rank 1 slower than rank 0 at every step."""
+
+    def branch(self, h, index):
+        if self.steps == 0:
+            time.sleep(4.0)
+        elif dist.get_rank() == 1:
+            time.sleep(0.4)
+        return h
+
+
+for _cls in (SleepsInForward, LoopsInForward, SlowButProgressing):
+    scenarios.MODELS[_cls.__name__] = _cls
+
+
+def hang(model: str = 'AllUsed', stuck_data: bool = False) -> Dict[str, Any]:
+    """Train until rank 1 hangs at iteration HANG; the watchdog aborts every rank."""
+    return scenarios.train_plain(model, iters=12, extra_hooks=[WATCH], log_level='INFO',
+                                 dataset=StuckDataset(64) if stuck_data else None)
+
+
+def slow_but_progressing() -> Dict[str, Any]:
+    """Derived timeout (min 2 s, 3x that before the first step ends), a 4 s first iteration, a
+    slower rank, val loops and checkpoints: no report."""
+    hook = dict(type='HangWatchdogHook', action='abort', interval=0.25, min_timeout=2.0)
+    out = scenarios.train_plain('SlowButProgressing', iters=10, val_interval=3,
+                                checkpoint_interval=4, extra_hooks=[hook])
+    return dict(digest=out['digest'], losses=len(out['losses']))

@@ -1,0 +1,65 @@
+"""HangWatchdogHook through a Runner on 2 gloo ranks (tests/hang_cases.py): a rank that hangs is
+named with its line, the others with what they wait in, and every rank ends (action='abort');
+a run that is slow but progressing is never called a hang."""
+import inspect
+import re
+import time
+
+import hang_cases
+import pytest
+
+from mmddp_hooks.hooks.hang_watchdog_hook import ABORT_EXIT_CODE, describe_hang
+from mmddp_hooks.testing import run_distributed, run_on_ranks
+
+MARK = 'the line the report must name'
+
+
+def _line(cls) -> int:
+    lines, start = inspect.getsourcelines(cls)
+    return start + next(i for i, text in enumerate(lines) if MARK in text)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize('model, stuck_data, phase, where', [
+    ('SleepsInForward', False, 'train_step (iteration 6)',
+     rf'hang_cases.py:{_line(hang_cases.SleepsInForward)} in branch'),
+    ('LoopsInForward', False, 'train_step (iteration 6)',
+     rf'hang_cases.py:({_line(hang_cases.LoopsInForward)}|{_line(hang_cases.LoopsInForward) + 1})'
+     r' in branch'),
+    ('AllUsed', True, 'between iterations',
+     rf'hang_cases.py:{_line(hang_cases.StuckDataset)} in __getitem__, in the dataloader'),
+], ids=['sleeps_in_forward', 'loops_in_forward', 'stuck_in_dataloader'])
+def test_the_stuck_rank_is_named_and_every_rank_ends(model, stuck_data, phase, where):
+    start = time.monotonic()
+    result = run_on_ranks(hang_cases.hang, 2, args=(model, stuck_data), timeout=90,
+                          failure_grace=30)
+    elapsed = time.monotonic() - start
+    assert not result.timed_out, result.describe()
+    # every rank ends (code 70; or a peer's exit broke its collective first), report printed
+    assert all(r.exitcode != 0 for r in result.ranks), result.describe()
+    assert ABORT_EXIT_CODE in [r.exitcode for r in result.ranks], result.describe()
+    assert elapsed < 60, elapsed
+    for r in result.ranks:
+        assert re.search(rf'STRAGGLER: rank 1 is in {re.escape(phase)}.*? at \S*{where}',
+                         r.output), r.output[-3000:]
+        assert ('rank 0: train_step (iteration 6) at ' in r.output
+                and "waiting in backward, where DDP all-reduces the gradients" in r.output)
+    assert 'no progress for 4 s on 2 ranks' in result.ranks[0].output
+
+
+@pytest.mark.dist
+def test_slow_but_progressing_runs_are_not_called_hangs():
+    rows = run_distributed(hang_cases.slow_but_progressing, 2, timeout=120)
+    assert [r['losses'] for r in rows] == [10, 10]
+    assert len({r['digest'] for r in rows}) == 1
+
+
+def test_a_rank_that_posted_nothing_is_named_dead_or_unreachable():
+    stacks = {0: dict(phase='train_step', iter=6, frames=[
+        ('/x/site-packages/torch/autograd/graph.py', 823, '_engine_run_backward')])}
+    beats = {0: dict(beat=100.0, phase='train_step', iter=6),
+             1: dict(beat=80.0, phase='train_step', iter=6)}
+    text = describe_hang(stacks, beats, 2, 10.0, now=101.0)
+    assert 'rank 1: dead or unreachable (its last heartbeat was 21 s ago, in train_step ' \
+           '(iteration 6)' in text
+    assert "rank 0: train_step (iteration 6) at no frame of user code, waiting in backward" in text
