@@ -25,6 +25,8 @@ import torch.distributed as dist
 from mmengine import dist as mmdist
 from torch.distributed import ProcessGroup
 
+from .compat import store_has
+
 _ENV_KEYS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
@@ -195,7 +197,7 @@ def store_exchange(tag: str, value: Any, group: Optional[ProcessGroup] = None,
     try:
         kv.wait(list(keys.values()), datetime.timedelta(seconds=timeout_s))
     except Exception as e:  # DistStoreError (torch >= 2.2) or RuntimeError: a timeout
-        posted = {r: pickle.loads(kv.get(k)) for r, k in keys.items() if kv.check([k])}
+        posted = {r: pickle.loads(kv.get(k)) for r, k in keys.items() if store_has(kv, k)}
         raise StoreTimeout([r for r in ranks if r not in posted], posted) from e
     return {r: pickle.loads(kv.get(k)) for r, k in keys.items()}
 

@@ -46,11 +46,11 @@ class StuckDataset(scenarios.RandomVectors):
 
 
 class SlowButProgressing(scenarios.ScenarioModel):
-    """A long first iteration, and rank 1 slower than rank 0 at every step."""
+    """A long first iteration (3 s, over min_timeout), and rank 1 slower at every step."""
 
     def branch(self, h, index):
         if self.steps == 0:
-            time.sleep(4.0)
+            time.sleep(3.0)
         elif dist.get_rank() == 1:
             time.sleep(0.4)
         return h
@@ -67,7 +67,7 @@ def hang(model: str = 'AllUsed', stuck_data: bool = False) -> Dict[str, Any]:
 
 
 def slow_but_progressing() -> Dict[str, Any]:
-    """Derived timeout (min 2 s, 3x that before the first step ends), a 4 s first iteration, a
+    """Derived timeout (min 2 s, 3x that before the first step ends), a 3 s first iteration, a
     slower rank, val loops and checkpoints: no report."""
     hook = dict(type='HangWatchdogHook', action='abort', interval=0.25, min_timeout=2.0)
     out = scenarios.train_plain('SlowButProgressing', iters=10, val_interval=3,

@@ -16,6 +16,7 @@ from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
 from .. import dist as ddist
+from ..compat import store_has
 
 ACTIONS = ('report', 'abort')
 ABORT_EXIT_CODE = 70
@@ -130,7 +131,7 @@ class HangWatchdogHook(Hook):
             now = time.time()
             store.set(f'{self._prefix}/beat/{rank}', json.dumps(dict(self._state, beat=now)))
             alarm = f'{self._prefix}/alarm/{gen}'
-            if not store.check([alarm]):
+            if not store_has(store, alarm):
                 if now < quiet_until:
                     continue
                 beats = _read_all(store, f'{self._prefix}/beat', world)
@@ -191,7 +192,7 @@ class HangWatchdogHook(Hook):
         key = f'{self._prefix}/report/{gen}'
         deadline = time.time() + max(15.0, 8 * self.interval)
         while time.time() < deadline:
-            if store.check([key]):
+            if store_has(store, key):
                 return store.get(key).decode()
             time.sleep(0.2)
         return '(the rank that writes the report did not: see the other ranks)'
@@ -199,7 +200,7 @@ class HangWatchdogHook(Hook):
 
 def _read_all(store, prefix: str, world: int) -> Dict[int, Dict[str, Any]]:
     keys = {r: f'{prefix}/{r}' for r in range(world)}
-    return {r: json.loads(store.get(k)) for r, k in keys.items() if store.check([k])}
+    return {r: json.loads(store.get(k)) for r, k in keys.items() if store_has(store, k)}
 
 
 def _user_frame(frames: List[list]) -> Optional[list]:
