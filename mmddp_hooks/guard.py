@@ -24,10 +24,10 @@ Every rank sees the same sums, so all of them agree, at the same step, that usag
 switch to a safer plan.
 
 The same exchange carries, in the same int per parameter, whether its ``requires_grad`` differs from
-when DDP was built
-(:mod:`mmddp_hooks.trainable`): a freeze or unfreeze is then fixed in the step where it shows (a
-newly trainable parameter averaged by hand, a newly frozen one back to ``None``) and is not a usage
-change; a change on some ranks only stops training in that step, on every rank, with the names.
+when DDP was built (:mod:`mmddp_hooks.trainable`): a freeze or unfreeze is then fixed in the step
+where it shows (a newly trainable parameter averaged by hand, a newly frozen one back to ``None``)
+and is not a usage change; a change on some ranks only stops training in that step, on every rank,
+with the names.
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
@@ -84,7 +84,7 @@ class PlanGuard:
     def __init__(self, module: nn.Module, fill: List[str], ignore: List[str],
                  group: Optional[ProcessGroup] = None,
                  trainable: Optional[TrainableSet] = None) -> None:
-        trainable = trainable or TrainableSet(module)
+        trainable = self.trainable = trainable or TrainableSet(module)
         built = dict(zip(map(id, trainable.params), trainable.built))
         named = dict(module.named_parameters())
         self.params: List[ReducerParam] = reducer_params(module)
@@ -253,11 +253,7 @@ class PlanGuard:
 
     def _raise_rank_dependent(self) -> None:
         """Every rank, same step: name each rank's own change, then stop before the optimizer."""
-        now = np.array([p.requires_grad for p in self._watched], dtype=bool)
-        diff = np.flatnonzero(now != self._built)
-        mine = TrainableChange(unfrozen=[self.names[i] for i in diff if now[i]],
-                               frozen=[self.names[i] for i in diff if not now[i]])
-        everyone = ddist.all_gather_object((ddist.get_rank(), mine), self.group)
+        everyone = ddist.all_gather_object((ddist.get_rank(), self.trainable.change()), self.group)
         raise RuntimeError(rank_dependent_message(
             {r: c for r, c in everyone if c}, [r for r, c in everyone if not c]))
 
