@@ -19,9 +19,10 @@ test-dist:
 test-gpu:
 	.venv/bin/python -m pytest -m gpu -v -rs tests/test_gpu.py
 
-# Another torch in a side venv (.venv-torch$(TORCH)): every test that needs no mmcv ops.
+# Another torch (and mmengine, default 0.10.7) in a side venv (.venv-torch$(TORCH)[-mmengine$(MMENGINE)]):
+# every test that needs no mmcv ops. make test-compat TORCH=2.1.2 MMENGINE=0.7.1
 test-compat:
-	bash tools/test_compat.sh $(or $(TORCH),$(error TORCH=version needed, e.g. make test-compat TORCH=2.1.2))
+	bash tools/test_compat.sh $(or $(TORCH),$(error TORCH=version needed, e.g. make test-compat TORCH=2.1.2)) $(or $(MMENGINE),0.10.7)
 
 # Rerun the multi-process tests N times (default 5): make stress N=30 [SELECT="-m dist"]
 stress:

@@ -10,6 +10,8 @@ VERSION = re.search(r"__version__ = '([^']+)'", VERSION_PY).group(1)
 LO_MAJ, LO_MIN, HI_MAJ, HI_MIN = re.search(
     r'TORCH_MIN, TORCH_MAX = \((\d+), (\d+)\), \((\d+), (\d+)\)', VERSION_PY).groups()
 TORCH = f'torch>={LO_MAJ}.{LO_MIN},<{HI_MAJ}.{int(HI_MIN) + 1}'
+MMENGINE = 'mmengine>={},<{}'.format(*re.search(
+    r"MMENGINE_MIN, MMENGINE_BELOW = '([^']+)', '([^']+)'", VERSION_PY).groups())
 
 setup(
     name='mmddp_hooks',
@@ -19,9 +21,10 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmddp_hooks', 'mmddp_hooks.*']),
     python_requires='>=3.9',
-    # torch 2.1 .. 2.15 (version.py); an installed torch in the range is kept, so pip never
-    # replaces the local CPU wheel with a CUDA build.
-    install_requires=[TORCH, 'mmengine==0.10.7', 'numpy'],
+    # torch 2.1 .. 2.15 and mmengine 0.7.1 .. <1.0 (version.py): ranges, so `pip install .` keeps
+    # the torch, mmengine and mmcv a working OpenMMLab environment already has (and never replaces
+    # a local CPU torch with a CUDA build).
+    install_requires=[TORCH, MMENGINE, 'numpy'],
     extras_require={
         'mmseg': ['mmcv==2.1.0', 'mmsegmentation==1.2.2', 'ftfy', 'regex'],
         'mmdet': ['mmcv==2.1.0', 'mmdet==3.3.0'],

@@ -113,3 +113,33 @@ def store_has(store: Any, key: str) -> bool:
     except Exception:  # a timeout: DistStoreError, or RuntimeError('Socket Timeout') on 2.1
         return False
     return True
+
+
+# ------------------------------------------------------------------------------ mmengine releases
+def mmengine_release(version: Optional[str] = None) -> tuple:
+    """(major, minor, patch) of the installed mmengine (or of ``version``)."""
+    import mmengine
+
+    return tuple(int(x) for x in (version or mmengine.__version__).split('+')[0].split('.')[:3])
+
+
+def resume_restores_data_position() -> bool:
+    """Whether a resumed ``IterBasedTrainLoop`` skips the batches it had trained on (mmengine >=
+    0.10.3); before, it starts its data again from the first batch, so no resumed run can match an
+    uninterrupted one."""
+    return mmengine_release() >= (0, 10, 3)
+
+
+def paramwise_constructor_skips_frozen() -> bool:
+    """Whether ``DefaultOptimWrapperConstructor`` with a ``paramwise_cfg`` leaves out parameters
+    that do not require grad (newer mmengine), rather than giving them the base options without
+    ``custom_keys`` (older): probed on a two-parameter module, not read off the version."""
+    from mmengine.optim import DefaultOptimWrapperConstructor
+
+    module = torch.nn.Linear(1, 1)
+    module.bias.requires_grad_(False)
+    constructor = DefaultOptimWrapperConstructor(
+        dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.1)),
+        paramwise_cfg=dict(custom_keys={'weight': dict(lr_mult=1.0)}))
+    held = {id(p) for g in constructor(module).optimizer.param_groups for p in g['params']}
+    return id(module.bias) not in held

@@ -18,6 +18,9 @@ import datetime
 import gc
 import os
 import pickle
+import socket
+import subprocess
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -43,14 +46,39 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def backend_in_use() -> Optional[str]:
+    """The default process group's backend ('nccl', 'gloo', ...), None without one."""
+    return dist.get_backend() if is_dist() else None
+
+
 def default_backend() -> str:
     """nccl where a GPU is visible, gloo otherwise. ``is_available`` never initialises CUDA."""
     return 'nccl' if torch.cuda.is_available() else 'gloo'
 
 
+def slurm_env(environ: Dict[str, str]) -> Dict[str, str]:
+    """The torchrun-style variables of an ``srun`` task, as MMEngine's slurm init derives them.
+
+    RANK from SLURM_PROCID, WORLD_SIZE from SLURM_NTASKS, LOCAL_RANK from SLURM_LOCALID;
+    MASTER_ADDR (where unset) is the first host of SLURM_NODELIST (``scontrol show hostname``),
+    MASTER_PORT (where unset) 29500, torch's default. Variables already set win.
+    """
+    missing = [k for k in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST') if k not in environ]
+    if missing:
+        raise RuntimeError(f'--launcher slurm: {", ".join(missing)} not set; start the job with '
+                           'srun (tools/slurm_train.sh does)')
+    env = dict(RANK=environ['SLURM_PROCID'], WORLD_SIZE=environ['SLURM_NTASKS'],
+               LOCAL_RANK=environ.get('SLURM_LOCALID', '0'),
+               MASTER_PORT=environ.get('MASTER_PORT', '29500'))
+    env['MASTER_ADDR'] = environ.get('MASTER_ADDR') or subprocess.run(
+        ['scontrol', 'show', 'hostname', environ['SLURM_NODELIST']], capture_output=True,
+        text=True, check=True).stdout.split()[0]
+    return env
+
+
 def init_dist_if_needed(backend: Optional[str] = None,
-                        timeout_s: Optional[float] = None) -> bool:
-    """Initialise the default process group from torchrun-style environment variables.
+                        timeout_s: Optional[float] = None, launcher: str = 'pytorch') -> bool:
+    """Initialise the default process group from torchrun-style (or slurm) environment variables.
 
     Idempotent: returns True at once when a group already exists. Returns False, and does nothing,
     when the environment does not describe a distributed launch (no RANK/WORLD_SIZE), so the same
@@ -59,9 +87,14 @@ def init_dist_if_needed(backend: Optional[str] = None,
     Args:
         backend: 'gloo', 'nccl' or None to pick :func:`default_backend`.
         timeout_s: collective timeout in seconds (torch's default when None).
+        launcher: 'pytorch' (torchrun's variables) or 'slurm' (an ``srun`` task's, turned into
+            those by :func:`slurm_env`; MMEngine's own slurm init calls ``torch.cuda.set_device``
+            even without a GPU).
     """
     if is_dist():
         return True
+    if launcher == 'slurm':
+        os.environ.update(slurm_env(dict(os.environ)))
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         return False
     missing = [k for k in _ENV_KEYS if k not in os.environ]
@@ -92,15 +125,25 @@ def teardown() -> None:
     rank ("terminate called without an active exception") after its work was done. Collecting that
     garbage here destroys the group while Python is alive: its threads are joined first. Callers drop
     their own references (``del runner``) before calling this.
+
+    Before torch 2.8 a group's destructor joins those threads *holding* the GIL (pytorch#154976).
+    A worker that finished a collective just before the barrier, and drops that collective's
+    Python-owned tensor right after, waits for the GIL: the destructor then waits for it for ever
+    (seen on torch 2.1.2: a rank stuck in ``destroy_process_group`` after its peer had exited). The
+    short sleep after the barrier hands the GIL to such a worker before any group is destroyed.
     """
     if not is_dist():
         return
     try:
         barrier()  # on the control plane: the default group may not serve CPU tensors
+        time.sleep(_WORKER_DRAIN_S)
     finally:
         _CONTROL_GROUPS.clear()
         dist.destroy_process_group()
         gc.collect()
+
+
+_WORKER_DRAIN_S = 0.02
 
 
 # ------------------------------------------------------------------------------------ control plane
@@ -119,16 +162,58 @@ def control_group(group: Optional[ProcessGroup] = None) -> ProcessGroup:
     """The gloo group for control traffic among the ranks of ``group`` (made once, then cached).
 
     A collective the first time for a given group: ``ReconfigurableDDP`` makes it when it wraps,
-    where every rank of its group is at the same point.
+    where every rank of its group is at the same point. A control plane that cannot connect fails
+    there, naming ``GLOO_SOCKET_IFNAME`` (:func:`_check_gloo_connects`), instead of hanging at the
+    first step.
     """
     key = group if group is not None else dist.group.WORLD
     if key not in _CONTROL_GROUPS:
-        if group is None or key is dist.group.WORLD:
-            _CONTROL_GROUPS[key] = dist.new_group(backend='gloo')
-        else:  # only this group's ranks reach here; the others must not be waited for
-            _CONTROL_GROUPS[key] = dist.new_group(ranks=dist.get_process_group_ranks(key),
-                                                  backend='gloo', use_local_synchronization=True)
+        whole = group is None or key is dist.group.WORLD
+        # only a subgroup's ranks reach here: the others must not be waited for
+        kwargs = {} if whole else dict(ranks=dist.get_process_group_ranks(key),
+                                       use_local_synchronization=True)
+        _check_gloo_connects(group if not whole else None, kwargs)
+        _CONTROL_GROUPS[key] = dist.new_group(backend='gloo', **kwargs)
     return _CONTROL_GROUPS[key]
+
+
+GLOO_CONNECT_TIMEOUT_S = 60.0
+_CONNECT_CHECKS = iter(range(1 << 62))
+
+
+def _check_gloo_connects(group: Optional[ProcessGroup], kwargs: dict) -> None:
+    """Connect a throwaway gloo group with a short timeout, once every rank has arrived.
+
+    Gloo connects through the interface ``GLOO_SOCKET_IFNAME`` names, else the one this host's name
+    resolves to: on a multi-NIC cluster node that can be one the other nodes cannot reach, and the
+    real group would then wait for its full timeout (30 min) to say only "timed out". The arrival
+    goes through the c10d store (which the default group already reached), so a rank that comes
+    late is not taken for one that cannot connect.
+    """
+    serial = next(_CONNECT_CHECKS)
+    store_exchange(f'gloo-connect/{serial}', True, group,
+                   timeout_s=dist.distributed_c10d.default_pg_timeout.total_seconds())
+    try:
+        probe = dist.new_group(backend='gloo', timeout=datetime.timedelta(
+            seconds=GLOO_CONNECT_TIMEOUT_S), **kwargs)
+        dist.barrier(group=probe)
+    except RuntimeError as e:
+        raise RuntimeError(gloo_connect_message(e)) from e
+    dist.destroy_process_group(probe)
+
+
+def gloo_connect_message(error: Exception) -> str:
+    """What to tell a user whose gloo control plane could not connect."""
+    ifname = os.environ.get('GLOO_SOCKET_IFNAME')
+    now = (f'GLOO_SOCKET_IFNAME={ifname}' if ifname else
+           f'GLOO_SOCKET_IFNAME is not set, so gloo used the address of this host\'s name '
+           f'({socket.gethostname()})')
+    names = ', '.join(name for _, name in socket.if_nameindex())
+    return (f'mmddp_hooks: rank {get_rank()} could not connect the gloo control plane (the side '
+            f'group the guard, the probe and the replica check talk over): {error}\n'
+            f'{now}. On every node set GLOO_SOCKET_IFNAME to the network interface the nodes reach '
+            f'each other through (usually the one NCCL_SOCKET_IFNAME names). This node has: {names}; '
+            f'`ip -o -4 addr` shows their addresses.')
 
 
 def all_gather_object(obj: Any, group: Optional[ProcessGroup] = None) -> List[Any]:

@@ -3,7 +3,10 @@
 Thin on purpose: it runs the real training entry (config -> Runner) for a few iterations with
 :class:`DDPAutoTuneHook` under ``policy='keep'``, then asks that hook's ``choose`` (the call the hook makes
 when it applies a plan) twice: what the config as written does, and what ``auto`` would choose.
+Every rank also runs :class:`HangWatchdogHook` (``action='abort'``): a config whose ranks stall
+gets its own verdict, HANGS, with the watchdog's report of which rank is stuck where.
 """
+import os
 import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
@@ -13,12 +16,12 @@ from .model_from_config import train_only
 from .plan import crash_reason
 from .report import UsageReport
 
-OK, CRASHES, FAILED = 0, 1, 2
+OK, CRASHES, FAILED, HANGS = 0, 1, 2, 3
 
 
 def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Optional[List[int]],
-                synthetic: bool, work_dir: str,
-                trusted: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
+                synthetic: bool, work_dir: str, trusted: Sequence[str] = (),
+                hang_timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
     """One rank: train ``iters`` iterations while probing; rank 0 returns the findings."""
     import torch.distributed as dist
     from mmengine.config import Config
@@ -46,10 +49,13 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
     cfg.model_wrapper_cfg = asked
     own = [h for h in cfg.get('custom_hooks', []) if h.get('type') == 'DDPAutoTuneHook']
     has_hook = bool(own)
-    cfg.custom_hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'DDPAutoTuneHook']
+    cfg.custom_hooks = [h for h in cfg.get('custom_hooks', [])
+                        if h.get('type') not in ('DDPAutoTuneHook', 'HangWatchdogHook')]
     # the config's own hook options (branches, strict, ...) shape the plan: keep them
     cfg.custom_hooks.append(dict(own[0] if own else {}, type='DDPAutoTuneHook', probe_iters=iters,
                                  policy='keep'))
+    cfg.custom_hooks.append(dict(type='HangWatchdogHook', action='abort', timeout=hang_timeout,
+                                 min_timeout=HANG_MIN_TIMEOUT_S))
     cfg.default_hooks = dict(cfg.get('default_hooks') or {}, checkpoint=None)
     cfg.launcher = 'pytorch'
     cfg.work_dir = work_dir
@@ -80,13 +86,21 @@ def config_lines(findings: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
+# the doctor's few iterations on CPU: a stall this long (or 20x the slowest step) is a hang
+HANG_MIN_TIMEOUT_S = 120.0
+
+
 def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[int]] = None,
                cfg_options: Optional[dict] = None, synthetic: bool = True,
-               timeout: float = 600.0, trusted: Sequence[str] = ()) -> Dict[str, Any]:
-    """Run the probe on ``nproc`` gloo ranks; ``status`` is OK, CRASHES or FAILED.
+               timeout: float = 600.0, trusted: Sequence[str] = (),
+               hang_timeout: Optional[float] = None) -> Dict[str, Any]:
+    """Run the probe on ``nproc`` gloo ranks; ``status`` is OK, CRASHES, FAILED or HANGS.
 
-    FAILED means a rank could not do its work. A rank that finished and wrote its findings, then
-    died while exiting, does not change the verdict: ``teardown_fault`` carries its output.
+    FAILED means a rank could not do its work. HANGS: the ranks' watchdog found one stalled
+    (``hang_timeout`` seconds without progress; default: derived from the step times, at least
+    ``HANG_MIN_TIMEOUT_S``), ``hang_report`` says where. A rank that finished and wrote its
+    findings, then died while exiting, does not change the verdict: ``teardown_fault`` carries
+    its output.
     """
     from .testing import run_on_ranks
 
@@ -94,9 +108,13 @@ def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[
     try:
         result = run_on_ranks(doctor_rank, nproc, timeout=timeout,
                               args=(config, cfg_options, iters, size, synthetic, work_dir,
-                                    list(trusted)))
+                                    list(trusted), hang_timeout))
+        report = os.path.join(work_dir, 'hang_report.txt')
+        hang_report = open(report).read() if os.path.exists(report) else None
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+    if hang_report is not None and not result.work_done:
+        return dict(status=HANGS, hang_report=hang_report.strip(), error=result.describe())
     if not result.work_done:
         return dict(status=FAILED, error=result.describe())
     findings = result.ranks[0].value

@@ -5,7 +5,8 @@ with a val loop every 4 and SGD with momentum and weight decay (so a zero gradie
 leaves ``None`` shows), once with DDPAutoTuneHook and once as plain DDP, from the same seeds in the
 same ranks. Where ``True`` cannot run (reentrant checkpointing), the reference is plain ``False``.
 """
-from typing import Any, Dict, List
+import contextlib
+from typing import Any, Dict, Iterator, List
 
 import torch
 
@@ -35,25 +36,33 @@ CASES: Dict[str, Dict[str, Any]] = {
 }
 
 
-def allow_amp_on_cpu() -> None:
+@contextlib.contextmanager
+def allow_amp_on_cpu() -> Iterator[None]:
     """MMEngine's AmpOptimWrapper asserts a GPU, though autocast runs bf16 on CPU and its
-    GradScaler disables itself there: lift the assertion, for this test process only."""
+    GradScaler disables itself there: lift the assertion while the block runs (the ranks are warm
+    processes that run other cases afterwards)."""
+    import mmengine.optim.optimizer.amp_optimizer_wrapper as amp
+
+    original = amp.is_cuda_available
     if not torch.cuda.is_available():
-        import mmengine.optim.optimizer.amp_optimizer_wrapper as amp
         amp.is_cuda_available = lambda: True
+    try:
+        yield
+    finally:
+        amp.is_cuda_available = original
 
 
 def run_contract(names: List[str], iters: int = ITERS) -> Dict[str, Dict[str, Any]]:
     """On every rank: each case with the hook, then as plain DDP; what the tests compare."""
-    allow_amp_on_cpu()
     out = {}
-    for name in names:
-        case = CASES[name]
-        kw = dict(iters=iters, optimizer=SGD, optim_wrapper=case.get('optim_wrapper'),
-                  val_interval=4, log_interval=50)
-        tuned = scenarios.train(case['model'], hook=dict(probe_iters=4),
-                                find_unused=case.get('config_find_unused', False), **kw)
-        reference = scenarios.train(case['model'],
-                                    find_unused=case.get('reference_find_unused', True), **kw)
-        out[name] = scenarios.compare_runs(tuned, reference)
+    with allow_amp_on_cpu():
+        for name in names:
+            case = CASES[name]
+            kw = dict(iters=iters, optimizer=SGD, optim_wrapper=case.get('optim_wrapper'),
+                      val_interval=4, log_interval=50)
+            tuned = scenarios.train(case['model'], hook=dict(probe_iters=4),
+                                    find_unused=case.get('config_find_unused', False), **kw)
+            reference = scenarios.train(case['model'],
+                                        find_unused=case.get('reference_find_unused', True), **kw)
+            out[name] = scenarios.compare_runs(tuned, reference)
     return out

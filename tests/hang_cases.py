@@ -4,10 +4,13 @@ At iteration HANG (MMEngine's 1-based count) rank 1 sleeps for ever in forward, 
 forward, or sleeps for ever in its dataset's ``__getitem__``, while rank 0 goes on into the step's
 collectives and waits there.
 """
+import os
+import signal
 import time
 from typing import Any, Dict
 
 import torch.distributed as dist
+from mmengine.registry import DATASETS, MODELS
 
 import scenarios
 
@@ -22,11 +25,28 @@ class SleepsInForward(scenarios.ScenarioModel):
         return h
 
 
+class SleepsInForwardAlone(scenarios.ScenarioModel):
+    """Rank 0 of a one-rank NCCL run (the GPU tier) sleeps for ever in forward."""
+
+    def branch(self, h, index):
+        if self.steps == HANG - 1:
+            time.sleep(3600)  # the line the report must name
+        return h
+
+
 class LoopsInForward(scenarios.ScenarioModel):
     def branch(self, h, index):
         if dist.get_rank() == 1 and self.steps == HANG - 1:
             while True:  # the line the report must name
                 pass
+        return h
+
+
+class KilledInForward(scenarios.ScenarioModel):
+    def branch(self, h, index):
+        if dist.get_rank() == 1 and self.steps == HANG - 1:
+            time.sleep(1.0)  # a heartbeat from this step first (they come every 0.5 s)
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
         return h
 
 
@@ -56,8 +76,12 @@ class SlowButProgressing(scenarios.ScenarioModel):
         return h
 
 
-for _cls in (SleepsInForward, LoopsInForward, SlowButProgressing):
+for _cls in (SleepsInForward, SleepsInForwardAlone, LoopsInForward, KilledInForward,
+             SlowButProgressing):
     scenarios.MODELS[_cls.__name__] = _cls
+# for tests/configs/hang_net.py, the config the doctor runs
+MODELS.register_module(module=SleepsInForward)
+DATASETS.register_module(name='HangCaseVectors', module=scenarios.RandomVectors)
 
 
 def hang(model: str = 'AllUsed', stuck_data: bool = False) -> Dict[str, Any]:

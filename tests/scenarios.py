@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from mmddp_hooks.checkpoint import safe_checkpoint_loading
+from mmddp_hooks.compat import resume_restores_data_position
 
 DIM = 8
 
@@ -424,19 +425,30 @@ def train_plain(model_name: str, iters: int = 10, **kw: Any) -> Dict[str, Any]:
 
 
 def resume_keeps_plan(model_name: str, hook: dict) -> Dict[str, Any]:
-    """Train 8 iterations with checkpoints, resume to 12, and compare with 12 uninterrupted ones."""
-    shared = [tempfile.mkdtemp(prefix='mmddp_resume_') if dist.get_rank() == 0 else None]
+    """Train 8 iterations with checkpoints, resume to 12, and compare with 12 uninterrupted ones.
+
+    Before mmengine 0.10.3 a resumed ``IterBasedTrainLoop`` restarts its data from the first batch,
+    so no resume matches an uninterrupted run there: the reference is then plain DDP's own resume.
+    """
+    shared = [tempfile.mkdtemp(prefix='mmddp_resume_') if dist.get_rank() == 0 else None,
+              tempfile.mkdtemp(prefix='mmddp_resume_plain_') if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(shared)  # checkpoints are written by rank 0 only
-    kw = dict(hook=hook, ema=True, optimizer=dict(type='AdamW', lr=1e-2, weight_decay=1e-2))
-    first = train(model_name, iters=8, checkpoint_interval=4, work_dir=shared[0], **kw)
-    resumed = train(model_name, iters=12, work_dir=shared[0], resume=True, **kw)
-    straight = train(model_name, iters=12, **kw)
+    kw = dict(ema=True, optimizer=dict(type='AdamW', lr=1e-2, weight_decay=1e-2))
+    first = train(model_name, iters=8, checkpoint_interval=4, work_dir=shared[0], hook=hook, **kw)
+    resumed = train(model_name, iters=12, work_dir=shared[0], resume=True, hook=hook, **kw)
+    if resume_restores_data_position():
+        reference = train(model_name, iters=12, hook=hook, **kw)
+        reference['losses'] = reference['losses'][8:]
+    else:
+        train(model_name, iters=8, checkpoint_interval=4, work_dir=shared[1], find_unused=True, **kw)
+        reference = train(model_name, iters=12, work_dir=shared[1], resume=True, find_unused=True,
+                          **kw)
     with safe_checkpoint_loading():
         ckpt = torch.load(os.path.join(shared[0], 'iter_8.pth'), map_location='cpu')
     return dict(first_plan=first['plan'], resumed_plan=resumed['plan'],
                 resumed_probed=resumed['probed'], resumed_losses=resumed['losses'],
-                straight_losses=straight['losses'][8:], checkpoint_plan=ckpt['mmddp_hooks']['plan'],
-                resumed_digest=resumed['digest'], straight_digest=straight['digest'],
+                straight_losses=reference['losses'], checkpoint_plan=ckpt['mmddp_hooks']['plan'],
+                resumed_digest=resumed['digest'], straight_digest=reference['digest'],
                 ema_saved='ema_state_dict' in ckpt)
 
 

@@ -138,3 +138,26 @@ def test_control_flags_must_be_cpu_tensors():
 
     with pytest.raises(ValueError, match='control flags must be CPU tensors'):
         ddist.all_reduce_flags(torch.zeros(1, device='meta'))
+
+
+def control_plane_with_a_wrong_interface():
+    """GLOO_SOCKET_IFNAME names no interface of this node: wrapping fails at once, naming it."""
+    from mmddp_hooks.wrapper import ReconfigurableDDP
+
+    os.environ['GLOO_SOCKET_IFNAME'] = 'nosuchnic0'
+    try:
+        ReconfigurableDDP(nn.Linear(4, 1))
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        del os.environ['GLOO_SOCKET_IFNAME']
+    return 'wrapped'
+
+
+@pytest.mark.dist
+def test_a_control_plane_that_cannot_connect_fails_at_wrap_time_naming_gloo_socket_ifname():
+    for error in run_distributed(control_plane_with_a_wrong_interface, 2, timeout=120):
+        assert 'could not connect the gloo control plane' in error
+        assert 'Unable to find address for: nosuchnic0' in error
+        assert 'GLOO_SOCKET_IFNAME=nosuchnic0. On every node set GLOO_SOCKET_IFNAME' in error
+        assert 'This node has: lo' in error

@@ -6,17 +6,22 @@ b. two ranks sharing the GPU over gloo with CUDA tensors, for the paths that nee
 c. the mmseg launcher on the GPU;
 d. GlobalInBatchInfoNCE on CUDA under fp16/bf16 autocast, with host syncs turned into errors;
 e. trainable-set changes (freeze/unfreeze) against their reference, NCCL world size 1 and 2 gloo
-   ranks sharing the GPU.
+   ranks sharing the GPU;
+f. a hang under NCCL, reported with the flight-recorder dump the watchdog wrote.
 """
 import os
+import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import hang_cases
 import pytest
 import torch
 
-from mmddp_hooks.testing import run_distributed
+from mmddp_hooks.hooks.hang_watchdog_hook import ABORT_EXIT_CODE
+from mmddp_hooks.testing import run_distributed, run_on_ranks
 
 import scenarios
 import trainable_cases
@@ -171,3 +176,22 @@ def test_infonce_on_cuda_under_autocast_without_host_sync(dtype):
     assert loss['loss_infonce'].dtype == torch.float32
     assert torch.isfinite(qc.grad).all()
     assert abs(loss['loss_infonce'].item() - reference.item()) < 2e-2 * abs(reference.item())
+
+
+@pytest.mark.dist
+def test_a_hang_under_nccl_is_reported_with_the_flight_recorder_dump():
+    """NCCL world size 1, rank 0 sleeps in forward at iteration 6: the watchdog's report names the
+    line and the flight-recorder dump it wrote (TORCH_NCCL_TRACE_BUFFER_SIZE set, as
+    tools/train.py --hang-timeout does), which holds the run's NCCL collectives."""
+    result = run_on_ranks(hang_cases.hang, 1, args=('SleepsInForwardAlone',), backend='nccl',
+                          timeout=TIMEOUT, failure_grace=30, local_devices=1,
+                          env=dict(TORCH_NCCL_TRACE_BUFFER_SIZE='2000'))
+    assert not result.timed_out and result.ranks[0].exitcode == ABORT_EXIT_CODE, result.describe()
+    out = result.ranks[0].output
+    assert re.search(r'STRAGGLER: rank 0 is in train_step \(iteration 6\) at \S*hang_cases.py:\d+ '
+                     r'in branch', out), out[-3000:]
+    dump = re.search(r'NCCL flight recorder .*?: rank 0: (\S+\.pkl)', out)
+    assert dump, out[-3000:]
+    with open(dump.group(1), 'rb') as f:
+        trace = pickle.load(f)
+    assert trace.get('entries'), trace.keys()  # DDP's collectives of iterations 1 to 5

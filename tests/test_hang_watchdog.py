@@ -3,15 +3,21 @@ named with its line, the others with what they wait in, and every rank ends (act
 a run that is slow but progressing is never called a hang."""
 import inspect
 import re
+import signal
+import sys
 import time
 
 import hang_cases
 import pytest
 
+from mmddp_hooks.doctor import HANGS
 from mmddp_hooks.hooks.hang_watchdog_hook import ABORT_EXIT_CODE, describe_hang
 from mmddp_hooks.testing import run_distributed, run_on_ranks
 
+import launch
+
 MARK = 'the line the report must name'
+HANG_CONFIG = launch.ROOT / 'tests' / 'configs' / 'hang_net.py'
 
 
 def _line(cls) -> int:
@@ -48,6 +54,22 @@ def test_the_stuck_rank_is_named_and_every_rank_ends(model, stuck_data, phase, w
 
 
 @pytest.mark.dist
+def test_a_rank_killed_mid_run_is_named_by_the_ranks_it_leaves_behind():
+    # on gloo a dead peer is no hang: rank 0's all-reduce raises at once, naming no rank
+    start = time.monotonic()
+    result = run_on_ranks(hang_cases.hang, 2, args=('KilledInForward',), timeout=90,
+                          failure_grace=30)
+    assert not result.timed_out, result.describe()
+    assert result.ranks[1].exitcode == -signal.SIGKILL
+    error = result.ranks[0].error or ''
+    assert time.monotonic() - start < 60
+    assert 'PeerLost: [mmddp_hooks] HangWatchdogHook: rank 0 lost 1 peer(s)' in error, error[-3000:]
+    assert re.search(r'rank 1: its last heartbeat was \d+\.\d s before this rank.s error, in '
+                     r'train_step \(iteration 6\), and none came in the 3 s after it', error), error
+    assert "This rank's error, a consequence: " in error
+
+
+@pytest.mark.dist
 def test_slow_but_progressing_runs_are_not_called_hangs():
     rows = run_distributed(hang_cases.slow_but_progressing, 2, timeout=120)
     assert [r['losses'] for r in rows] == [10, 10]
@@ -63,3 +85,27 @@ def test_a_rank_that_posted_nothing_is_named_dead_or_unreachable():
     assert 'rank 1: dead or unreachable (its last heartbeat was 21 s ago, in train_step ' \
            '(iteration 6)' in text
     assert "rank 0: train_step (iteration 6) at no frame of user code, waiting in backward" in text
+
+
+@pytest.mark.dist
+def test_the_doctor_gives_a_hanging_config_its_own_verdict():
+    start = time.monotonic()
+    code, out = launch.run([sys.executable, 'tools/ddp_doctor.py', str(HANG_CONFIG), '--real-data',
+                            '--iters', '8', '--hang-timeout', '4'], timeout=120,
+                           PYTHONPATH=str(launch.ROOT / 'tests'))
+    assert code == HANGS, out[-3000:]
+    assert time.monotonic() - start < 90
+    assert 'hang_net.py HANGS under DDP:' in out and 'no progress for 4 s on 2 ranks' in out
+    assert re.search(rf'STRAGGLER: rank 1 is in train_step \(iteration 6\) at \S*hang_cases.py:'
+                     rf'{_line(hang_cases.SleepsInForward)} in branch', out), out[-3000:]
+    assert 'rank 0: train_step (iteration 6) at ' in out
+
+
+def test_the_report_names_each_rank_s_nccl_flight_recorder_dump():
+    frames = [('/x/site-packages/torch/autograd/graph.py', 823, '_engine_run_backward')]
+    stacks = {r: dict(phase='train_step', iter=6, frames=frames,
+                      nccl_trace=f'/work/nccl_trace_rank{r}.pkl') for r in (0, 1)}
+    beats = {r: dict(beat=100.0, phase='train_step', iter=6) for r in (0, 1)}
+    text = describe_hang(stacks, beats, 2, 10.0, now=101.0)
+    assert ("NCCL flight recorder (torch's pickled trace of each rank's collectives): rank 0: "
+            '/work/nccl_trace_rank0.pkl, rank 1: /work/nccl_trace_rank1.pkl') in text

@@ -58,7 +58,7 @@ def test_ranks_see_torchrun_env_and_gloo():
 
 
 def test_raising_rank_is_reported_with_traceback():
-    result = run_on_ranks(_raise_on_rank_1, 2, timeout=60)
+    result = run_on_ranks(_raise_on_rank_1, 2, timeout=60, failure_grace=1)
     assert not result.ok and not result.timed_out
     # rank 0 returned, then its teardown barrier lost its peer: reported, not hidden
     assert result.ranks[0].exitcode is not None
@@ -90,19 +90,64 @@ def test_hung_collective_is_killed_within_timeout():
 
 
 def test_abort_at_exit_is_a_teardown_fault_not_a_failed_rank():
-    result = run_on_ranks(_abort_at_exit_on_rank_1, 2, timeout=60)
+    # fresh: a warm rank does not exit after its run
+    result = run_on_ranks(_abort_at_exit_on_rank_1, 2, timeout=60, fresh=True)
     assert result.work_done and result.teardown_fault and not result.ok
     assert result.ranks[1].exitcode == -6 and result.ranks[1].value == 1  # SIGABRT, value kept
     assert result.ranks[0].ok  # its peer was not killed as if waiting on a failed rank
     with pytest.raises(DistTeardownFault, match='TEARDOWN FAULT.*\n.*\n--- rank 1: finished its '
                                                 'work, then died at exit'):
         result.values()
-    failed = run_on_ranks(_raise_on_rank_1, 2, timeout=60)
+    failed = run_on_ranks(_raise_on_rank_1, 2, timeout=60, fresh=True, failure_grace=1)
     assert not failed.work_done and not failed.teardown_fault
 
 
 def test_teardown_joins_the_gloo_threads_a_finished_runner_still_holds():
-    census = run_distributed(scenarios.gloo_threads_around_teardown, 2, timeout=120)
+    census = run_distributed(scenarios.gloo_threads_around_teardown, 2, timeout=120, fresh=True)
     for r in census:
         # a gloo group runs two worker threads (and a transport loop): joined before Python exits
         assert r['during'] - r['after'] >= 2, r
+
+
+# ----------------------------------------------------------------- warm ranks (tests/conftest.py)
+def _whoami_and_leave_state() -> dict:
+    """What a run sees of the runs before it on the same warm rank, then leave some state."""
+    seen = dict(pid=os.getpid(), leftover=os.environ.get('MMDDP_LEFTOVER'),
+                seed=torch.initial_seed(), port=os.environ['MASTER_PORT'],
+                groups=dist.get_world_size())
+    os.environ['MMDDP_LEFTOVER'] = 'from an earlier run'
+    torch.manual_seed(1234)
+    return seen
+
+
+def _crash_rank_1() -> int:
+    if dist.get_rank() == 1:
+        os._exit(3)  # as a segfault would: no result, no traceback
+    dist.all_reduce(torch.ones(1))
+    return 0
+
+
+def test_warm_ranks_are_reused_without_the_state_a_run_left():
+    first, second = (run_distributed(_whoami_and_leave_state, 2, timeout=60) for _ in range(2))
+    assert [r['pid'] for r in first] == [r['pid'] for r in second]  # the same warm processes
+    for a, b in zip(first, second):
+        assert b['leftover'] is None and b['seed'] == a['seed'] and b['port'] != a['port']
+        assert b['groups'] == 2
+
+
+@pytest.mark.parametrize('broken', ['hang', 'crash', 'raise'])
+def test_a_broken_run_fails_alone_and_the_next_run_gets_fresh_ranks(broken):
+    before = run_distributed(_whoami_and_leave_state, 2, timeout=60)
+    if broken == 'hang':
+        result = run_on_ranks(_hang_in_collective, 2, timeout=5)
+        assert result.timed_out and [r.exitcode for r in result.ranks] == [-9, -9]
+    elif broken == 'crash':
+        result = run_on_ranks(_crash_rank_1, 2, timeout=60, failure_grace=1)
+        assert result.ranks[1].exitcode == 3 and not result.ranks[1].has_value
+    else:
+        result = run_on_ranks(_raise_on_rank_1, 2, timeout=60, failure_grace=1)
+        assert 'ValueError: boom on rank one' in result.ranks[1].error
+    assert not result.ok
+    after = run_distributed(_whoami_and_leave_state, 2, timeout=60)
+    assert {r['pid'] for r in after}.isdisjoint(r['pid'] for r in before)  # new warm ranks
+    assert all(r['leftover'] is None for r in after)

@@ -105,7 +105,7 @@ def test_frozen_stages_lifted_by_the_schedule_train_on_every_rank(tmp_path):
     assert code == 0, out[-5000:]
     assert '(HIGHEST     ) HangWatchdogHook' in out  # --hang-timeout: watched, no false alarm
     assert 'no progress for' not in out
-    assert 'optimizer built again so that it holds the 36 parameters the schedule unfreezes' in out
+    assert 'optimizer built again with the 36 parameters the schedule unfreezes later' in out
     assert 'backbone.frozen_stages 2 -> 1' in out and 'backbone.frozen_stages 1 -> -1' in out
     assert 'trainable set changed at iteration 6: unfroze 15 params (backbone.layer2.0.conv1' in out
     assert 'trainable set changed at iteration 8: unfroze 21 params (backbone.stem.0.weight' in out

@@ -8,6 +8,7 @@ what plain DDP does with an unfreeze (the replicas drift apart: the comparison c
 """
 import pytest
 
+from mmddp_hooks.compat import paramwise_constructor_skips_frozen
 from mmddp_hooks.testing import run_distributed, run_on_ranks
 
 import scenarios
@@ -93,6 +94,11 @@ def test_resume_across_a_scheduled_change_trains_as_the_uninterrupted_run():
 
 def test_an_unfreeze_the_optimizer_cannot_follow_is_an_error_not_a_no_op():
     result = run_on_ranks(trainable_cases.hand_unfreeze_with_paramwise, 2, timeout=120)
+    if not paramwise_constructor_skips_frozen():
+        # mmengine < 0.10.4: the constructor held the frozen parameters (base options), so the
+        # optimizer follows the unfreeze and the run trains
+        assert result.ok, result.describe()
+        return
     assert not result.ok and not result.timed_out, result.describe()
     for r in result.ranks:
         assert ('2 parameters were unfrozen at iteration 7 but the optimizer does not hold them '

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
+from mmddp_hooks.compat import resume_restores_data_position
+
 import contract_cases
 import scenarios
 
@@ -138,18 +140,18 @@ def reference(case: Dict[str, Any], **kw: Any) -> Dict[str, Any]:
 def run_cases(names: List[str], iters: int = ITERS) -> Dict[str, Dict[str, Any]]:
     """On every rank: each case with DDPAutoTuneHook and a hand-written flip hook, then its
     reference; what the tests compare."""
-    contract_cases.allow_amp_on_cpu()
     out = {}
-    for name in names:
-        case = CASES[name]
-        kw = dict(iters=iters, optimizer=SGD, optim_wrapper=case.get('optim_wrapper'),
-                  val_interval=4, log_interval=50)
-        tuned = scenarios.train(case['model'],
-                                hook=dict(probe_iters=4) if case.get('hook', True) else None,
-                                find_unused=case.get('config_find_unused', False),
-                                frozen=case.get('frozen', ()),
-                                extra_hooks=[FlipRequiresGrad(case['flips'])], **kw)
-        out[name] = scenarios.compare_runs(tuned, reference(case, **kw))
+    with contract_cases.allow_amp_on_cpu():
+        for name in names:
+            case = CASES[name]
+            kw = dict(iters=iters, optimizer=SGD, optim_wrapper=case.get('optim_wrapper'),
+                      val_interval=4, log_interval=50)
+            tuned = scenarios.train(case['model'],
+                                    hook=dict(probe_iters=4) if case.get('hook', True) else None,
+                                    find_unused=case.get('config_find_unused', False),
+                                    frozen=case.get('frozen', ()),
+                                    extra_hooks=[FlipRequiresGrad(case['flips'])], **kw)
+            out[name] = scenarios.compare_runs(tuned, reference(case, **kw))
     return out
 
 
@@ -194,18 +196,31 @@ def schedule_with_paramwise(iters: int = ITERS) -> Dict[str, Any]:
 
 def resume_across_change() -> Dict[str, Any]:
     """Checkpoint at 10 (after the unfreeze at 6, before the freeze at 12), resume to 16, and
-    compare with 16 uninterrupted iterations (16 keep every run on the same 64 samples)."""
-    shared = [tempfile.mkdtemp(prefix='mmddp_trainable_') if dist.get_rank() == 0 else None]
+    compare with 16 uninterrupted iterations (16 keep every run on the same 64 samples).
+
+    Before mmengine 0.10.3 a resumed loop starts its data again from the first batch, so no resume
+    matches an uninterrupted run: the reference is then the same resume under
+    ``find_unused_parameters=True`` without DDPAutoTuneHook (the wrapper's other way of following
+    the trainable set)."""
+    shared = [tempfile.mkdtemp(prefix='mmddp_trainable_') if dist.get_rank() == 0 else None,
+              tempfile.mkdtemp(prefix='mmddp_trainable_true_') if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(shared)  # checkpoints are written by rank 0 only
     schedule = [dict(at=6, unfreeze=['trunk.0.*']), dict(at=12, freeze=['head.*'])]
-    kw = dict(hook=dict(probe_iters=4), frozen=['trunk.0.*'], optimizer=SGD,
-              optim_wrapper=PARAMWISE,
+    kw = dict(frozen=['trunk.0.*'], optimizer=SGD, optim_wrapper=PARAMWISE,
               extra_hooks=[dict(type='TrainableScheduleHook', schedule=schedule)])
-    scenarios.train('AllUsed', iters=10, checkpoint_interval=5, work_dir=shared[0], **kw)
-    resumed = scenarios.train('AllUsed', iters=16, work_dir=shared[0], resume=True, **kw)
-    straight = scenarios.train('AllUsed', iters=16, **kw)
+    tuned = dict(hook=dict(probe_iters=4), **kw)
+    scenarios.train('AllUsed', iters=10, checkpoint_interval=5, work_dir=shared[0], **tuned)
+    resumed = scenarios.train('AllUsed', iters=16, work_dir=shared[0], resume=True, **tuned)
+    if resume_restores_data_position():
+        straight = scenarios.train('AllUsed', iters=16, **tuned)
+        straight['losses'] = straight['losses'][10:]
+    else:
+        scenarios.train('AllUsed', iters=10, checkpoint_interval=5, work_dir=shared[1],
+                        find_unused=True, **kw)
+        straight = scenarios.train('AllUsed', iters=16, work_dir=shared[1], resume=True,
+                                   find_unused=True, **kw)
     return dict(resumed=resumed['digest'], straight=straight['digest'],
-                resumed_losses=resumed['losses'], straight_losses=straight['losses'][10:],
+                resumed_losses=resumed['losses'], straight_losses=straight['losses'],
                 resumed_log=resumed['trainable_log'])
 
 

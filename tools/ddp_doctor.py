@@ -11,8 +11,11 @@ top-level key MMEngine ignores is printed as a warning, not used), the plan DDPA
 choose and the config lines to paste.
 
 Exit codes: 0 the config as written trains under DDP; 1 it would crash with DDP's unused-parameter
-error; 2 the doctor could not run it (the error of every rank is printed). A rank that finished and
-reported, then died while exiting, is printed as a teardown fault and leaves the verdict as it is.
+error; 2 the doctor could not run it (the error of every rank is printed); 3 its ranks hang: one
+made no progress for --hang-timeout seconds (default: 20x the slowest step, at least 120 s), and
+the report says which rank is stuck at which line and what the others wait in. A rank that
+finished and reported, then died while exiting, is printed as a teardown fault and leaves the
+verdict as it is.
 """
 # isort: off
 import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
@@ -61,12 +64,15 @@ def main(argv=None) -> int:
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None)
     p.add_argument('--real-data', action='store_true', help="use the config's own dataloader")
     p.add_argument('--timeout', type=float, default=600.0, help='seconds before the ranks are killed')
+    p.add_argument('--hang-timeout', type=float, metavar='SECONDS',
+                   help='seconds without progress on a rank that make the verdict HANGS '
+                        '(default: 20x the slowest step, at least 120 s)')
     p.add_argument('--json', action='store_true')
     p.add_argument('--trust-checkpoint', action='append', default=[], metavar='FILE',
                    help='load this one checkpoint (e.g. init_cfg pretrained weights) with full '
                         'unpickling; every other checkpoint is loaded weights-only')
     args = p.parse_args(argv)
-    from mmddp_hooks.doctor import CRASHES, FAILED, run_doctor
+    from mmddp_hooks.doctor import CRASHES, FAILED, HANGS, run_doctor
 
     unsupported = None if args.real_data else _no_synthetic_data(args.config, args.cfg_options)
     if unsupported:
@@ -74,9 +80,11 @@ def main(argv=None) -> int:
         return FAILED
     out = run_doctor(args.config, args.nproc, args.iters, args.size, args.cfg_options,
                      synthetic=not args.real_data, timeout=args.timeout,
-                     trusted=args.trust_checkpoint)
+                     trusted=args.trust_checkpoint, hang_timeout=args.hang_timeout)
     if args.json:
         print(json.dumps(out, indent=2))
+    elif out['status'] == HANGS:
+        print(f"ddp_doctor: {args.config} HANGS under DDP:\n{out['hang_report']}")
     elif out['status'] == FAILED:
         print(f"ddp_doctor: could not run {args.config}:\n{out['error']}", file=sys.stderr)
     else:
@@ -94,7 +102,7 @@ def main(argv=None) -> int:
         for reason in out['auto']['reasons']:
             print(f'  - {reason}')
         print('paste into the config:\n' + out['config_lines'])
-    if out['status'] != FAILED and out['teardown_fault']:
+    if out['status'] not in (FAILED, HANGS) and out['teardown_fault']:
         print('ddp_doctor: the verdict stands (every rank finished and reported), but a rank died '
               f"while exiting afterwards (a teardown fault, not the config's):\n"
               f"{out['teardown_fault']}", file=sys.stderr)

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# make test-compat TORCH=2.1.2: every test that needs no mmcv ops (multi-process ones included) on
-# another torch, in its side venv .venv-torch$TORCH (built by tools/setup_compat.sh, idempotently).
+# make test-compat TORCH=2.1.2 [MMENGINE=0.7.1]: every test that needs no mmcv ops (multi-process
+# ones included) on another torch and mmengine, in their side venv (tools/setup_compat.sh builds it
+# idempotently, and checks that `pip install .` keeps both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TORCH=${1:?usage: $0 TORCH_VERSION (e.g. 2.1.2 or 2.15.0)}
+TORCH=${1:?usage: $0 TORCH_VERSION [MMENGINE_VERSION] [pytest args]}
+MMENGINE=${2:-0.10.7}
+VENV=.venv-torch$TORCH
+[ "$MMENGINE" = 0.10.7 ] || VENV=$VENV-mmengine$MMENGINE
 start=$SECONDS
-bash tools/setup_compat.sh "$TORCH"
+bash tools/setup_compat.sh "$TORCH" "$MMENGINE"
 set +e
-".venv-torch$TORCH/bin/python" -m pytest -q -p no:cacheprovider -m "not mmseg and not mmdet and not gpu" "${@:2}"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not mmseg and not mmdet and not gpu" "${@:3}"
 rc=$?
 set -e
-echo "[compat] torch $TORCH: pytest exit $rc, $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s in all"
+echo "[compat] torch $TORCH, mmengine $MMENGINE: pytest exit $rc," \
+     "$(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s in all"
 exit $rc

@@ -4,6 +4,7 @@
     python tools/train.py CONFIG [--work-dir DIR] [--resume] [--cfg-options k=v ...]
                              [--synthetic [H W]] [--iters N] [--trust-checkpoint FILE ...]
     bash tools/dist_train.sh CONFIG NPROC [args]      # torchrun, one or several nodes
+    bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG [WORK_DIR] [args]   # srun, --launcher slurm
 
 What differs from mmseg's tools/train.py: the process group comes from
 ``mmddp_hooks.dist.init_dist_if_needed`` (gloo without a GPU, no CUDA call), a distributed run without
@@ -46,8 +47,9 @@ def parse_args(argv=None):
                    help='add HangWatchdogHook: when a rank makes no progress for SECONDS, every '
                         "rank ends with a report of which rank is stuck where (0: the hook's "
                         'default timeout, derived from the step times)')
-    p.add_argument('--launcher', choices=['none', 'pytorch'], default=None,
-                   help='job launcher (default: pytorch under torchrun, else none)')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default=None,
+                   help='job launcher (default: pytorch under torchrun, else none; '
+                        'tools/slurm_train.sh passes slurm)')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = p.parse_args(argv)
     if args.launcher is None:
@@ -125,8 +127,8 @@ def main(argv=None) -> int:
     if args.hang_timeout is not None:  # NCCL's flight recorder, unless the user set it up
         os.environ.setdefault('TORCH_NCCL_TRACE_BUFFER_SIZE', '2000')
         os.environ.setdefault('TORCH_NCCL_DUMP_ON_TIMEOUT', '1')
-    if args.launcher == 'pytorch':
-        init_dist_if_needed()
+    if args.launcher != 'none':
+        init_dist_if_needed(launcher=args.launcher)
     try:
         cfg = build_cfg(args)
     except SyntheticDataUnsupported as err:

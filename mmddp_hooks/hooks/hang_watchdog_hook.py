@@ -11,6 +11,7 @@ import time
 import traceback
 from typing import Any, Dict, List, Optional
 
+import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
@@ -25,6 +26,10 @@ _SERIALS = itertools.count()  # hooks are built in the same order on every rank:
 _LIBRARY_DIRS = tuple({sysconfig.get_paths()['stdlib'], sysconfig.get_paths()['purelib'],
                        sysconfig.get_paths()['platlib'], osp.dirname(osp.dirname(__file__))})
 BETWEEN = 'between iterations (after_train_iter hooks: checkpoint, logging; then the next batch)'
+
+
+class PeerLost(RuntimeError):
+    """This rank's training failed because peers are gone; the message names them."""
 
 
 @HOOKS.register_module()
@@ -83,6 +88,52 @@ class HangWatchdogHook(Hook):
             return
         self._work_dir = runner.work_dir
         threading.Thread(target=self._watch, name='mmddp-hang-watchdog', daemon=True).start()
+        self._name_lost_peers(runner.train_loop)
+
+    def _name_lost_peers(self, loop) -> None:
+        """A peer that dies (SIGKILL, the OOM killer, a segfault) is no hang on gloo: the others'
+        collectives raise at once ("Connection closed by peer"), naming no rank. MMEngine has no
+        hook for an exception, so the loop's ``run`` is wrapped: on any error, the ranks whose
+        heartbeats stopped are named, with where they last were, and the error is the cause."""
+        run = loop.run
+
+        def run_naming_lost_peers():
+            try:
+                return run()
+            except Exception as e:
+                lost = self.lost_peers()
+                if lost:
+                    raise PeerLost(f'{lost}\nThis rank\'s error, a consequence: {e!r}') from e
+                raise
+        loop.run = run_naming_lost_peers
+
+    def lost_peers(self) -> str:
+        """The ranks whose heartbeat stays still for a while ('' when every rank still beats)."""
+        rank, world = ddist.get_rank(), ddist.get_world_size()
+        wait = max(3.0, 3 * self.interval)
+        error_at = time.time()
+        try:
+            store = ddist.store()
+            before = _read_all(store, f'{self._prefix}/beat', world)
+            time.sleep(wait)
+            after = _read_all(store, f'{self._prefix}/beat', world)
+        except Exception as e:  # the store went with its host
+            return (f'[mmddp_hooks] HangWatchdogHook: the c10d store is unreachable ({e!r}): the '
+                    'process that hosts it (rank 0, or the launcher) is gone')
+        lines = []
+        for r in range(world):
+            b = before.get(r)
+            if r == rank or (r in after and (b is None or after[r]['beat'] != b['beat'])):
+                continue
+            last = ('it never posted a heartbeat' if b is None else
+                    f"its last heartbeat was {error_at - b['beat']:.1f} s before this rank's "
+                    f"error, in {b['phase']} (iteration {b['iter']})")
+            lines.append(f'  rank {r}: {last}, and none came in the {wait:g} s after it')
+        if not lines:
+            return ''
+        return '\n'.join([f'[mmddp_hooks] HangWatchdogHook: rank {rank} lost {len(lines)} peer(s): '
+                           'they exited or were killed (SIGKILL, the OOM killer: `dmesg | grep -i '
+                           'kill`, a segfault); their own logs say which', *lines])
 
     def after_run(self, runner) -> None:
         self._stop.set()
@@ -165,7 +216,24 @@ class HangWatchdogHook(Hook):
         frame = sys._current_frames().get(threading.main_thread().ident)
         frames = traceback.extract_stack(frame) if frame is not None else []
         store.set(f'{self._prefix}/stack/{gen}/{rank}', json.dumps(dict(
-            self._state, frames=[(f.filename, f.lineno, f.name) for f in frames])))
+            self._state, frames=[(f.filename, f.lineno, f.name) for f in frames],
+            nccl_trace=self._dump_nccl_trace(rank))))
+
+    def _dump_nccl_trace(self, rank: int) -> Optional[str]:
+        """Under NCCL, write this rank's flight-recorder buffer (the collectives it ran, and the
+        one it waits in) next to the report, where the report names it: an abort ends the rank
+        long before NCCL's own timeout would dump it. Empty unless TORCH_NCCL_TRACE_BUFFER_SIZE
+        was set before the process group was made (``tools/train.py --hang-timeout`` sets it)."""
+        dump = getattr(torch._C._distributed_c10d, '_dump_nccl_trace', None)
+        if dump is None or ddist.backend_in_use() != 'nccl':
+            return None
+        path = osp.join(self._work_dir, f'nccl_trace_rank{rank}.pkl')
+        try:
+            with open(path, 'wb') as f:
+                f.write(dump())
+        except Exception as e:  # a report without the dump beats no report
+            return f'(not written: {e!r})'
+        return path
 
     def _report(self, store, gen: int, world: int) -> None:
         """Wait a few seconds for the live ranks' stacks, then write one report."""
@@ -258,6 +326,10 @@ def describe_hang(stacks: Dict[int, Dict[str, Any]], beats: Dict[int, Dict[str, 
     if not stuck and not silent:
         lines.append('  every rank waits in a collective: they disagree on which one comes next '
                      '(a collective that only some ranks reach)')
+    traces = {r: s['nccl_trace'] for r, s in sorted(stacks.items()) if s.get('nccl_trace')}
+    if traces:
+        lines.append("  NCCL flight recorder (torch's pickled trace of each rank's collectives): "
+                     + ', '.join(f'rank {r}: {p}' for r, p in traces.items()))
     return '\n'.join(lines)
 
 

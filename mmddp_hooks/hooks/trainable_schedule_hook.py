@@ -67,20 +67,27 @@ class TrainableScheduleHook(Hook):
         self._hold_in_optimizer(runner, module)
 
     def _hold_in_optimizer(self, runner, module: nn.Module) -> None:
+        """Build the optimizer again with the parameters the schedule unfreezes trainable, when
+        its constructor saw them frozen and treats frozen parameters apart: MMEngine >= 0.10.4's
+        paramwise constructor skips them, older ones give them the base options without
+        ``custom_keys``; either way not what they would have had as trainable parameters."""
         named = dict(module.named_parameters())
-        missing = [n for n in scheduled_unfreezes(self.entries)
-                   if id(named[n]) not in optimizer_params(runner.optim_wrapper)]
-        if not missing:
-            return
+        frozen = [n for n in scheduled_unfreezes(self.entries) if not named[n].requires_grad]
+        missing = [n for n in frozen if id(named[n]) not in optimizer_params(runner.optim_wrapper)]
         cfg = runner.cfg.get('optim_wrapper')
         if not isinstance(cfg, dict):
-            raise ScheduleError(f'the optimizer does not hold {len(missing)} parameters the '
-                                f'schedule unfreezes ({", ".join(missing[:4])}) and it was not '
-                                'built from a config, so it cannot be built again with them')
-        with _trainable([named[n] for n in missing]):
+            if missing:
+                raise ScheduleError(f'the optimizer does not hold {len(missing)} parameters the '
+                                    f'schedule unfreezes ({", ".join(missing[:4])}) and it was '
+                                    'not built from a config, so it cannot be built again with '
+                                    'them')
+            return
+        if not (missing or (frozen and ('paramwise_cfg' in cfg or 'constructor' in cfg))):
+            return
+        with _trainable([named[n] for n in frozen]):
             wrapper = runner.build_optim_wrapper(copy.deepcopy(cfg))
             runner.scale_lr(wrapper, runner.auto_scale_lr)
-        still = [n for n in missing if id(named[n]) not in optimizer_params(wrapper)]
+        still = [n for n in frozen if id(named[n]) not in optimizer_params(wrapper)]
         if still:
             raise ScheduleError(f'the optimizer constructor leaves out {len(still)} parameters '
                                 f'the schedule unfreezes ({", ".join(still[:4])}) even when they '
@@ -95,11 +102,12 @@ class TrainableScheduleHook(Hook):
         if runner.cfg.get('param_scheduler') is not None:
             runner.param_schedulers = runner.build_param_scheduler(
                 copy.deepcopy(runner.cfg.param_scheduler))
-        runner.logger.info(f'[mmddp_hooks] optimizer built again so that it holds the '
-                           f'{len(missing)} parameters the schedule unfreezes later '
-                           f'({", ".join(missing[:4])}{" ..." if len(missing) > 4 else ""}): '
-                           'the constructor had skipped them (requires_grad=False); each has '
-                           'its options, and its gradient stays None until it is unfrozen')
+        runner.logger.info(f'[mmddp_hooks] optimizer built again with the {len(frozen)} '
+                           f'parameters the schedule unfreezes later '
+                           f'({", ".join(frozen[:4])}{" ..." if len(frozen) > 4 else ""}) '
+                           'trainable: its constructor had built it with them frozen (skipped, '
+                           'or without their paramwise options); each has its options, and its '
+                           'gradient stays None until it is unfrozen')
 
     def before_train(self, runner) -> None:
         self._apply_due(runner)

@@ -5,11 +5,14 @@ from .harness import (
                       DistTeardownFault,
                       DistTestFailure,
                       RankResult,
+                      close_pools,
                       free_port,
+                      reuse_ranks,
                       run_distributed,
                       run_on_ranks,
 )
 
 __all__ = ['DistRunResult', 'DistTeardownFault', 'DistTestFailure', 'RankResult',
            'assert_ddp_config_ok',
-           'find_configs', 'free_port', 'run_distributed', 'run_on_ranks']
+           'close_pools', 'find_configs', 'free_port', 'reuse_ranks', 'run_distributed',
+           'run_on_ranks']

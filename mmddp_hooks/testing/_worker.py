@@ -1,13 +1,24 @@
-"""One rank of :func:`mmddp_hooks.testing.run_on_ranks`: init, call, teardown, write the result."""
+"""One rank of :func:`mmddp_hooks.testing.run_on_ranks`: init, call, teardown, write the result.
+
+``python -m mmddp_hooks.testing._worker SPEC RANK RESULT`` runs one job and exits.
+``python -m mmddp_hooks.testing._worker --serve RANK`` is a warm rank (:func:`reuse_ranks`): it reads
+jobs from stdin, one JSON line each, and runs them one after the other, each with its own log, its
+own process group (a fresh port), torch's initial seed and Python's warning filters as they started
+(a warning shown once is shown again); it exits after a job that failed, so a failed job's state is
+never reused. What it cannot undo is the job's own: a case that patches a module must restore it,
+and one that needs a fresh process (a warning C++ gives once per process) asks for one.
+"""
 import faulthandler
+import json
 import os
 import pickle
 import sys
 import time
 import traceback
+import warnings
 
 
-def main(spec_path: str, rank: str, result_path: str) -> int:
+def run_job(spec_path: str, rank: str, result_path: str) -> int:
     from mmddp_hooks.testing.harness import STACK_DUMP_AT
 
     if STACK_DUMP_AT in os.environ:
@@ -35,12 +46,65 @@ def main(spec_path: str, rank: str, result_path: str) -> int:
         with open(tmp, 'wb') as f:
             pickle.dump({'error': 'return value is not picklable:\n' + traceback.format_exc()}, f)
         code = 1
-    os.replace(tmp, result_path)
     faulthandler.cancel_dump_traceback_later()
     sys.stdout.flush()
     sys.stderr.flush()
+    os.replace(tmp, result_path)
     return code
 
 
+def serve(rank: str) -> int:
+    """Run the jobs the harness writes to stdin until it closes it (or a job fails)."""
+    import torch
+    import torch.distributed
+
+    import mmddp_hooks  # noqa: F401 - what every job imports: paid once per warm rank
+
+    base_env, seed, filters = dict(os.environ), torch.initial_seed(), list(warnings.filters)
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        job = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(job['log'], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.environ.clear()
+        os.environ.update(base_env, **job['env'])
+        torch.distributed.set_debug_level_from_env()  # a job may have set DDP's debug level
+        torch.manual_seed(seed)
+        warnings.filters[:] = filters
+        if hasattr(warnings, '_filters_mutated'):  # forget which warnings were shown once
+            warnings._filters_mutated()
+        code = run_job(job['spec'], rank, job['result'])
+        if code:
+            return code
+        _forget_mmengine_instances()
+
+
+def _forget_mmengine_instances() -> None:
+    """Drop MMEngine's named singletons (loggers, visualizers, message hubs, default scopes): a
+    config's fixed ``visualizer`` name would otherwise hand the next run the last run's visualizer,
+    writing to its (deleted) work_dir."""
+    from mmengine.logging import MMLogger
+    from mmengine.utils import ManagerMixin
+
+    for logger in MMLogger._instance_dict.values():
+        for handler in list(logger.handlers):
+            handler.close()
+            logger.removeHandler(handler)
+    classes = [ManagerMixin]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if '_instance_dict' in vars(cls):
+            cls._instance_dict.clear()
+
+
 if __name__ == '__main__':
-    sys.exit(main(*sys.argv[1:4]))
+    if sys.argv[1] == '--serve':
+        sys.exit(serve(sys.argv[2]))
+    sys.exit(run_job(*sys.argv[1:4]))

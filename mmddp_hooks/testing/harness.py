@@ -5,7 +5,16 @@ environment variables, so code under test sees exactly what it would see under `
 share one process group (POSIX pgid): on timeout, or shortly after one rank fails while its peers wait in
 a collective, the harness SIGKILLs the group, dataloader workers included. A hung collective therefore
 fails the test with each rank's output instead of hanging the suite.
+
+:func:`reuse_ranks` trades some of that isolation for speed: later runs go to warm rank processes
+(one set per world size) that have imported torch and MMEngine once. Each run still gets its own
+process group on a fresh port, its own log, torch's initial seed and the environment the ranks
+started with; a run in which any rank failed, hung or died kills its set, and the next run starts a
+fresh one, so a failed run's state never reaches another. ``fresh=True`` keeps a run in fresh
+processes (one that tests exiting itself, or leaves process-wide state behind).
 """
+import atexit
+import json
 import os
 import pickle
 import re
@@ -145,7 +154,8 @@ def run_on_ranks(fn: Callable[..., Any],
                  env: Optional[Dict[str, str]] = None,
                  failure_grace: float = 5.0,
                  init_process_group: bool = True,
-                 local_devices: Optional[int] = None) -> DistRunResult:
+                 local_devices: Optional[int] = None,
+                 fresh: bool = False) -> DistRunResult:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks with an initialised process group.
 
     ``fn`` must be importable by reference (a module-level function). Each rank's return value must
@@ -161,6 +171,8 @@ def run_on_ranks(fn: Callable[..., Any],
         local_devices: GPUs the ranks share: ``LOCAL_RANK`` is ``rank % local_devices`` (two ranks
             on one GPU both get 0; MMEngine's logger indexes the visible devices by ``LOCAL_RANK``).
             ``None``: ``LOCAL_RANK`` is the rank, as torchrun sets it on one node.
+        fresh: run in fresh processes even after :func:`reuse_ranks`. Runs with ``env``,
+            ``local_devices`` or a backend other than gloo always do.
     """
     kwargs = kwargs or {}
     workdir = Path(tempfile.mkdtemp(prefix='mmddp_ranks_'))
@@ -168,83 +180,183 @@ def run_on_ranks(fn: Callable[..., Any],
     with spec.open('wb') as f:
         pickle.dump((fn, tuple(args), kwargs, backend if init_process_group else None, timeout),
                     f)
-    base_env = dict(os.environ)
-    base_env.update({
-        'WORLD_SIZE': str(world_size),
-        'LOCAL_WORLD_SIZE': str(world_size),
-        'MASTER_ADDR': '127.0.0.1',
-        'MASTER_PORT': str(free_port()),
-        'PYTHONPATH': os.pathsep.join(p for p in sys.path if p),
-        'PYTHONUNBUFFERED': '1',
-        'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1'),
-        STACK_DUMP_AT: str(time.time() + timeout - min(STACK_DUMP_LEAD, timeout / 4)),
-    })
-    base_env.update(env or {})
-
-    procs: List[subprocess.Popen] = []
-    logs = []
-    pgid = 0
+    base_env = _rank_env(world_size)
+    per_run = {'MASTER_PORT': str(free_port()),
+               STACK_DUMP_AT: str(time.time() + timeout - min(STACK_DUMP_LEAD, timeout / 4))}
+    pooled = (_REUSE['on'] and not fresh and env is None and local_devices is None
+              and backend == 'gloo')
+    results = [workdir / f'rank{r}.result' for r in range(world_size)]
+    logs = [workdir / f'rank{r}.log' for r in range(world_size)]
     start = time.monotonic()
-    try:
+    if pooled:
+        pool = _pool(world_size, base_env)
         for rank in range(world_size):
-            local_rank = rank % local_devices if local_devices else rank
-            rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(local_rank))
-            log = (workdir / f'rank{rank}.log').open('wb')
-            logs.append(log)
-            group = pgid
-            procs.append(subprocess.Popen(
-                [sys.executable, '-m', 'mmddp_hooks.testing._worker', str(spec), str(rank),
-                 str(workdir / f'rank{rank}.result')],
-                env=rank_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=lambda g=group: os.setpgid(0, g)))
-            if rank == 0:
-                pgid = procs[0].pid
-        timed_out = _wait(procs, start + timeout, failure_grace,
-                          [workdir / f'rank{r}.result' for r in range(world_size)])
-    finally:
-        if pgid:
-            _kill_group(pgid)
-        for p in procs:
-            p.wait()
-        for log in logs:
-            log.close()
+            pool.submit(rank, dict(spec=str(spec), result=str(results[rank]), log=str(logs[rank]),
+                                   env=dict(per_run)))
+        procs, keep = pool.procs, False
+        try:
+            timed_out = _wait(procs, start + timeout, failure_grace, results, pooled=True)
+            keep = not timed_out and all('value' in _read_result(r) for r in results) \
+                and pool.alive()
+        finally:
+            if not keep:  # replaced at once: the new ranks import while this test checks
+                pool.close()
+                _POOLS[world_size] = _RankPool(world_size, base_env)
+    else:
+        procs, files = [], []
+        pgid = 0
+        base_env.update(per_run, **(env or {}))
+        try:
+            for rank in range(world_size):
+                local_rank = rank % local_devices if local_devices else rank
+                rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(local_rank))
+                log = logs[rank].open('wb')
+                files.append(log)
+                group = pgid
+                procs.append(subprocess.Popen(
+                    [sys.executable, '-m', 'mmddp_hooks.testing._worker', str(spec), str(rank),
+                     str(results[rank])],
+                    env=rank_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    preexec_fn=lambda g=group: os.setpgid(0, g)))
+                if rank == 0:
+                    pgid = procs[0].pid
+            timed_out = _wait(procs, start + timeout, failure_grace, results)
+        finally:
+            if pgid:
+                _kill_group(pgid)
+            for p in procs:
+                p.wait()
+            for log in files:
+                log.close()
     elapsed = time.monotonic() - start
     result = DistRunResult(world_size=world_size, timed_out=timed_out, elapsed=elapsed)
     for rank, proc in enumerate(procs):
-        payload = _read_result(workdir / f'rank{rank}.result')
-        output = (workdir / f'rank{rank}.log').read_text(errors='replace')
+        payload = _read_result(results[rank])
+        output = logs[rank].read_text(errors='replace') if logs[rank].exists() else ''
         error = payload.get('error')
+        code = proc.returncode if proc.returncode is not None else (0 if 'value' in payload else 1)
         if 'value' not in payload and error is None:
             error = ('rank produced no result: killed after a timeout or a peer failure'
-                     if proc.returncode and proc.returncode < 0 else 'rank produced no result')
+                     if code and code < 0 else 'rank produced no result')
             stacks = _stacks_in(output) if timed_out else ''
             if stacks:
                 error += '; where it was when killed (every thread, most recent call first):\n' + \
                     stacks
-        result.ranks.append(RankResult(rank=rank, exitcode=proc.returncode,
-                                       value=payload.get('value'), error=error, output=output,
-                                       has_value='value' in payload))
+        result.ranks.append(RankResult(rank=rank, exitcode=code, value=payload.get('value'),
+                                       error=error, output=output, has_value='value' in payload))
     shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
-def _wait(procs: List[subprocess.Popen], deadline: float, failure_grace: float,
-          results: List[Path]) -> bool:
-    """Poll until every rank exits; True if the deadline passed first.
+def _rank_env(world_size: int) -> Dict[str, str]:
+    """What every rank's environment has, apart from its rank and the run's port (and pytest's
+    name of the running test, which would otherwise make every test start new warm ranks)."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTEST_CURRENT_TEST'}
+    env.update({
+        'WORLD_SIZE': str(world_size),
+        'LOCAL_WORLD_SIZE': str(world_size),
+        'MASTER_ADDR': '127.0.0.1',
+        'PYTHONPATH': os.pathsep.join(p for p in sys.path if p),
+        'PYTHONUNBUFFERED': '1',
+        'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '1'),
+    })
+    return env
 
-    A rank that exited non-zero starts the grace period for its peers, unless it had finished its
-    work (its result holds a value): dying at exit leaves no peer waiting, so they run on.
+
+# ---------------------------------------------------------------------------------- warm ranks
+_REUSE = {'on': False}
+
+
+def reuse_ranks(enabled: bool = True) -> None:
+    """Send later :func:`run_on_ranks` runs to warm rank processes (see the module docstring);
+    ``False`` goes back to fresh processes and ends the warm ones."""
+    _REUSE['on'] = enabled
+    if not enabled:
+        close_pools()
+
+
+class _RankPool:
+    """``world_size`` warm ranks (``_worker --serve``) in one POSIX process group."""
+
+    def __init__(self, world_size: int, env: Dict[str, str]) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix='mmddp_pool_'))
+        self.env = env
+        self.procs: List[subprocess.Popen] = []
+        self.pgid = 0
+        for rank in range(world_size):
+            with (self.workdir / f'rank{rank}.log').open('wb') as log:  # output before a job
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, '-m', 'mmddp_hooks.testing._worker', '--serve', str(rank)],
+                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdin=subprocess.PIPE,
+                    stdout=log, stderr=subprocess.STDOUT,
+                    preexec_fn=lambda g=self.pgid: os.setpgid(0, g)))
+            if rank == 0:
+                self.pgid = self.procs[0].pid
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def submit(self, rank: int, job: Dict[str, Any]) -> None:
+        try:
+            self.procs[rank].stdin.write((json.dumps(job) + '\n').encode())
+            self.procs[rank].stdin.flush()
+        except BrokenPipeError:  # it died since the last run: the wait reports its exit code
+            pass
+
+    def close(self) -> None:
+        _kill_group(self.pgid)
+        for p in self.procs:
+            p.wait()
+            p.stdin.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        for key, pool in list(_POOLS.items()):
+            if pool is self:
+                del _POOLS[key]
+
+
+_POOLS: Dict[int, _RankPool] = {}  # one set of warm ranks per world size
+
+
+def _pool(world_size: int, env: Dict[str, str]) -> _RankPool:
+    """The warm ranks for ``world_size``, started with ``env`` (a new set if it changed)."""
+    pool = _POOLS.get(world_size)
+    if pool is not None and (pool.env != env or not pool.alive()):
+        pool.close()
+        pool = None
+    if pool is None:
+        pool = _POOLS[world_size] = _RankPool(world_size, env)
+    return pool
+
+
+@atexit.register
+def close_pools() -> None:
+    """End every warm rank process."""
+    for pool in list(_POOLS.values()):
+        pool.close()
+
+
+def _wait(procs: List[subprocess.Popen], deadline: float, failure_grace: float,
+          results: List[Path], pooled: bool = False) -> bool:
+    """Poll until every rank exits (or, for warm ranks, has written its result); True if the
+    deadline passed first.
+
+    A rank that exited non-zero (or wrote an error) starts the grace period for its peers, unless
+    it had finished its work (its result holds a value): dying at exit leaves no peer waiting, so
+    they run on.
     """
     first_failure: Optional[float] = None
     while True:
         codes = [p.poll() for p in procs]
-        if all(c is not None for c in codes):
+        payloads = [_read_result(path) for path in results]
+        done = [c is not None or (pooled and bool(r)) for c, r in zip(codes, payloads)]
+        if all(done):
             return False
         now = time.monotonic()
         if now >= deadline:
             return True
-        if first_failure is None and any(c not in (None, 0) and 'value' not in _read_result(path)
-                                         for c, path in zip(codes, results)):
+        if first_failure is None and any(
+                'value' not in r and (c not in (None, 0) or 'error' in r)
+                for c, r in zip(codes, payloads)):
             first_failure = now
         if first_failure is not None and now - first_failure >= failure_grace:
             return False  # peers of a failed rank: killed by the caller's finally
