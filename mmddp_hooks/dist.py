@@ -61,7 +61,7 @@ def slurm_env(environ: Dict[str, str]) -> Dict[str, str]:
 
     RANK from SLURM_PROCID, WORLD_SIZE from SLURM_NTASKS, LOCAL_RANK from SLURM_LOCALID;
     MASTER_ADDR (where unset) is the first host of SLURM_NODELIST (``scontrol show hostname``),
-    MASTER_PORT (where unset) 29500, torch's default. Variables already set win.
+    MASTER_PORT (where unset) 29500, torch's default: only those two keep a value already set.
     """
     missing = [k for k in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST') if k not in environ]
     if missing:
@@ -130,7 +130,8 @@ def teardown() -> None:
     A worker that finished a collective just before the barrier, and drops that collective's
     Python-owned tensor right after, waits for the GIL: the destructor then waits for it for ever
     (seen on torch 2.1.2: a rank stuck in ``destroy_process_group`` after its peer had exited). The
-    short sleep after the barrier hands the GIL to such a worker before any group is destroyed.
+    short sleep after the barrier releases the GIL, so such a worker can finish before any group
+    is destroyed: it narrows that window, it cannot close it (only torch's fix does).
     """
     if not is_dist():
         return
@@ -172,26 +173,29 @@ def control_group(group: Optional[ProcessGroup] = None) -> ProcessGroup:
         # only a subgroup's ranks reach here: the others must not be waited for
         kwargs = {} if whole else dict(ranks=dist.get_process_group_ranks(key),
                                        use_local_synchronization=True)
-        _check_gloo_connects(group if not whole else None, kwargs)
+        probe = _gloo_connects(group if not whole else None, kwargs)
         _CONTROL_GROUPS[key] = dist.new_group(backend='gloo', **kwargs)
+        dist.destroy_process_group(probe)  # after: a subgroup's name could be reused otherwise
     return _CONTROL_GROUPS[key]
 
 
 GLOO_CONNECT_TIMEOUT_S = 60.0
-_CONNECT_CHECKS = iter(range(1 << 62))
+_CONNECT_CHECKS: Dict[tuple, int] = {}  # per set of ranks: only a subgroup's ranks check it
 
 
-def _check_gloo_connects(group: Optional[ProcessGroup], kwargs: dict) -> None:
-    """Connect a throwaway gloo group with a short timeout, once every rank has arrived.
+def _gloo_connects(group: Optional[ProcessGroup], kwargs: dict) -> ProcessGroup:
+    """A throwaway gloo group connected with a short timeout, once every rank has arrived.
 
     Gloo connects through the interface ``GLOO_SOCKET_IFNAME`` names, else the one this host's name
     resolves to: on a multi-NIC cluster node that can be one the other nodes cannot reach, and the
     real group would then wait for its full timeout (30 min) to say only "timed out". The arrival
-    goes through the c10d store (which the default group already reached), so a rank that comes
-    late is not taken for one that cannot connect.
+    goes through the c10d store (which the default group already reached), within torch's default
+    process-group timeout, so a rank that comes late is not taken for one that cannot connect.
     """
-    serial = next(_CONNECT_CHECKS)
-    store_exchange(f'gloo-connect/{serial}', True, group,
+    ranks = tuple(dist.get_process_group_ranks(group) if group is not None
+                  else range(get_world_size()))
+    serial = _CONNECT_CHECKS[ranks] = _CONNECT_CHECKS.get(ranks, -1) + 1
+    store_exchange(f'gloo-connect/{"-".join(map(str, ranks))}/{serial}', True, group,
                    timeout_s=dist.distributed_c10d.default_pg_timeout.total_seconds())
     try:
         probe = dist.new_group(backend='gloo', timeout=datetime.timedelta(
@@ -199,7 +203,7 @@ def _check_gloo_connects(group: Optional[ProcessGroup], kwargs: dict) -> None:
         dist.barrier(group=probe)
     except RuntimeError as e:
         raise RuntimeError(gloo_connect_message(e)) from e
-    dist.destroy_process_group(probe)
+    return probe
 
 
 def gloo_connect_message(error: Exception) -> str:

@@ -54,7 +54,8 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
     # the config's own hook options (branches, strict, ...) shape the plan: keep them
     cfg.custom_hooks.append(dict(own[0] if own else {}, type='DDPAutoTuneHook', probe_iters=iters,
                                  policy='keep'))
-    cfg.custom_hooks.append(dict(type='HangWatchdogHook', action='abort', timeout=hang_timeout,
+    cfg.custom_hooks.append(dict(type='HangWatchdogHook', action='abort',
+                                 timeout=hang_timeout or None,  # 0: the derived default
                                  min_timeout=HANG_MIN_TIMEOUT_S))
     cfg.default_hooks = dict(cfg.get('default_hooks') or {}, checkpoint=None)
     cfg.launcher = 'pytorch'

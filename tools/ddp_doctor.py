@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument('--timeout', type=float, default=600.0, help='seconds before the ranks are killed')
     p.add_argument('--hang-timeout', type=float, metavar='SECONDS',
                    help='seconds without progress on a rank that make the verdict HANGS '
-                        '(default: 20x the slowest step, at least 120 s)')
+                        '(default, or 0: 20x the slowest step, at least 120 s)')
     p.add_argument('--json', action='store_true')
     p.add_argument('--trust-checkpoint', action='append', default=[], metavar='FILE',
                    help='load this one checkpoint (e.g. init_cfg pretrained weights) with full '

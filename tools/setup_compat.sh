@@ -34,6 +34,7 @@ else
   "${PIP[@]}" "torch==$TORCH" "$NUMPY" "mmengine==$MMENGINE" "$YAPF" pytest "setuptools<81" wheel
 fi
 before=$(mktemp) after=$(mktemp)
+trap 'rm -f "$before" "$after"' EXIT
 "$PY" -m pip freeze --exclude-editable | grep -v '^mmddp[_-]hooks' | sort > "$before"
 "${PIP[@]}" --no-build-isolation .
 "$PY" -m pip freeze --exclude-editable | grep -v '^mmddp[_-]hooks' | sort > "$after"
@@ -43,7 +44,6 @@ if ! diff -u "$before" "$after"; then
   exit 1
 fi
 echo "[compat] pip install . kept all $(wc -l < "$before") packages of $VENV as they were"
-rm -f "$before" "$after"
 "${PIP[@]}" --no-build-isolation --no-deps -e .
 "$PY" -c "import torch, mmengine, numpy, mmddp_hooks; print('[compat] ok: torch', torch.__version__, \
 'numpy', numpy.__version__, 'mmengine', mmengine.__version__)"

@@ -34,4 +34,4 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # shellcheck disable=SC2086 - SRUN_ARGS is a list of options, as in OpenMMLab's script
 exec srun -p "$PARTITION" --job-name="$JOB_NAME" ${GRES:+--gres="$GRES"} --ntasks="$GPUS" \
   --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 \
-  $SRUN_ARGS "$PYTHON" -u "$HERE/train.py" "$CONFIG" "${WORK_DIR[@]}" --launcher slurm "$@"
+  $SRUN_ARGS "$PYTHON" -u "$HERE/train.py" "$CONFIG" ${WORK_DIR[@]+"${WORK_DIR[@]}"} --launcher slurm "$@"

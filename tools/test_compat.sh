@@ -5,13 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${1:?usage: $0 TORCH_VERSION [MMENGINE_VERSION] [pytest args]}
-MMENGINE=${2:-0.10.7}
+shift
+MMENGINE=0.10.7
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then  # a version, not a pytest option
+  MMENGINE=$1
+  shift
+fi
 VENV=.venv-torch$TORCH
 [ "$MMENGINE" = 0.10.7 ] || VENV=$VENV-mmengine$MMENGINE
 start=$SECONDS
 bash tools/setup_compat.sh "$TORCH" "$MMENGINE"
 set +e
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not mmseg and not mmdet and not gpu" "${@:3}"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not mmseg and not mmdet and not gpu" "$@"
 rc=$?
 set -e
 echo "[compat] torch $TORCH, mmengine $MMENGINE: pytest exit $rc," \

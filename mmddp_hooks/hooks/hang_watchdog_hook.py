@@ -15,6 +15,7 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
+from mmengine.runner import BaseLoop
 
 from .. import dist as ddist
 from ..compat import store_has
@@ -88,20 +89,22 @@ class HangWatchdogHook(Hook):
             return
         self._work_dir = runner.work_dir
         threading.Thread(target=self._watch, name='mmddp-hang-watchdog', daemon=True).start()
-        self._name_lost_peers(runner.train_loop)
+        if isinstance(runner._train_loop, BaseLoop):  # built by runner.train(), not by val/test
+            self._name_lost_peers(runner._train_loop)
 
     def _name_lost_peers(self, loop) -> None:
         """A peer that dies (SIGKILL, the OOM killer, a segfault) is no hang on gloo: the others'
         collectives raise at once ("Connection closed by peer"), naming no rank. MMEngine has no
-        hook for an exception, so the loop's ``run`` is wrapped: on any error, the ranks whose
-        heartbeats stopped are named, with where they last were, and the error is the cause."""
+        hook for an exception, so the loop's ``run`` is wrapped: on an error that says a peer's
+        connection broke, the ranks whose heartbeats stopped are named, with where they last were,
+        and the error is the cause."""
         run = loop.run
 
         def run_naming_lost_peers():
             try:
                 return run()
             except Exception as e:
-                lost = self.lost_peers()
+                lost = self.lost_peers() if _peer_connection_broke(e) else ''
                 if lost:
                     raise PeerLost(f'{lost}\nThis rank\'s error, a consequence: {e!r}') from e
                 raise
@@ -215,25 +218,27 @@ class HangWatchdogHook(Hook):
     def _post_stack(self, store, gen: int, rank: int) -> None:
         frame = sys._current_frames().get(threading.main_thread().ident)
         frames = traceback.extract_stack(frame) if frame is not None else []
+        dump = getattr(torch._C._distributed_c10d, '_dump_nccl_trace', None)
+        if ddist.backend_in_use() != 'nccl':
+            dump = None
+        trace = osp.join(self._work_dir, f'nccl_trace_rank{rank}.pkl') if dump else None
         store.set(f'{self._prefix}/stack/{gen}/{rank}', json.dumps(dict(
             self._state, frames=[(f.filename, f.lineno, f.name) for f in frames],
-            nccl_trace=self._dump_nccl_trace(rank))))
+            nccl_trace=trace)))  # posted first: a slow dump must not make this rank look dead
+        if dump:
+            self._dump_nccl_trace(dump, trace)
 
-    def _dump_nccl_trace(self, rank: int) -> Optional[str]:
+    @staticmethod
+    def _dump_nccl_trace(dump, path: str) -> None:
         """Under NCCL, write this rank's flight-recorder buffer (the collectives it ran, and the
-        one it waits in) next to the report, where the report names it: an abort ends the rank
-        long before NCCL's own timeout would dump it. Empty unless TORCH_NCCL_TRACE_BUFFER_SIZE
-        was set before the process group was made (``tools/train.py --hang-timeout`` sets it)."""
-        dump = getattr(torch._C._distributed_c10d, '_dump_nccl_trace', None)
-        if dump is None or ddist.backend_in_use() != 'nccl':
-            return None
-        path = osp.join(self._work_dir, f'nccl_trace_rank{rank}.pkl')
+        one it waits in) where the report names it: an abort ends the rank long before NCCL's
+        own timeout would dump it. Empty unless TORCH_NCCL_TRACE_BUFFER_SIZE was set before the
+        process group was made (``tools/train.py --hang-timeout`` sets it)."""
         try:
             with open(path, 'wb') as f:
                 f.write(dump())
         except Exception as e:  # a report without the dump beats no report
-            return f'(not written: {e!r})'
-        return path
+            sys.stderr.write(f'[mmddp_hooks] could not write {path}: {e!r}\n')
 
     def _report(self, store, gen: int, world: int) -> None:
         """Wait a few seconds for the live ranks' stacks, then write one report."""
@@ -264,6 +269,16 @@ class HangWatchdogHook(Hook):
                 return store.get(key).decode()
             time.sleep(0.2)
         return '(the rank that writes the report did not: see the other ranks)'
+
+
+# what gloo and NCCL raise in a rank whose peer went away
+_PEER_GONE = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe',
+              'Connection refused', 'NCCL communicator was aborted', 'remote process exited')
+
+
+def _peer_connection_broke(e: BaseException) -> bool:
+    return (type(e).__name__ == 'DistBackendError'
+            or any(text in str(e) for text in _PEER_GONE))
 
 
 def _read_all(store, prefix: str, world: int) -> Dict[int, Dict[str, Any]]:

@@ -72,8 +72,11 @@ class TrainableScheduleHook(Hook):
         paramwise constructor skips them, older ones give them the base options without
         ``custom_keys``; either way not what they would have had as trainable parameters."""
         named = dict(module.named_parameters())
-        frozen = [n for n in scheduled_unfreezes(self.entries) if not named[n].requires_grad]
-        missing = [n for n in frozen if id(named[n]) not in optimizer_params(runner.optim_wrapper)]
+        scheduled = scheduled_unfreezes(self.entries)
+        held = optimizer_params(runner.optim_wrapper)
+        missing = [n for n in scheduled if id(named[n]) not in held]
+        # built again with these trainable: frozen now, or left out however they were
+        frozen = [n for n in scheduled if not named[n].requires_grad or n in missing]
         cfg = runner.cfg.get('optim_wrapper')
         if not isinstance(cfg, dict):
             if missing:

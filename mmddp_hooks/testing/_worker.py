@@ -3,10 +3,11 @@
 ``python -m mmddp_hooks.testing._worker SPEC RANK RESULT`` runs one job and exits.
 ``python -m mmddp_hooks.testing._worker --serve RANK`` is a warm rank (:func:`reuse_ranks`): it reads
 jobs from stdin, one JSON line each, and runs them one after the other, each with its own log, its
-own process group (a fresh port), torch's initial seed and Python's warning filters as they started
-(a warning shown once is shown again); it exits after a job that failed, so a failed job's state is
-never reused. What it cannot undo is the job's own: a case that patches a module must restore it,
-and one that needs a fresh process (a warning C++ gives once per process) asks for one.
+own process group (a fresh port), the working directory, environment, torch seed and Python
+warning filters the rank started with (a warning shown once is shown again), and /dev/null as
+stdin; it exits after a job that failed, so a failed job's state is never reused. What it cannot
+undo is what a successful job leaves behind: a module it patched (cases restore theirs), threads or
+processes it started, or a warning C++ gives once per process (such a case asks for a fresh run).
 """
 import faulthandler
 import json
@@ -61,11 +62,17 @@ def serve(rank: str) -> int:
     import mmddp_hooks  # noqa: F401 - what every job imports: paid once per warm rank
 
     base_env, seed, filters = dict(os.environ), torch.initial_seed(), list(warnings.filters)
+    cwd = os.getcwd()
+    jobs = os.fdopen(os.dup(0), 'r')  # the harness's pipe; a job's stdin is /dev/null, as fresh
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     while True:
-        line = sys.stdin.readline()
+        line = jobs.readline()
         if not line:
             return 0
         job = json.loads(line)
+        os.chdir(cwd)
         sys.stdout.flush()
         sys.stderr.flush()
         fd = os.open(job['log'], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -77,6 +84,7 @@ def serve(rank: str) -> int:
         torch.distributed.set_debug_level_from_env()  # a job may have set DDP's debug level
         torch.manual_seed(seed)
         warnings.filters[:] = filters
+        warnings.onceregistry.clear()
         if hasattr(warnings, '_filters_mutated'):  # forget which warnings were shown once
             warnings._filters_mutated()
         code = run_job(job['spec'], rank, job['result'])

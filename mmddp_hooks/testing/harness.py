@@ -193,15 +193,22 @@ def run_on_ranks(fn: Callable[..., Any],
         for rank in range(world_size):
             pool.submit(rank, dict(spec=str(spec), result=str(results[rank]), log=str(logs[rank]),
                                    env=dict(per_run)))
-        procs, keep = pool.procs, False
+        procs = pool.procs
         try:
             timed_out = _wait(procs, start + timeout, failure_grace, results, pooled=True)
-            keep = not timed_out and all('value' in _read_result(r) for r in results) \
-                and pool.alive()
-        finally:
-            if not keep:  # replaced at once: the new ranks import while this test checks
-                pool.close()
-                _POOLS[world_size] = _RankPool(world_size, base_env)
+        except BaseException:
+            pool.close()
+            raise
+        # a rank alive now finished its job (or is stuck in it): its code comes from its result,
+        # not from the kill below
+        exits = [p.poll() for p in procs]
+        if not (not timed_out and all('value' in _read_result(r) for r in results)
+                and pool.alive()):
+            for rank, code in enumerate(exits):  # what a rank said before its job began
+                if code is not None and not results[rank].exists():
+                    _append(logs[rank], pool.output(rank))
+            pool.close()
+            _POOLS[world_size] = _RankPool(world_size, base_env)  # imports while this test checks
     else:
         procs, files = [], []
         pgid = 0
@@ -234,7 +241,9 @@ def run_on_ranks(fn: Callable[..., Any],
         payload = _read_result(results[rank])
         output = logs[rank].read_text(errors='replace') if logs[rank].exists() else ''
         error = payload.get('error')
-        code = proc.returncode if proc.returncode is not None else (0 if 'value' in payload else 1)
+        code = exits[rank] if pooled else proc.returncode
+        if code is None:  # a warm rank: its job's outcome, or killed by the harness while in it
+            code = (0 if 'value' in payload else 1) if payload else -signal.SIGKILL
         if 'value' not in payload and error is None:
             error = ('rank produced no result: killed after a timeout or a peer failure'
                      if code and code < 0 else 'rank produced no result')
@@ -246,6 +255,12 @@ def run_on_ranks(fn: Callable[..., Any],
                                        error=error, output=output, has_value='value' in payload))
     shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def _append(path: Path, text: str) -> None:
+    if text:
+        with path.open('a') as f:
+            f.write(text)
 
 
 def _rank_env(world_size: int) -> Dict[str, str]:
@@ -296,22 +311,31 @@ class _RankPool:
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
 
+    def output(self, rank: int) -> str:
+        """What the rank printed outside its jobs (an import error at start, say)."""
+        log = self.workdir / f'rank{rank}.log'
+        return log.read_text(errors='replace') if log.exists() else ''
+
     def submit(self, rank: int, job: Dict[str, Any]) -> None:
         try:
-            self.procs[rank].stdin.write((json.dumps(job) + '\n').encode())
-            self.procs[rank].stdin.flush()
+            os.write(self.procs[rank].stdin.fileno(), (json.dumps(job) + '\n').encode())
         except BrokenPipeError:  # it died since the last run: the wait reports its exit code
             pass
 
     def close(self) -> None:
-        _kill_group(self.pgid)
-        for p in self.procs:
-            p.wait()
-            p.stdin.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        for key, pool in list(_POOLS.items()):
-            if pool is self:
-                del _POOLS[key]
+        try:
+            _kill_group(self.pgid)
+            for p in self.procs:
+                p.wait()
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            for key, pool in list(_POOLS.items()):
+                if pool is self:
+                    del _POOLS[key]
 
 
 _POOLS: Dict[int, _RankPool] = {}  # one set of warm ranks per world size
@@ -345,9 +369,10 @@ def _wait(procs: List[subprocess.Popen], deadline: float, failure_grace: float,
     they run on.
     """
     first_failure: Optional[float] = None
+    payloads: List[Dict[str, Any]] = [{} for _ in results]
     while True:
         codes = [p.poll() for p in procs]
-        payloads = [_read_result(path) for path in results]
+        payloads = [p or _read_result(path) for p, path in zip(payloads, results)]  # once each
         done = [c is not None or (pooled and bool(r)) for c, r in zip(codes, payloads)]
         if all(done):
             return False

@@ -6,3 +6,4 @@ train_dataloader = dict(dataset=dict(type='HangCaseVectors', n=64), batch_size=2
                         sampler=dict(type='DefaultSampler', shuffle=True),
                         collate_fn=dict(type='default_collate'))
 optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9))
+env_cfg = dict(dist_cfg=dict(backend='gloo'))  # mmengine < 0.10 has no default for it
