@@ -32,7 +32,9 @@ def run_job(spec_path: str, rank: str, result_path: str) -> int:
             fn, args, kwargs, backend, timeout = pickle.load(f)
         assert int(os.environ['RANK']) == int(rank)
         if backend is not None:  # None: the function initialises the process group itself
-            init_dist_if_needed(backend, timeout_s=timeout)
+            # collectives outlast the harness's deadline: a hung one is killed with its stack, not
+            # ended by its own timeout in a race with the kill (a warm rank starts at once)
+            init_dist_if_needed(backend, timeout_s=timeout + 30)
         payload = {'value': fn(*args, **kwargs)}
         teardown()
         code = 0
