@@ -170,7 +170,7 @@ def rank_dependent(model: str, find_unused: bool, hook: bool, what: str = 'freez
     return scenarios.train_plain(model, hook=dict(probe_iters=2) if hook else None,
                                  find_unused=find_unused, iters=iters,
                                  frozen=['trunk.0.*'] if what == 'unfreeze' else (),
-                                 wrapper=dict(trainable_change_timeout=5),
+                                 wrapper=dict(trainable_change_timeout=2),
                                  extra_hooks=[FlipRequiresGrad([(8, what, ['trunk.0.*'])],
                                                                rank=1)])
 
