@@ -155,6 +155,11 @@ def group_size(group: Optional[ProcessGroup] = None) -> int:
     return dist.get_world_size(group) if is_dist() else 1
 
 
+def group_ranks(group: Optional[ProcessGroup] = None) -> List[int]:
+    """The global ranks of ``group`` (the default group's when None)."""
+    return dist.get_process_group_ranks(group) if group is not None else list(range(get_world_size()))
+
+
 def group_rank(group: Optional[ProcessGroup] = None) -> int:
     return dist.get_rank(group) if is_dist() else 0
 
@@ -164,7 +169,7 @@ def control_group(group: Optional[ProcessGroup] = None) -> ProcessGroup:
 
     A collective the first time for a given group: ``ReconfigurableDDP`` makes it when it wraps,
     where every rank of its group is at the same point. A control plane that cannot connect fails
-    there, naming ``GLOO_SOCKET_IFNAME`` (:func:`_check_gloo_connects`), instead of hanging at the
+    there, naming ``GLOO_SOCKET_IFNAME`` (:func:`_gloo_connects`), instead of hanging at the
     first step.
     """
     key = group if group is not None else dist.group.WORLD
@@ -192,8 +197,7 @@ def _gloo_connects(group: Optional[ProcessGroup], kwargs: dict) -> ProcessGroup:
     goes through the c10d store (which the default group already reached), within torch's default
     process-group timeout, so a rank that comes late is not taken for one that cannot connect.
     """
-    ranks = tuple(dist.get_process_group_ranks(group) if group is not None
-                  else range(get_world_size()))
+    ranks = tuple(group_ranks(group))
     serial = _CONNECT_CHECKS[ranks] = _CONNECT_CHECKS.get(ranks, -1) + 1
     store_exchange(f'gloo-connect/{"-".join(map(str, ranks))}/{serial}', True, group,
                    timeout_s=dist.distributed_c10d.default_pg_timeout.total_seconds())
@@ -280,7 +284,7 @@ def store_exchange(tag: str, value: Any, group: Optional[ProcessGroup] = None,
     if not is_dist():
         return {0: value}
     kv = store()
-    ranks = dist.get_process_group_ranks(group) if group is not None else range(get_world_size())
+    ranks = group_ranks(group)
     keys = {r: f'mmddp_hooks/{tag}/{r}' for r in ranks}
     kv.set(keys[get_rank()], pickle.dumps(value))
     try:
