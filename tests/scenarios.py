@@ -6,6 +6,7 @@ parameters, and branches that wake up or fall asleep after the probe.
 """
 import fnmatch
 import hashlib
+import json
 import os
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
@@ -346,10 +347,16 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         trainable_log=list(getattr(wrapper, 'trainable_log', [])),
         probed=tune is not None and tune.report_path is not None,
         wrapper_type=type(wrapper).__name__,
-        report_path=tune.report_path if tune is not None else None,
+        # read here: the run's temporary folders, work_dir among them, go when the run ends
+        report=_read_json(tune.report_path) if tune is not None and tune.report_path else None,
         work_dir=work_dir,
         optimized=_optimized(runner.optim_wrapper, wrapper.module),
     )
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
 
 
 def _optimized(optim_wrapper, module: nn.Module) -> Dict[str, Dict[str, float]]:

@@ -4,7 +4,6 @@ Each scenario trains with the hook and again with find_unused_parameters=True (n
 seeds, in the same ranks: replicas must end bit-identical, the plan must be the expected one, and the
 loss curve and parameters must match the find_unused_parameters=True run.
 """
-import json
 
 import pytest
 
@@ -52,7 +51,7 @@ def test_disabled_distill_module_is_ignored(world_size):
     assert plan['find_unused_parameters'] is False and not plan['fill']
     assert plan['ignore'] == ['resolution_distill.0.weight', 'resolution_distill.0.bias',
                               'resolution_distill.1.weight', 'resolution_distill.1.bias']
-    report = json.load(open(results[0]['tuned']['report_path']))
+    report = results[0]['tuned']['report']
     groups = [g for g in report['report']['groups'] if g['kind'] == 'never used']
     assert [(g['prefix'], len(g['names']), g['numel']) for g in groups] == [
         ('resolution_distill', 4, 2 * (8 * 8 + 8))]

@@ -1,5 +1,6 @@
 """The multi-process harness itself: results, tracebacks, and hangs that are killed, not waited on."""
 import os
+import tempfile
 import time
 
 import pytest
@@ -127,6 +128,25 @@ def _crash_rank_1() -> int:
     return 0
 
 
+def _write_a_temp_dir() -> str:
+    """A work_dir as the cases make them, with a file in it."""
+    path = tempfile.mkdtemp(prefix='mmddp_case_')
+    with open(os.path.join(path, 'iter_1.pth'), 'wb') as f:
+        f.write(b'x' * 1024)
+    return path
+
+
+def test_a_runs_temporary_files_go_with_it():
+    # each case's tempfile.mkdtemp() work_dirs once stayed in /tmp: 3 GB a suite, until a disk
+    # filled and every later rank died with neither output nor result
+    first, second = (run_distributed(_write_a_temp_dir, 2, timeout=60) for _ in range(2))
+    for path in first + second:
+        assert not os.path.exists(path), path
+    # a warm rank takes each run's TMPDIR, not the one tempfile cached in its first run
+    assert os.path.dirname(first[0]) == os.path.dirname(first[1])
+    assert os.path.dirname(first[0]) != os.path.dirname(second[0])
+
+
 def test_warm_ranks_are_reused_without_the_state_a_run_left():
     first, second = (run_distributed(_whoami_and_leave_state, 2, timeout=60) for _ in range(2))
     assert [r['pid'] for r in first] == [r['pid'] for r in second]  # the same warm processes
@@ -144,6 +164,9 @@ def test_a_broken_run_fails_alone_and_the_next_run_gets_fresh_ranks(broken):
     elif broken == 'crash':
         result = run_on_ranks(_crash_rank_1, 2, timeout=60, failure_grace=1)
         assert result.ranks[1].exitcode == 3 and not result.ranks[1].has_value
+        # no output and no result: the error says how much disk the rank had to write them on
+        assert 'printed nothing; ' in result.ranks[1].error
+        assert 'MiB free on the disk of ' in result.ranks[1].error
     else:
         result = run_on_ranks(_raise_on_rank_1, 2, timeout=60, failure_grace=1)
         assert 'ValueError: boom on rank one' in result.ranks[1].error

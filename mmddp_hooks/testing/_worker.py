@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -83,6 +84,7 @@ def serve(rank: str) -> int:
         os.close(fd)
         os.environ.clear()
         os.environ.update(base_env, **job['env'])
+        tempfile.tempdir = None  # the job's TMPDIR (its run's folder), not the last job's
         torch.distributed.set_debug_level_from_env()  # a job may have set DDP's debug level
         torch.manual_seed(seed)
         warnings.filters[:] = filters

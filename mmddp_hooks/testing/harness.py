@@ -181,7 +181,10 @@ def run_on_ranks(fn: Callable[..., Any],
         pickle.dump((fn, tuple(args), kwargs, backend if init_process_group else None, timeout),
                     f)
     base_env = _rank_env(world_size)
-    per_run = {'MASTER_PORT': str(free_port()),
+    (workdir / 'tmp').mkdir()
+    # the ranks' temporary files live in the run's folder and go with it: checkpoints of work_dirs
+    # made by tempfile.mkdtemp() would otherwise stay behind after every run (GBs a suite)
+    per_run = {'MASTER_PORT': str(free_port()), 'TMPDIR': str(workdir / 'tmp'),
                STACK_DUMP_AT: str(time.time() + timeout - min(STACK_DUMP_LEAD, timeout / 4))}
     pooled = (_REUSE['on'] and not fresh and env is None and local_devices is None
               and backend == 'gloo')
@@ -251,10 +254,20 @@ def run_on_ranks(fn: Callable[..., Any],
             if stacks:
                 error += '; where it was when killed (every thread, most recent call first):\n' + \
                     stacks
+            elif not output:
+                error += _silent_exit_hint(workdir)
         result.ranks.append(RankResult(rank=rank, exitcode=code, value=payload.get('value'),
                                        error=error, output=output, has_value='value' in payload))
     shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def _silent_exit_hint(workdir: Path) -> str:
+    """Why a rank can end with neither output nor result: it could not write either."""
+    free = shutil.disk_usage(workdir).free
+    return (f' and printed nothing; {free / 2**20:.0f} MiB free on the disk of {workdir.parent}'
+            + (' (a full disk: the rank could write neither its log nor its result)'
+               if free < 64 * 2**20 else ''))
 
 
 def _append(path: Path, text: str) -> None:
