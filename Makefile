@@ -1,4 +1,4 @@
-.PHONY: setup test test-fast test-dist test-gpu test-compat stress lint
+.PHONY: setup test test-fast test-dist test-gpu test-compat stress lint zoo
 
 # Fresh machine -> .venv with torch 2.13.0 (CPU), mmengine 0.10.7, mmcv 2.1.0 (CPU ops), mmseg 1.2.2, mmdet 3.3.0.
 setup:
@@ -30,3 +30,9 @@ stress:
 
 lint:
 	.venv/bin/python -m ruff check .
+
+# The doctor over shipped mmseg/mmdet/mmpretrain configs (docs/zoo_configs.txt), one summary table:
+# the README's zoo table. Not part of `make test` (about half an hour here). make zoo [ZOO=list]
+zoo:
+	.venv/bin/python tools/ddp_doctor.py --list $(or $(ZOO),docs/zoo_configs.txt) --size 64 64 \
+		--iters 2 --cfg-options train_dataloader.batch_size=2 --out docs/zoo_table.md

@@ -100,11 +100,11 @@ class MMSegStep(nn.Module):
         from mmengine.config import Config
         from mmengine.model import revert_sync_batchnorm
 
-        from .mmseg import use_synthetic_data
         from .model_from_config import build_model
+        from .synthetic import use_synthetic
 
         cfg = Config.fromfile(config)
-        use_synthetic_data(cfg, img_size=(64, 64), max_iters=1)
+        use_synthetic(cfg, img_size=(64, 64), max_iters=1)
         torch.manual_seed(0)
         self.model = revert_sync_batchnorm(build_model(cfg))
         from mmengine.registry import DATASETS

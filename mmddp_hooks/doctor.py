@@ -11,39 +11,53 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
+from mmengine.config import Config
+
 from .branches import standard_settings
-from .model_from_config import train_only
+from .model_from_config import amp_off_on_cpu, drop_remote_weights, load_config, train_only
 from .plan import crash_reason
 from .report import UsageReport
+from .upstream_fixes import dry_run_fixes
 
 OK, CRASHES, FAILED, HANGS = 0, 1, 2, 3
 
 
+def dry_run(cfg: Config, size: Optional[Sequence[int]], iters: int, synthetic: bool = True,
+            pretrained: bool = False) -> Dict[str, Any]:
+    """Rewrite ``cfg`` in place for a CPU dry run of ``iters`` iterations, as every doctor run
+    does: synthetic data through its pipeline (or its own), pretrained weights not on this machine
+    dropped (unless ``pretrained``), AMP off without a GPU. Returns what was done (``data``,
+    ``dropped_weights``, ``cpu_notes``)."""
+    data = "the config's own train data"
+    if synthetic:
+        from .synthetic import describe, use_synthetic
+        data = describe(use_synthetic(cfg, img_size=size, max_iters=iters))
+    else:
+        train_only(cfg, iters)
+    amp = amp_off_on_cpu(cfg)
+    return dict(data=data, dropped_weights=[] if pretrained else drop_remote_weights(cfg),
+                cpu_notes=[amp] if amp else [])
+
+
 def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Optional[List[int]],
                 synthetic: bool, work_dir: str, trusted: Sequence[str] = (),
-                hang_timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+                hang_timeout: Optional[float] = None,
+                pretrained: bool = False) -> Optional[Dict[str, Any]]:
     """One rank: train ``iters`` iterations while probing; rank 0 returns the findings."""
     import torch.distributed as dist
-    from mmengine.config import Config
     from mmengine.runner import Runner
 
     import mmddp_hooks  # noqa: F401
     from mmddp_hooks.checkpoint import safe_checkpoint_loading, trusted_from
 
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = load_config(config, cfg_options)
     # what MMEngine would apply to the config as written (read before the doctor rewrites it), so
     # the verdict is the real run's: e.g. a top-level find_unused_parameters beside a
     # model_wrapper_cfg without the key never reaches DDP
     settings = standard_settings(cfg)
     find_unused = bool(settings['find_unused_parameters'])
     static_graph = bool(settings['static_graph'])
-    if synthetic:
-        from .synthetic import use_synthetic
-        use_synthetic(cfg, img_size=size, max_iters=iters)
-    else:
-        train_only(cfg, iters)
+    dry = dry_run(cfg, size, iters, synthetic, pretrained)
     asked = dict(cfg.get('model_wrapper_cfg') or {})
     asked.update(type='ReconfigurableDDP', find_unused_parameters=find_unused)
     cfg.model_wrapper_cfg = asked
@@ -61,8 +75,10 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
     cfg.launcher = 'pytorch'
     cfg.work_dir = work_dir
     cfg.resume, cfg.load_from = False, None
-    runner = Runner.from_cfg(cfg)
-    with safe_checkpoint_loading(trusted_from(cfg, trusted)):
+    from .synthetic import pipeline_errors_named
+    with pipeline_errors_named(), dry_run_fixes() as fixed, \
+            safe_checkpoint_loading(trusted_from(cfg, trusted)):
+        runner = Runner.from_cfg(cfg)
         runner.train()
     if dist.get_rank() != 0:
         return None
@@ -75,7 +91,8 @@ def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Opti
                 settings=settings, dropped=settings['dropped'], has_hook=has_hook,
                 crash_reason=crash, crashes=crash is not None and not has_hook,
                 crashes_without_hook=crash is not None,
-                kept=kept.to_dict(), auto=auto.to_dict(), auto_summary=auto.summary())
+                kept=kept.to_dict(), auto=auto.to_dict(), auto_summary=auto.summary(),
+                upstream_bugs=fixed, **dry)
 
 
 def config_lines(findings: Dict[str, Any]) -> str:
@@ -91,15 +108,69 @@ def config_lines(findings: Dict[str, Any]) -> str:
 HANG_MIN_TIMEOUT_S = 120.0
 
 
+def _trains_at(config: str, cfg_options: Optional[dict], size: Sequence[int],
+               pretrained: bool) -> Optional[str]:
+    """None if the config's losses at ``size`` compute in this process (one batch, no backward:
+    what a size breaks), else the error."""
+    from .synthetic import local_usage
+
+    cfg = load_config(config, cfg_options)
+    dry_run(cfg, size, 1, pretrained=pretrained)
+    try:
+        with dry_run_fixes():
+            local_usage(cfg, steps=1, backward=False)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or ['(no message)'])[0]
+        return f'{type(err).__name__}: {first[:300]}'
+    return None
+
+
+def size_hint(config: str, cfg_options: Optional[dict], size: Sequence[int],
+              pretrained: bool = False) -> Optional[Dict[str, Any]]:
+    """After a failed run at ``size``: if the model cannot run at that size at all (its losses fail
+    in this process) but does at the pipeline's own, the smallest size that runs, searched by
+    doubling then bisecting; else None (the size was not the cause)."""
+    from .synthetic import synthetic_task, train_size
+
+    try:
+        cfg = load_config(config, cfg_options)
+        shipped = train_size(cfg, synthetic_task(cfg))
+    except Exception:  # a config that does not load: the ranks' errors say why
+        return None
+    error = _trains_at(config, cfg_options, size, pretrained)
+    if error is None:
+        return None
+    lo = min(size[0] / shipped[0], size[1] / shipped[1])
+    hi = min(1.0, 2 * lo)
+    while _trains_at(config, cfg_options, [round(s * hi) for s in shipped], pretrained):
+        if hi >= 1.0:
+            return None  # not even at the pipeline's size: the cause is not the size
+        lo, hi = hi, min(1.0, 2 * hi)
+    while (hi - lo) * min(shipped) > max(16.0, 0.1 * hi * min(shipped)):
+        mid = (lo + hi) / 2
+        if _trains_at(config, cfg_options, [round(s * mid) for s in shipped], pretrained):
+            lo = mid
+        else:
+            hi = mid
+    smallest = [round(s * hi) for s in shipped]
+    tried = [round(s * min(size[0] / shipped[0], size[1] / shipped[1])) for s in shipped]
+    return dict(smallest=smallest, shipped=list(shipped), message=(
+        f'the model does not train at --size {size[0]} {size[1]} (train size {tried[0]}x'
+        f'{tried[1]}: {error}); the smallest size that trains is about {smallest[0]}x'
+        f"{smallest[1]} (--size {smallest[0]} {smallest[1]}); the config's own train size is "
+        f'{shipped[0]}x{shipped[1]}'))
+
+
 def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[int]] = None,
                cfg_options: Optional[dict] = None, synthetic: bool = True,
                timeout: float = 600.0, trusted: Sequence[str] = (),
-               hang_timeout: Optional[float] = None) -> Dict[str, Any]:
+               hang_timeout: Optional[float] = None, pretrained: bool = False) -> Dict[str, Any]:
     """Run the probe on ``nproc`` gloo ranks; ``status`` is OK, CRASHES, FAILED or HANGS.
 
-    FAILED means a rank could not do its work. HANGS: the ranks' watchdog found one stalled
-    (``hang_timeout`` seconds without progress; default: derived from the step times, at least
-    ``HANG_MIN_TIMEOUT_S``), ``hang_report`` says where. A rank that finished and wrote its
+    FAILED means a rank could not do its work; where the cause was the requested ``size``,
+    ``size_hint`` says so, with the smallest size that trains. HANGS: the ranks' watchdog found
+    one stalled (``hang_timeout`` seconds without progress; default: derived from the step times,
+    at least ``HANG_MIN_TIMEOUT_S``), ``hang_report`` says where. A rank that finished and wrote its
     findings, then died while exiting, does not change the verdict: ``teardown_fault`` carries
     its output.
     """
@@ -109,7 +180,7 @@ def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[
     try:
         result = run_on_ranks(doctor_rank, nproc, timeout=timeout,
                               args=(config, cfg_options, iters, size, synthetic, work_dir,
-                                    list(trusted), hang_timeout))
+                                    list(trusted), hang_timeout, pretrained))
         report = os.path.join(work_dir, 'hang_report.txt')
         hang_report = open(report).read() if os.path.exists(report) else None
     finally:
@@ -117,7 +188,10 @@ def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[
     if hang_report is not None and not result.work_done:
         return dict(status=HANGS, hang_report=hang_report.strip(), error=result.describe())
     if not result.work_done:
-        return dict(status=FAILED, error=result.describe())
+        failed = dict(status=FAILED, error=result.describe(), size_hint=None)
+        if synthetic and size:
+            failed['size_hint'] = size_hint(config, cfg_options, size, pretrained)
+        return failed
     findings = result.ranks[0].value
     findings['status'] = CRASHES if findings['crashes'] else OK
     findings['config_lines'] = config_lines(findings)

@@ -1,14 +1,35 @@
 """Build a config's model on CPU, as training would see it, without data or a process group."""
-from typing import Optional
+import importlib
+import os
+from typing import Any, Iterator, List, Optional
 
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 
 
+def config_dicts(node: Any) -> Iterator[dict]:
+    """Every dict in a config tree, depth first."""
+    if isinstance(node, dict):
+        yield node
+        node = list(node.values())
+    if isinstance(node, (list, tuple)):
+        for item in node:
+            yield from config_dicts(item)
+
+
+def config_path(path: str) -> str:
+    """``mmseg::fcn/x.py`` (as ``_base_`` names it) -> that config in the installed package."""
+    if '::' not in path:
+        return path
+    package, rel = path.split('::', 1)
+    module = importlib.import_module(package)
+    return os.path.join(os.path.dirname(module.__file__), '.mim', 'configs', rel)
+
+
 def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     """``Config.fromfile`` (which runs ``custom_imports``) plus ``--cfg-options`` overrides."""
-    cfg = Config.fromfile(path)
+    cfg = Config.fromfile(config_path(path))
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     return cfg
@@ -17,7 +38,8 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
 def train_only(cfg: Config, max_iters: Optional[int] = None) -> None:
     """Switch validation and testing off; with ``max_iters``, train that many iterations.
 
-    For dry runs (synthetic data, the DDP doctor): an iteration-based loop, logged every iteration.
+    For dry runs (synthetic data, the DDP doctor): an iteration-based loop, logged every iteration,
+    without the config's ``param_scheduler``.
     """
     for key in ('val_dataloader', 'val_evaluator', 'val_cfg', 'test_dataloader', 'test_evaluator',
                 'test_cfg'):
@@ -25,6 +47,9 @@ def train_only(cfg: Config, max_iters: Optional[int] = None) -> None:
     if max_iters is None:
         return
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters)
+    # epoch schedules (mmpretrain's warm-up ``begin=20``) cannot fit in one iteration-based "epoch",
+    # and learning rates do not change which parameters get gradients
+    cfg.param_scheduler = None
     cfg.log_processor = dict(by_epoch=False)
     hooks = cfg.get('default_hooks') or {}
     if hooks.get('logger') is not None:
@@ -38,6 +63,60 @@ def build_model(cfg: Config) -> nn.Module:
     init_default_scope(cfg.get('default_scope', 'mmengine'))
     if 'model' not in cfg:
         raise KeyError('the config has no `model` key')
-    model = MODELS.build(cfg.model)
+    spec = cfg.model
+    if cfg.get('data_preprocessor') and 'data_preprocessor' not in spec:
+        spec = dict(spec, data_preprocessor=cfg.data_preprocessor)  # as the Runner does
+    model = MODELS.build(spec)
     model.train()
     return model
+
+
+def _remote(path: Any) -> bool:
+    """A checkpoint this machine lacks: a missing file, or a URL (``https://``, ``open-mmlab://``,
+    ...) that is not in torch.hub's cache, where MMEngine keeps its downloads."""
+    if not isinstance(path, str):
+        return False
+    if '://' not in path:
+        return not os.path.exists(path)
+    import torch
+
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(path))
+    return not (path.startswith(('http://', 'https://')) and os.path.exists(cached))
+
+
+def drop_remote_weights(cfg: Config) -> List[str]:
+    """Drop, in place, the model's pretrained weights that are not on this machine; what was dropped.
+
+    For dry runs offline (the DDP doctor): an ``init_cfg`` of type ``Pretrained`` and a ``pretrained``
+    key that name a URL or a missing file. Which parameters receive gradients does not depend on
+    their starting values; local files stay (``--trust-checkpoint`` decides how they load).
+    """
+    dropped = []
+    for d in config_dicts(cfg.get('model')):
+        if _remote(d.get('pretrained')):
+            dropped.append(d['pretrained'])
+            d['pretrained'] = None
+        inits = d.get('init_cfg')
+        many = inits if isinstance(inits, (list, tuple)) else [inits]
+        kept = [i for i in many if not (isinstance(i, dict) and i.get('type') == 'Pretrained'
+                                        and _remote(i.get('checkpoint')))]
+        if len(kept) < len(many):
+            dropped += [i['checkpoint'] for i in many if i not in kept]
+            d['init_cfg'] = (kept or None) if isinstance(inits, (list, tuple)) else None
+    return dropped
+
+
+def amp_off_on_cpu(cfg: Config) -> Optional[str]:
+    """``AmpOptimWrapper`` -> ``OptimWrapper`` where there is no GPU (MMEngine's AMP wrapper refuses
+    to build on CPU); what was changed, or None. Autocast changes no parameter's usage."""
+    import torch
+
+    wrapper = cfg.get('optim_wrapper') or {}
+    if torch.cuda.is_available() or wrapper.get('type') not in ('AmpOptimWrapper',
+                                                                'mmengine.AmpOptimWrapper'):
+        return None
+    for key in ('loss_scale', 'dtype', 'use_fsdp'):
+        wrapper.pop(key, None)
+    wrapper['type'] = 'OptimWrapper'
+    return "optim_wrapper AmpOptimWrapper runs as OptimWrapper (no GPU here; MMEngine's AMP wrapper " \
+           'needs one)'

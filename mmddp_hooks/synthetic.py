@@ -1,100 +1,338 @@
-"""Synthetic training data for a config, whatever its task: the one place that picks the generator.
+"""Synthetic training data for a config, fed through the config's own train pipeline.
 
-``tools/train.py --synthetic`` and the DDP doctor dry-run configs without their datasets. Which random
-samples a model can train on depends on its task (segmentation masks, or boxes and instance masks),
-so :func:`use_synthetic` reads the task from the config and hands it to that task's generator; a config
-of any other task raises :class:`SyntheticDataUnsupported` before anything is built.
+``tools/train.py --synthetic`` and the DDP doctor dry-run configs without their files. Only what reads
+files is replaced: the innermost dataset (by :class:`~mmddp_hooks.synthetic_data.SyntheticRawDataset`,
+raw samples in its task's format, the replaced dataset's metainfo) and the loading steps
+(``LoadImageFromFile``, ``LoadAnnotations``). The dataset wrappers (``MultiImageMixDataset``,
+``RepeatDataset``, ``ConcatDataset``, ``ClassBalancedDataset``), every other transform (``GenerateEdge``,
+``Mosaic``, ``PackSegInputs``, custom ones) and the hooks that talk to the dataset run as the config
+declares them. A step that cannot run on synthetic data raises an error that names it.
 """
-from typing import Any, Dict, Optional, Sequence
+import contextlib
+import copy
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-import torch
 from mmengine.config import Config
-from torch.utils.data import Dataset
 
-SEG, DET = 'mmseg', 'mmdet'
+from .model_from_config import config_dicts, train_only
+from .synthetic_data import CLS, DET, SEG
+
+IMAGE_LOADERS = ('LoadImageFromFile', 'LoadImageFromNDArray')
+ANNOTATION_LOADERS = ('LoadAnnotations', 'LoadPanopticAnnotations')
+# keys whose integers are pixel sizes, in transforms and data preprocessors; scaled by --size
+SIZE_KEYS = ('scale', 'scales', 'img_scale', 'crop_size', 'size', 'random_size_range', 'border')
+RESIZES = ('Resize', 'RandomResize', 'RandomChoiceResize', 'FixScaleResize')
+CLS_SIZES = ('RandomResizedCrop', 'CenterCrop', 'RandomCrop', 'ResizeEdge', 'Resize')
+CLS_PREPROCESSORS = ('ClsDataPreprocessor', 'SelfSupDataPreprocessor', 'TwoNormDataPreprocessor')
+DEFAULT_SIZE = {SEG: (512, 512), DET: (128, 128), CLS: (224, 224)}
 
 
 class SyntheticDataUnsupported(ValueError):
-    """No synthetic data generator fits the config's task: train it on its own dataset instead."""
+    """The config cannot be fed synthetic data: train it on its own dataset instead."""
 
 
-def _type_name(cfg: Optional[dict]) -> Optional[str]:
+def _type_name(cfg: Any) -> Optional[str]:
     """A config dict's ``type`` without its scope: ``mmdet.DetDataPreprocessor`` is a detector's too."""
-    kind = (cfg or {}).get('type')
+    kind = cfg.get('type') if isinstance(cfg, dict) else None
     return kind.rsplit('.', 1)[-1] if isinstance(kind, str) else kind
 
 
 def synthetic_task(cfg: Config) -> str:
-    """``'mmseg'`` or ``'mmdet'``: the generator that fits the config's model.
+    """``'mmseg'``, ``'mmdet'`` or ``'mmpretrain'``: the raw data format that fits the config's model.
 
     Read from the config alone (no import, no model built), so a launcher can check it before it
     starts ranks. Raises :class:`SyntheticDataUnsupported` for any other model.
     """
     model = cfg.get('model') or {}
-    preprocessor = _type_name(model.get('data_preprocessor'))
+    # mmpretrain's configs keep it at the top level; the Runner puts it into the model
+    preprocessor = _type_name(model.get('data_preprocessor') or cfg.get('data_preprocessor'))
     if preprocessor == 'SegDataPreProcessor' or model.get('decode_head') is not None:
         return SEG
     if preprocessor == 'DetDataPreprocessor' or any(
             model.get(head) is not None for head in ('bbox_head', 'roi_head', 'rpn_head')):
         return DET
+    if preprocessor in CLS_PREPROCESSORS or cfg.get('default_scope') == CLS:
+        return CLS
     raise SyntheticDataUnsupported(
         f'no synthetic data for this config: model type {_type_name(model)!r} with data '
         f'preprocessor {preprocessor!r} is neither an mmseg segmentor (decode_head, '
-        'SegDataPreProcessor) nor an mmdet detector (bbox_head/roi_head/rpn_head, '
-        "DetDataPreprocessor). Use the config's own dataset: run the DDP doctor with --real-data, "
-        'or tools/train.py without --synthetic.')
+        'SegDataPreProcessor), an mmdet detector (bbox_head/roi_head/rpn_head, DetDataPreprocessor) '
+        "nor an mmpretrain model (default_scope='mmpretrain', ClsDataPreprocessor). Use the "
+        "config's own dataset: run the DDP doctor with --real-data, or tools/train.py without "
+        '--synthetic.')
+
+
+def _hw(scale: Any, keep_ratio: bool) -> Tuple[int, int]:
+    """(H, W) of a resize ``scale`` (mmcv's (w, h); with ``keep_ratio`` a long and a short edge)."""
+    if isinstance(scale, int):
+        return scale, scale
+    w, h = scale
+    return (min(w, h), max(w, h)) if keep_ratio else (h, w)
+
+
+def _first_resize(cfg: Config) -> Optional[Tuple[int, int]]:
+    """(H, W) the train pipeline's first resize aims at (the largest of a random choice), or None."""
+    for t in config_dicts(cfg.get('train_dataloader')):
+        scales = t.get('scale') or t.get('scales')
+        if _type_name(t) in RESIZES and scales:
+            # ``scales`` are choices (ints: short edges); a ``scale`` is one, or a range of two
+            many = 'scales' in t or not isinstance(scales[0] if isinstance(scales, (list, tuple))
+                                                   else scales, int)
+            sizes = [_hw(s, t.get('keep_ratio', False)) for s in (scales if many else [scales])]
+            return max(sizes, key=lambda hw: hw[0] * hw[1])
+    return None
+
+
+def _det_size(cfg: Config) -> Optional[Tuple[int, int]]:
+    """A detector's first train resize capped by an absolute ``RandomCrop`` (mmdet's crop is
+    (w, h)), else the preprocessor's fixed-size pad."""
+    size = _first_resize(cfg)
+    if size:
+        for t in config_dicts(cfg.get('train_dataloader')):
+            if _type_name(t) == 'RandomCrop' and t.get('crop_type', 'absolute') == 'absolute':
+                size = min(size[0], t['crop_size'][1]), min(size[1], t['crop_size'][0])
+        return size
+    preprocessor = cfg.model.get('data_preprocessor') or {}
+    for t in config_dicts(preprocessor.get('batch_augments')):
+        if _type_name(t) == 'BatchFixedSizePad':
+            return tuple(t['size'])
+    return None
+
+
+def _cls_size(cfg: Config) -> Optional[Tuple[int, int]]:
+    """A classifier's train crop (mmpretrain's sizes are an int or (h, w))."""
+    for t in config_dicts(cfg.get('train_dataloader')):
+        value = t.get('crop_size', t.get('scale')) if _type_name(t) in CLS_SIZES else None
+        if isinstance(value, int):
+            return value, value
+        if isinstance(value, (list, tuple)) and len(value) == 2 and \
+                all(isinstance(v, int) for v in value):
+            return tuple(value)
+    return None
+
+
+def raw_size(cfg: Config, task: str) -> Tuple[int, int]:
+    """The (H, W) of the raw images: what the train pipeline's first resize aims at (a dataset's
+    images are about that size: Cityscapes' 1024x2048 for ``scale=(2048, 1024)``), else the train
+    size (a classifier's crops take any image)."""
+    return (task != CLS and _first_resize(cfg)) or train_size(cfg, task)
+
+
+def train_size(cfg: Config, task: str) -> Tuple[int, int]:
+    """The (H, W) the config as shipped trains on: a segmentor's ``crop_size`` (its preprocessor
+    pads to it), a detector's train resize capped by its crop, a classifier's train crop."""
+    if task == SEG:
+        size = (cfg.model.get('data_preprocessor') or {}).get('size') or cfg.get('crop_size')
+    else:
+        size = _det_size(cfg) if task == DET else _cls_size(cfg)
+    return tuple(int(s) for s in size) if size else DEFAULT_SIZE[task]
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    """Every int in ``value`` times ``factor`` (at least 1 in size); floats (ratios) as they are."""
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        return value
+    if isinstance(value, int):
+        return (1 if value > 0 else -1) * max(1, round(abs(value) * factor)) if value else 0
+    return type(value)(_scaled(v, factor) for v in value)
+
+
+def scale_sizes(node: Any, factor: float) -> None:
+    """Scale, in place, the pixel sizes (``SIZE_KEYS``) of every transform under ``node``."""
+    if factor == 1:
+        return
+    for d in config_dicts(node):
+        for key in SIZE_KEYS:
+            if key in d and 'type' in d:
+                d[key] = _scaled(d[key], factor)
+
+
+def _loader(step: dict, where: str) -> dict:
+    """The synthetic stand-in of one loading step; an unknown loader is named, with the way out."""
+    name = _type_name(step)
+    if name in IMAGE_LOADERS:
+        return dict(step, type='SyntheticLoadImage', replaces=step['type'])
+    if name in ANNOTATION_LOADERS:
+        return dict(type='SyntheticLoadAnnotations', replaces=dict(step))
+    raise SyntheticDataUnsupported(
+        f'{where} is {step["type"]!r}, a loading step the synthetic data cannot stand in for (it '
+        "reads files the synthetic samples do not have). Run the DDP doctor with --real-data to use "
+        "the config's own data, or replace the step with --cfg-options.")
+
+
+def replace_loaders(node: Any, where: str, replaced: List[str]) -> Any:
+    """``node`` with every loading step (a transform whose type starts with ``Load``) replaced;
+    ``replaced`` collects their types."""
+    if isinstance(node, dict):
+        name = _type_name(node)
+        if isinstance(name, str) and name.startswith('Load'):
+            replaced.append(name)
+            return _loader(node, where)
+        return type(node)({k: replace_loaders(v, f'{where}.{k}', replaced)
+                           for k, v in node.items()})
+    if isinstance(node, (list, tuple)):
+        return type(node)(replace_loaders(v, f'{where}[{i}]', replaced)
+                          for i, v in enumerate(node))
+    return node
+
+
+def _num_classes(node: Any) -> List[int]:
+    """Every integer ``num_classes`` in a config tree (a cascade's heads are a list)."""
+    return [d['num_classes'] for d in config_dicts(node) if isinstance(d.get('num_classes'), int)]
+
+
+def _innermost(dataset: dict, where: str) -> Iterator[Tuple[dict, str]]:
+    """The datasets that read files, under the wrappers (``dataset``/``datasets`` keys)."""
+    if isinstance(dataset.get('dataset'), dict):
+        yield from _innermost(dataset['dataset'], f'{where}.dataset')
+    elif isinstance(dataset.get('datasets'), (list, tuple)):
+        for i, inner in enumerate(dataset['datasets']):
+            yield from _innermost(inner, f'{where}.datasets[{i}]')
+    else:
+        yield dataset, where
 
 
 def use_synthetic(cfg: Config, img_size: Optional[Sequence[int]] = None,
-                  max_iters: Optional[int] = None) -> None:
-    """Rewrite ``cfg`` in place to train on the synthetic data of its task, validation and test off.
+                  max_iters: Optional[int] = None, num_samples: int = 32) -> Dict[str, Any]:
+    """Rewrite ``cfg`` in place to train on synthetic data through its own train pipeline.
 
-    ``img_size`` (H, W) overrides the size the generator reads from the config; ``max_iters`` makes
-    the loop iteration-based. Raises :class:`SyntheticDataUnsupported` for a task without a generator.
+    The innermost datasets become :class:`~mmddp_hooks.synthetic_data.SyntheticRawDataset` of the
+    config's task, with raw images of the size the pipeline's first resize aims at, labels below
+    the heads' ``num_classes``, the replaced dataset's metainfo and its pipeline (loading steps
+    replaced); wrappers, transforms and hooks stay. ``img_size`` (H, W) scales every pixel size of
+    the train pipeline, the data preprocessor and the hooks' pipelines by one factor, so the train
+    size fits in it (the aspect ratio is the config's). Validation and testing are switched off;
+    ``max_iters`` makes the loop iteration-based. Returns what was done: ``task``, ``train_size``,
+    ``raw_size``, ``factor``, ``datasets`` (where,
+    replaced type) and ``steps`` (the loading steps replaced). Raises
+    :class:`SyntheticDataUnsupported` for a task without a format or a loader without a stand-in.
     """
-    if synthetic_task(cfg) == SEG:
-        from .mmseg import use_synthetic_data
-        use_synthetic_data(cfg, img_size=img_size, max_iters=max_iters)
-    else:
-        from .mmdet import use_synthetic_det_data
-        use_synthetic_det_data(cfg, img_size=img_size, max_iters=max_iters)
-
-
-def synthetic_dataloader(cfg: Config, dataset: Dict[str, Any]) -> Dict[str, Any]:
-    """A single-process train dataloader over ``dataset``, batch size kept from the config's own.
-
-    Call it after the loop is set (``train_only``): an iteration-based loop draws from an infinite
-    sampler, while an epoch-based one needs epochs to end, so it gets the default (finite) sampler.
-    """
-    old = cfg.get('train_dataloader') or {}
-    by_epoch = 'max_epochs' in (cfg.get('train_cfg') or {})
-    return dict(batch_size=old.get('batch_size', 2), num_workers=0, persistent_workers=False,
-                sampler=dict(type='DefaultSampler' if by_epoch else 'InfiniteSampler', shuffle=True),
-                collate_fn=dict(type='pseudo_collate'), dataset=dataset)
-
-
-class SyntheticDataset(Dataset):
-    """``num_samples`` random samples of ``img_size`` (H, W) with labels in ``[0, num_classes)``.
-
-    Deterministic per index (seeded), so every rank sees the same sample for the same index and a
-    distributed sampler's partition is what decides who trains on what.
-    """
-
-    def __init__(self, num_samples: int, img_size: Sequence[int], num_classes: int,
-                 seed: int = 0) -> None:
+    task = synthetic_task(cfg)
+    shipped = train_size(cfg, task)
+    factor = 1.0
+    if img_size:
         if len(img_size) != 2 or min(img_size) < 1:
             raise ValueError(f'img_size must be (H, W) with positive sizes, got {img_size}')
-        if num_classes < 1:
-            raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-        self.num_samples = num_samples
-        self.img_size = tuple(int(s) for s in img_size)
-        self.num_classes = num_classes
-        self.seed = seed
-        self.metainfo = dict(classes=tuple(f'class{i}' for i in range(num_classes)))
+        factor = min(img_size[0] / shipped[0], img_size[1] / shipped[1])
+    size = tuple(max(1, round(s * factor)) for s in shipped)
+    raw = tuple(max(1, round(s * factor)) for s in raw_size(cfg, task))
+    loader = cfg.get('train_dataloader')
+    if not isinstance(loader, dict) or not isinstance(loader.get('dataset'), dict):
+        raise SyntheticDataUnsupported('the config has no train_dataloader.dataset to stand in for')
+    train_only(cfg, max_iters)
+    labels = max(_num_classes(cfg.model), default=None)
+    datasets, steps = [], []
+    for dataset, where in list(_innermost(loader['dataset'], 'train_dataloader.dataset')):
+        if dataset.get('type') == 'SyntheticRawDataset':
+            continue  # one dict in two wrappers (a config variable used twice): replaced already
+        new = dict(type='SyntheticRawDataset', task=task, num_samples=num_samples, img_size=raw,
+                   num_classes=labels, replaces=dataset.get('type'),
+                   metainfo=dataset.get('metainfo'), pipeline=list(dataset.get('pipeline') or []),
+                   reduce_zero_label=bool(dataset.get('reduce_zero_label', False)),
+                   filter_empty_gt=bool((dataset.get('filter_cfg') or {}).get('filter_empty_gt')))
+        datasets.append((where, dataset.get('type')))
+        dataset.clear()
+        dataset.update(new)
+    loader['dataset'] = replace_loaders(loader['dataset'], 'train_dataloader.dataset', steps)
+    if cfg.get('custom_hooks'):  # e.g. RTMDet's PipelineSwitchHook carries a second pipeline
+        cfg.custom_hooks = replace_loaders(cfg.custom_hooks, 'custom_hooks', steps)
+    for node in (loader['dataset'], cfg.get('custom_hooks'), cfg.model.get('data_preprocessor'),
+                 cfg.get('data_preprocessor')):
+        scale_sizes(node, factor)
+    loader.update(num_workers=0, persistent_workers=False)
+    sampler = loader.get('sampler') or {}
+    if max_iters is not None and _type_name(sampler) == 'DefaultSampler':
+        # an iteration-based loop restarts a finite sampler, with MMEngine's 2 s pause each time
+        loader['sampler'] = dict(sampler, type='InfiniteSampler')
+    return dict(task=task, shipped_size=shipped, train_size=size, raw_size=raw, factor=factor,
+                datasets=datasets, steps=steps)
 
-    def __len__(self) -> int:
-        return self.num_samples
 
-    def generator(self, index: int) -> torch.Generator:
-        """The random source of sample ``index``."""
-        return torch.Generator().manual_seed(self.seed * 100003 + index)
+def describe(done: Dict[str, Any]) -> str:
+    """One line on what :func:`use_synthetic` did, for logs and reports."""
+    h, w = done['train_size']
+    replaced = ', '.join(f'{where} ({kind})' for where, kind in done['datasets'])
+    steps = ', '.join(sorted(set(done['steps']))) or 'none'
+    scale = '' if done['factor'] == 1 else \
+        f", pipeline sizes scaled by {done['factor']:.3g} from {done['shipped_size'][0]}x" \
+        f"{done['shipped_size'][1]}"
+    return (f"synthetic {done['task']} samples of {done['raw_size'][0]}x{done['raw_size'][1]} stand "
+            f"in for {replaced}; train size {h}x{w}{scale}; "
+            f"loading steps replaced: {steps}; every other step of the config's pipeline runs")
+
+
+def _pipeline_step(tb: Any) -> Optional[str]:
+    """The innermost data transform in a traceback (an mmcv ``BaseTransform``, the base of every
+    OpenMMLab transform and of users' own), or None."""
+    try:
+        from mmcv.transforms import BaseTransform
+    except ImportError:  # no mmcv: no OpenMMLab pipeline either
+        return None
+    name = None
+    while tb is not None:
+        if isinstance(tb.tb_frame.f_locals.get('self'), BaseTransform):
+            name = type(tb.tb_frame.f_locals['self']).__name__
+        tb = tb.tb_next
+    return name
+
+
+class SyntheticPipelineError(RuntimeError):
+    """A step of the config's train pipeline failed on the synthetic samples."""
+
+
+@contextlib.contextmanager
+def pipeline_errors_named() -> Iterator[None]:
+    """Re-raise a failure inside a data transform as :class:`SyntheticPipelineError` naming it."""
+    try:
+        yield
+    except SyntheticPipelineError:
+        raise
+    except Exception as err:
+        step = _pipeline_step(err.__traceback__)
+        if step is None:
+            raise
+        raise SyntheticPipelineError(
+            f'the train pipeline step {step} failed on the synthetic data: '
+            f'{type(err).__name__}: {err}. Run the DDP doctor with --real-data to use the '
+            f"config's own data, or replace or drop {step} with --cfg-options "
+            '(train_dataloader.dataset...pipeline=[...]).') from err
+
+
+def local_usage(cfg: Config, steps: int = 1, backward: bool = True) -> Tuple[Set[str], Set[str]]:
+    """Train ``steps`` steps of ``cfg`` (already rewritten by :func:`use_synthetic`) in this process,
+    without DDP or a Runner: (trainable parameter names, those that received a gradient).
+
+    An independent account of parameter usage (no probe, no hook). Without ``backward`` only the
+    losses are computed, under ``no_grad`` (nothing is used then): the doctor's quick check of
+    whether a model runs at a size at all.
+    """
+    import torch
+    from mmengine.dataset import pseudo_collate
+    from mmengine.logging import MessageHub
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import DATASETS, FUNCTIONS
+
+    from .model_from_config import build_model
+
+    model = revert_sync_batchnorm(build_model(cfg))
+    loader = cfg.train_dataloader
+    dataset = DATASETS.build(copy.deepcopy(loader.dataset))
+    collate = pseudo_collate
+    if loader.get('collate_fn'):
+        collate = FUNCTIONS.get(_type_name(loader.collate_fn))
+    batch_size = loader.get('batch_size', 2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    used: Set[str] = set()
+    hub = MessageHub.get_current_instance()  # what batch augments (YOLOX's resize) read
+    for step in range(steps):
+        hub.update_info('iter', step)
+        model.zero_grad(set_to_none=True)
+        batch = collate([dataset[(step * batch_size + i) % len(dataset)]
+                         for i in range(batch_size)])
+        with torch.set_grad_enabled(backward):
+            data = model.data_preprocessor(batch, training=True)
+            loss, _ = model.parse_losses(model(**data, mode='loss'))
+        if backward:
+            loss.backward()
+        used |= {n for n, p in model.named_parameters() if p.grad is not None}
+    return trainable, used

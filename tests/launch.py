@@ -48,5 +48,6 @@ def doctor(config, *args: str) -> Tuple[int, str]:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = ddp_doctor.main([str(ROOT / config), *map(str, args)])
+        path = config if '::' in str(config) else str(ROOT / config)  # a shipped one: pkg::path
+        code = ddp_doctor.main([path, *map(str, args)])
     return code, out.getvalue()

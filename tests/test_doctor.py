@@ -28,3 +28,52 @@ def test_a_rank_that_failed_its_work_means_the_doctor_could_not_run(monkeypatch)
         RankResult(1, 1, error='Traceback ...\nValueError: bad config')]))
     out = doctor.run_doctor('some_config.py')
     assert out['status'] == doctor.FAILED and 'ValueError: bad config' in out['error']
+
+
+def test_a_zoo_run_tabulates_each_config_and_retries_a_too_small_size(monkeypatch, tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / 'tools'))
+    import ddp_doctor
+
+    counts = {'always used': 10, 'never used': 3, 'used on some ranks only': 0, 'dynamic': 1}
+    good = dict(status=doctor.CRASHES, report=dict(counts=counts), crash_reason='unused',
+                crashes_without_hook=True,
+                settings=dict(find_unused_parameters=False, find_unused_parameters_from='not set',
+                              static_graph=False),
+                auto_summary='find_unused_parameters=False, ignore 3 never-used params')
+    calls = []
+
+    def run_doctor(config, nproc, iters, size, *args, **kwargs):
+        calls.append((Path(config).name, tuple(size)))
+        if config.endswith('small.py') and tuple(size) == (64, 64):
+            return dict(status=doctor.FAILED, error='rank 0: RuntimeError: Output size is too small',
+                        size_hint=dict(smallest=[416, 832], message='needs 416x832'))
+        if config.endswith('broken.py'):
+            return dict(status=doctor.FAILED, size_hint=None, error=(
+                '--- rank 1: FAILED\nRuntimeError: [gloo] Connection closed by peer\n'  # a symptom
+                '--- rank 0: FAILED\nTraceback\nKeyError: oops\n'))
+        return good
+
+    monkeypatch.setattr(doctor, 'run_doctor', run_doctor)
+    monkeypatch.setattr(ddp_doctor, '_no_synthetic_data', lambda config, options: None)
+    listed = tmp_path / 'zoo.txt'
+    listed.write_text('a/ok.py  # a comment\n\na/small.py\n')
+    argv = ['a/broken.py', '--list', str(listed), '--size', '64', '64', '--out',
+            str(tmp_path / 'table.md')]
+    assert ddp_doctor.main(argv) == doctor.FAILED  # one could not run
+    table = capsys.readouterr().out
+    assert (tmp_path / 'table.md').read_text() == table
+    assert calls == [('broken.py', (64, 64)), ('ok.py', (64, 64)), ('small.py', (64, 64)),
+                     ('small.py', (416, 832))]
+    lines = table.splitlines()
+    assert lines[0].startswith('| config | effective settings | never | rank-dep. | dynamic |')
+    assert lines[2].startswith('| broken |  |') and 'could not run: KeyError: oops' in lines[2]
+    assert lines[3].startswith('| ok | find_unused_parameters=False (not set) | 3 | 0 | 1 | CRASHES')
+    assert lines[4].startswith('| small (416x832: 64x64 too small) |')
+
+    assert ddp_doctor.main(['a/ok.py', 'a/small.py', '--json', '--size', '64', '64']) == doctor.OK
+    rows = json.loads(capsys.readouterr().out)
+    assert [r['status'] for r in rows] == ['CRASHES', 'CRASHES'] and rows[0]['never'] == 3

@@ -112,7 +112,8 @@ def test_doctor_prints_the_effective_settings_and_dropped_keys(monkeypatch, caps
     findings = dict(status=doctor.CRASHES, table='<table>', settings=settings,
                     dropped=settings['dropped'], crashes_without_hook=True, auto_summary='<plan>',
                     crash_reason='find_unused_parameters=False with unused parameters',
-                    auto=dict(reasons=[]), config_lines='<lines>', teardown_fault=None)
+                    auto=dict(reasons=[]), config_lines='<lines>', teardown_fault=None,
+                    data='<data>', dropped_weights=[], cpu_notes=[], upstream_bugs=[])
     monkeypatch.setattr(doctor, 'run_doctor', lambda *a, **k: findings)
     assert ddp_doctor.main(['some_config.py']) == doctor.CRASHES
     out = capsys.readouterr().out

@@ -2,7 +2,7 @@
 boxes and masks: the doctor's verdict is what plain DDP does, and the hook trains as plain DDP.
 
 Per config: the doctor on the config without its hook; then, in one 2-rank launch (tests/
-mmdet_cases.py), plain DDP as the config writes it, plain DDP with ``find_unused_parameters=True``
+config_cases.py), plain DDP as the config writes it, plain DDP with ``find_unused_parameters=True``
 where that crashes (the reference), and the config with its hook. The hook's final weights must equal
 the reference's bit for bit (2 ranks, same seed and data) and the replicas must be identical.
 """
@@ -10,8 +10,8 @@ import pytest
 
 from mmddp_hooks.testing import run_distributed
 
+import config_cases
 import launch
-import mmdet_cases
 
 pytest.importorskip('mmdet')
 pytestmark = [pytest.mark.dist, pytest.mark.mmdet]
@@ -35,7 +35,7 @@ def test_doctor_verdict_is_plain_ddp_and_the_hook_trains_as_plain_ddp(name):
         assert 'warning: top-level find_unused_parameters=True is ignored' in out
         assert unused in out
 
-    ranks = run_distributed(mmdet_cases.plain_then_hook, 2, args=(config,), timeout=400)
+    ranks = run_distributed(config_cases.plain_then_hook, 2, args=(config,), timeout=400)
     for r in ranks:
         assert (r['plain_error'] is not None) == (verdict == 1), r['plain_error']
         if verdict == 1:

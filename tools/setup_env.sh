@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Take a fresh machine to a working .venv with torch (CPU wheel), mmengine, a full mmcv 2.1.0 build
-# with CPU ops, mmsegmentation 1.2.2, mmdetection 3.3.0 and this package (editable, with test extras).
+# with CPU ops, mmsegmentation 1.2.2, mmdetection 3.3.0,
+# mmpretrain 1.2.0 and this package (editable, with test extras).
 # Idempotent: each step is skipped when what it installs is already importable at the right version,
 # so a second run takes seconds. mmcv's ~6 min source build is cached by pip's wheel cache.
 set -euo pipefail
@@ -35,10 +36,23 @@ fi
 
 have mmseg 1.2.2 || { step "mmsegmentation 1.2.2"; "${PIP[@]}" mmsegmentation==1.2.2 ftfy regex torch==2.13.0 mmcv==2.1.0; }
 have mmdet 3.3.0 || { step "mmdetection 3.3.0"; "${PIP[@]}" mmdet==3.3.0 torch==2.13.0 mmcv==2.1.0; }
+# scikit-learn: what shipped mmdet models import at build time beyond mmdet's own requirements (PAA)
+have sklearn 1.7.2 || { step "scikit-learn 1.7.2"; "${PIP[@]}" scikit-learn==1.7.2; }
+# mmpretrain imports torchvision's Python transforms. PyPI's torchvision wheels are CUDA builds: their
+# C ops cannot load beside the CPU torch, and from 0.17 on that makes `import torchvision` fail.
+# 0.16.2 skips ops it cannot load, so its pure-Python part runs on torch 2.13 (installed without its
+# torch==2.1.2 pin; torchvision.extension._has_ops() is False, and nothing here uses those ops).
+have torchvision 0.16.2 || { step "torchvision 0.16.2 (Python part only)"; "${PIP[@]}" --no-deps torchvision==0.16.2; "${PIP[@]}" requests pillow; }
+have mmpretrain 1.2.0 || { step "mmpretrain 1.2.0"; "${PIP[@]}" mmpretrain==1.2.0 torch==2.13.0 mmcv==2.1.0; }
+# mmcv 2.1.0 predates NumPy 2: its adjust_hue (ColorJitter, in mmpretrain's self-supervised
+# pipelines) computes np.uint8(negative shift), which NumPy 2 refuses (OverflowError). NumPy 1.26 is
+# what mmcv 2.1.0 was built for; opencv-python 4.11 and later need NumPy 2.
+"$PY" -c "import numpy, sys; sys.exit(int(numpy.__version__.split('.')[0]) >= 2)" || \
+  { step "numpy<2 (mmcv 2.1.0's)"; "${PIP[@]}" "numpy<2" "opencv-python<4.11"; }
 
 step "mmddp_hooks (editable, test extras)"
-"${PIP[@]}" --no-build-isolation -e ".[test,mmseg,mmdet]" torch==2.13.0 mmcv==2.1.0
+"${PIP[@]}" --no-build-isolation -e ".[test,mmseg,mmdet,mmpretrain]" torch==2.13.0 mmcv==2.1.0
 
-"$PY" -c "import mmcv.ops, mmseg, mmdet, mmddp_hooks; print('[setup] ok: torch', __import__('torch').__version__, \
+"$PY" -c "import mmcv.ops, mmseg, mmdet, mmpretrain, mmddp_hooks; print('[setup] ok: torch', __import__('torch').__version__, 'numpy', __import__('numpy').__version__, \
 'mmengine', __import__('mmengine').__version__, 'mmcv', mmcv.__version__, 'mmseg', mmseg.__version__, \
-'mmdet', mmdet.__version__, 'mmddp_hooks', mmddp_hooks.__version__)"
+'mmdet', mmdet.__version__, 'mmpretrain', mmpretrain.__version__, 'mmddp_hooks', mmddp_hooks.__version__)"

@@ -18,6 +18,7 @@ barrier first.
 import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
 # isort: on
 import argparse
+import contextlib
 import os
 import os.path as osp
 import sys
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
 
     from mmddp_hooks.checkpoint import safe_checkpoint_loading, trusted_from
     from mmddp_hooks.dist import init_dist_if_needed, teardown
-    from mmddp_hooks.synthetic import SyntheticDataUnsupported
+    from mmddp_hooks.synthetic import SyntheticDataUnsupported, pipeline_errors_named
 
     if args.hang_timeout is not None:  # NCCL's flight recorder, unless the user set it up
         os.environ.setdefault('TORCH_NCCL_TRACE_BUFFER_SIZE', '2000')
@@ -138,7 +139,8 @@ def main(argv=None) -> int:
             print(f'train.py: {err}', file=sys.stderr)
         return 2
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-    with safe_checkpoint_loading(trusted_from(cfg, args.trust_checkpoint)):
+    named = pipeline_errors_named() if args.synthetic is not None else contextlib.nullcontext()
+    with named, safe_checkpoint_loading(trusted_from(cfg, args.trust_checkpoint)):
         runner.train()
     del runner  # the last reference to the DDP wrapper: teardown can then join the gloo threads
     teardown()

@@ -1,11 +1,12 @@
-"""One 2-rank launch per mmdet config: plain DDP as the config writes it, plain DDP with
-``find_unused_parameters=True`` where that crashes, and with the hook, each built by
-``tools/train.py``'s own ``build_cfg`` with synthetic 128x128 data, compared in the ranks."""
+"""One 2-rank launch per mmdet or mmpretrain config: plain DDP as the config writes it, plain DDP
+with ``find_unused_parameters=True`` where that crashes, and with the hook, each built by
+``tools/train.py``'s own ``build_cfg`` with synthetic data (128x128 by default) through the config's
+pipeline, compared in the ranks."""
 import hashlib
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,11 +26,11 @@ def _param_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _train(config: str, options: List[str]) -> Dict[str, Any]:
+def _train(config: str, options: List[str], size: Sequence[int]) -> Dict[str, Any]:
     from mmengine.runner import Runner
     from train import build_cfg, parse_args
 
-    argv = [config, '--synthetic', '128', '128', '--iters', str(ITERS), '--launcher', 'pytorch',
+    argv = [config, '--synthetic', *map(str, size), '--iters', str(ITERS), '--launcher', 'pytorch',
             '--work-dir', tempfile.mkdtemp(prefix='mmddp_mmdet_')]
     cfg = build_cfg(parse_args(argv + (['--cfg-options', *options] if options else [])))
     try:
@@ -46,14 +47,14 @@ def _train(config: str, options: List[str]) -> Dict[str, Any]:
                 find_unused=model.find_unused_parameters)
 
 
-def plain_then_hook(config: str) -> Dict[str, Any]:
+def plain_then_hook(config: str, size: Sequence[int] = (128, 128)) -> Dict[str, Any]:
     """Every rank: the runs, then what the test compares (no parameter tensors leave the rank)."""
-    plain = _train(config, ['custom_hooks=[]'])
+    plain = _train(config, ['custom_hooks=[]'], size)
     reference = plain
     if plain['error']:
         reference = _train(config, ['custom_hooks=[]',
-                                    'model_wrapper_cfg.find_unused_parameters=True'])
-    hooked = _train(config, [])
+                                    'model_wrapper_cfg.find_unused_parameters=True'], size)
+    hooked = _train(config, [], size)
     same = (reference['error'] is None and hooked['error'] is None and
             all(torch.equal(reference['params'][k], hooked['params'][k])
                 for k in reference['params']))
