@@ -1,7 +1,7 @@
-"""The multi-process tests run on warm ranks (``mmddp_hooks.testing.reuse_ranks``): torch, MMEngine
-and the test modules are imported once per world size instead of once per run. A run in which a rank
-failed, hung or died replaces its warm ranks, so nothing it left behind reaches the next test.
-``MMDDP_FRESH_RANKS=1`` runs every case in fresh processes, as before."""
+"""The multi-process tests fork their ranks from zygotes (``mmddp_hooks.testing.reuse_ranks``):
+torch, MMEngine and what earlier runs imported (mmseg, mmdet) are imported once per session instead of
+once per run, and each run still gets new processes, so nothing a run did reaches the next one.
+``MMDDP_FRESH_RANKS=1`` runs every case in fresh interpreters."""
 import os
 
 from mmddp_hooks.testing import reuse_ranks

@@ -39,8 +39,8 @@ CASES: Dict[str, Dict[str, Any]] = {
 @contextlib.contextmanager
 def allow_amp_on_cpu() -> Iterator[None]:
     """MMEngine's AmpOptimWrapper asserts a GPU, though autocast runs bf16 on CPU and its
-    GradScaler disables itself there: lift the assertion while the block runs (the ranks are warm
-    processes that run other cases afterwards)."""
+    GradScaler disables itself there: lift the assertion while the block runs (the same ranks run
+    other cases afterwards)."""
     import mmengine.optim.optimizer.amp_optimizer_wrapper as amp
 
     original = amp.is_cuda_available

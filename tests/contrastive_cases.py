@@ -94,7 +94,7 @@ def count_row_exchanges(sizes: List[int], equal_batches: bool) -> Dict:
     calls = []
     exchange = contrastive.ddist.row_counts
     contrastive.ddist.row_counts = lambda n, group=None: calls.append(n) or exchange(n, group)
-    try:  # the ranks are warm processes that run other cases afterwards
+    try:  # restored: a rank may run other steps afterwards
         out = step(sizes, symmetric=True, masked=True, equal_batches=equal_batches)
     finally:
         contrastive.ddist.row_counts = exchange

@@ -38,12 +38,40 @@ def dist_train(config, work_dir, *args: str, nproc: int = 2) -> Tuple[int, str]:
                 *map(str, args)])
 
 
-def doctor(config, *args: str) -> Tuple[int, str]:
-    """``tools/ddp_doctor.py CONFIG ARGS``, called in this process (its ranks are then the suite's
-    warm ones): its exit code and everything it printed. tests/test_hang_watchdog.py runs it as a
-    process."""
+def train(config, work_dir, *args: str, nproc: int = 2, launcher: str = 'pytorch',
+          timeout: float = 300) -> Tuple[int, str]:
+    """What ``tools/dist_train.sh CONFIG NPROC --work-dir DIR ARGS`` does, without its three
+    interpreter starts: ``tools/train.py``'s ``main`` on ``nproc`` of the suite's forked ranks, with
+    torchrun's variables. Its exit code (a rank's non-zero one, 1 for a rank that raised) and every
+    rank's output and error, rank 0 first. tests/test_launchers.py runs the launchers themselves."""
+    from mmddp_hooks.testing import run_on_ranks
+
+    argv = [str(config), '--launcher', launcher, '--work-dir', str(work_dir), *map(str, args)]
+    result = run_on_ranks(train_main, nproc, args=(argv,), init_process_group=False,
+                          timeout=timeout)
+    codes = [r.value if r.ok else (r.exitcode or 1) for r in result.ranks]
+    out = '\n'.join(r.output + (r.error or '') for r in result.ranks)
+    return next((c for c in codes if c), 0), out + ('\nTIMED OUT' if result.timed_out else '')
+
+
+def train_main(argv: List[str]) -> int:
+    """On a rank: ``tools/train.py``'s ``main(argv)``."""
+    _tools_importable()
+    import train as train_py
+
+    return train_py.main(argv)
+
+
+def _tools_importable() -> None:
     if str(ROOT / 'tools') not in sys.path:
         sys.path.insert(0, str(ROOT / 'tools'))
+
+
+def doctor(config, *args: str) -> Tuple[int, str]:
+    """``tools/ddp_doctor.py CONFIG ARGS``, called in this process (its ranks are then forked from
+    the suite's zygotes): its exit code and everything it printed. tests/test_hang_watchdog.py runs
+    it as a process."""
+    _tools_importable()
     import ddp_doctor
 
     out = io.StringIO()

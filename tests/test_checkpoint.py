@@ -5,8 +5,6 @@ Every test that refuses a file proves the payload did not run: it would have wri
 import argparse
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from mmengine.runner import Runner
 
 from mmddp_hooks.checkpoint import TRUST_KEY, UntrustedCheckpointError, safe_checkpoint_loading
 
+import launch
 import scenarios
 
 ROOT = Path(__file__).parents[1]
@@ -127,15 +126,12 @@ def test_train_py_refuses_a_payload_and_trusts_on_request(tmp_path):
     marker = tmp_path / 'payload_ran'
     evil = tmp_path / 'evil.pth'
     torch.save({'state_dict': {}, 'payload': _Payload(marker)}, evil)
-    cmd = [sys.executable, 'tools/train.py', 'configs/mmseg/fcn_r18_stage4-unused.py',
-           '--synthetic', '64', '64', '--iters', '1', '--work-dir', str(tmp_path / 'work'),
-           '--cfg-options', f'load_from={evil}']
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert 'UntrustedCheckpointError' in proc.stdout and 'posix.system' in proc.stdout
+    # tools/train.py's main on one rank (launch.train): a user's `python tools/train.py ...`
+    args = [ROOT / 'configs/mmseg/fcn_r18_stage4-unused.py', tmp_path / 'work', '--synthetic', '64', '64',
+            '--iters', '1', '--cfg-options', f'load_from={evil}']
+    code, out = launch.train(*args, nproc=1, launcher='none')
+    assert code != 0
+    assert 'UntrustedCheckpointError' in out and 'posix.system' in out
     assert not marker.exists()
-    proc = subprocess.run(cmd + ['--trust-checkpoint', str(evil)], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert marker.exists(), proc.stdout[-3000:]  # trusted on request: full unpickling, as asked
+    code, out = launch.train(*args, '--trust-checkpoint', evil, nproc=1, launcher='none')
+    assert marker.exists(), out[-3000:]  # trusted on request: full unpickling, as asked

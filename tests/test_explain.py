@@ -74,19 +74,19 @@ def test_in_process_reraise_keeps_ddp_text_and_adds_names(tmp_path):
         assert 'DDPAutoTuneHook' in s['text']
 
 
-def test_cli_exit_codes_and_stdin(tmp_path):
+def test_cli_exit_codes_and_stdin(tmp_path, capsys):
+    # one real process (stdin, and the exit code a shell sees), then main() for the other codes
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE] + sys.path))
     msg = 'Parameter indices which did not receive grad for rank 1: 0 2'
     run = subprocess.run([sys.executable, TOOL, CONFIG, '-'], input=msg, text=True,
                          capture_output=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert '0 -> scale' in run.stdout and '2 -> enc.weight (also dec.weight)' in run.stdout
-    nothing = subprocess.run([sys.executable, TOOL, CONFIG, 'all good'], text=True,
-                             capture_output=True, env=env, timeout=120)
-    assert nothing.returncode == 1 and 'no DDP error message recognised' in nothing.stderr
-    bad = subprocess.run([sys.executable, TOOL, str(tmp_path / 'missing.py'), msg], text=True,
-                         capture_output=True, env=env, timeout=120)
-    assert bad.returncode == 2 and 'cannot build the model' in bad.stderr
+    capsys.readouterr()
+    assert explain_ddp_error.main([CONFIG, 'all good']) == 1
+    assert 'no DDP error message recognised' in capsys.readouterr().err
+    assert explain_ddp_error.main([str(tmp_path / 'missing.py'), msg]) == 2
+    assert 'cannot build the model' in capsys.readouterr().err
 
 
 def test_declared_branch_owning_an_index_is_named(capsys):

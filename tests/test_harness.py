@@ -1,5 +1,6 @@
 """The multi-process harness itself: results, tracebacks, and hangs that are killed, not waited on."""
 import os
+import sys
 import tempfile
 import time
 
@@ -90,16 +91,17 @@ def test_hung_collective_is_killed_within_timeout():
     assert 'all_reduce' in result.ranks[1].error, result.ranks[1].error
 
 
-def test_abort_at_exit_is_a_teardown_fault_not_a_failed_rank():
-    # fresh: a warm rank does not exit after its run
-    result = run_on_ranks(_abort_at_exit_on_rank_1, 2, timeout=60, fresh=True)
+@pytest.mark.parametrize('fresh', [True, False], ids=['fresh', 'forked'])
+def test_abort_at_exit_is_a_teardown_fault_not_a_failed_rank(fresh):
+    # a forked rank runs the exit functions a fresh interpreter would
+    result = run_on_ranks(_abort_at_exit_on_rank_1, 2, timeout=60, fresh=fresh)
     assert result.work_done and result.teardown_fault and not result.ok
     assert result.ranks[1].exitcode == -6 and result.ranks[1].value == 1  # SIGABRT, value kept
     assert result.ranks[0].ok  # its peer was not killed as if waiting on a failed rank
     with pytest.raises(DistTeardownFault, match='TEARDOWN FAULT.*\n.*\n--- rank 1: finished its '
                                                 'work, then died at exit'):
         result.values()
-    failed = run_on_ranks(_raise_on_rank_1, 2, timeout=60, fresh=True, failure_grace=1)
+    failed = run_on_ranks(_raise_on_rank_1, 2, timeout=60, fresh=fresh, failure_grace=1)
     assert not failed.work_done and not failed.teardown_fault
 
 
@@ -110,14 +112,16 @@ def test_teardown_joins_the_gloo_threads_a_finished_runner_still_holds():
         assert r['during'] - r['after'] >= 2, r
 
 
-# ----------------------------------------------------------------- warm ranks (tests/conftest.py)
+# ------------------------------------------------------- ranks forked from zygotes (tests/conftest.py)
 def _whoami_and_leave_state() -> dict:
-    """What a run sees of the runs before it on the same warm rank, then leave some state."""
+    """What a run sees of the runs before it, then leave some state and import a module."""
     seen = dict(pid=os.getpid(), leftover=os.environ.get('MMDDP_LEFTOVER'),
                 seed=torch.initial_seed(), port=os.environ['MASTER_PORT'],
-                groups=dist.get_world_size())
+                groups=dist.get_world_size(), hash=hash('mmddp'), ppid=os.getppid(),
+                imported='xml.dom.minidom' in sys.modules)
     os.environ['MMDDP_LEFTOVER'] = 'from an earlier run'
     torch.manual_seed(1234)
+    import xml.dom.minidom  # noqa: F401 - learned by the zygotes: the next run starts with it
     return seen
 
 
@@ -147,12 +151,16 @@ def test_a_runs_temporary_files_go_with_it():
     assert os.path.dirname(first[0]) != os.path.dirname(second[0])
 
 
-def test_warm_ranks_are_reused_without_the_state_a_run_left():
+def test_each_run_gets_new_ranks_with_what_earlier_runs_imported_but_not_their_state():
     first, second = (run_distributed(_whoami_and_leave_state, 2, timeout=60) for _ in range(2))
-    assert [r['pid'] for r in first] == [r['pid'] for r in second]  # the same warm processes
+    assert {r['pid'] for r in first}.isdisjoint(r['pid'] for r in second)  # new processes
+    assert [r['ppid'] for r in first] == [r['ppid'] for r in second]  # forked by the same zygotes
+    assert first[0]['ppid'] != first[1]['ppid']  # one zygote per rank index
     for a, b in zip(first, second):
         assert b['leftover'] is None and b['seed'] == a['seed'] and b['port'] != a['port']
-        assert b['groups'] == 2
+        assert b['groups'] == 2 and b['imported']  # xml.dom.minidom: imported by the zygotes
+    if 'PYTHONHASHSEED' not in os.environ:  # as fresh interpreters, each rank its own hash seed
+        assert first[0]['hash'] != first[1]['hash']
 
 
 @pytest.mark.parametrize('broken', ['hang', 'crash', 'raise'])
@@ -172,5 +180,5 @@ def test_a_broken_run_fails_alone_and_the_next_run_gets_fresh_ranks(broken):
         assert 'ValueError: boom on rank one' in result.ranks[1].error
     assert not result.ok
     after = run_distributed(_whoami_and_leave_state, 2, timeout=60)
-    assert {r['pid'] for r in after}.isdisjoint(r['pid'] for r in before)  # new warm ranks
+    assert {r['pid'] for r in after}.isdisjoint(r['pid'] for r in before)  # new ranks
     assert all(r['leftover'] is None for r in after)

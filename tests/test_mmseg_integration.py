@@ -1,6 +1,7 @@
-"""Real mmsegmentation 1.2.2 configs on 2 gloo CPU ranks through tools/dist_train.sh and the doctor.
+"""Real mmsegmentation 1.2.2 configs on 2 gloo CPU ranks through tools/train.py and the doctor.
 
-Each launch runs under a hard timeout in its own process group (killed whole on expiry).
+Each run is tools/train.py's main on the suite's ranks (launch.train), under a hard timeout that kills
+its process group; the crash through tools/dist_train.sh is a real launch, as is tests/test_launchers.py.
 """
 import json
 
@@ -19,14 +20,14 @@ FCN_SCHEDULE = ROOT / 'configs' / 'mmseg' / 'fcn_r18_unfreeze-schedule.py'
 SYNTH = ['--synthetic', '64', '64']
 
 
-def dist_train(config, work_dir, *args):
-    return launch.dist_train(config, work_dir, *SYNTH, *args)
+def train(config, work_dir, *args):
+    return launch.train(config, work_dir, *SYNTH, *args)
 
 
 def test_fcn_unused_stage_is_named_and_ignored_and_resume_keeps_plan(tmp_path):
     # layer4 runs on every forward and its output is dropped (out_indices): a call is no wake-up,
     # so the plan is still in force long after the probe
-    code, out = dist_train(FCN_STAGE4, tmp_path, '--iters', '40')
+    code, out = train(FCN_STAGE4, tmp_path, '--iters', '40')
     assert code == 0, out[-5000:]
     report = json.loads((tmp_path / 'ddp_usage_report.json').read_text())
     never = [g for g in report['report']['groups'] if g['kind'] == 'never used']
@@ -38,14 +39,14 @@ def test_fcn_unused_stage_is_named_and_ignored_and_resume_keeps_plan(tmp_path):
     assert 'replicas bit-identical on 2 ranks at iteration 40' in out
     assert 'usage changed after the probe' not in out
 
-    code, out = dist_train(FCN_STAGE4, tmp_path, '--iters', '42', '--resume')
+    code, out = train(FCN_STAGE4, tmp_path, '--iters', '42', '--resume')
     assert code == 0, out[-5000:]
     assert 'resumed: applying the saved DDP plan (find_unused_parameters=False, ignore 15' in out
     assert 'Iter(train) [42/42]' in out and 'probing parameter usage' not in out
     assert 'replicas bit-identical on 2 ranks at iteration 42' in out
 
     # fine-tuning from that checkpoint: loaded weights-only, its plan not applied (a new run)
-    code, out = dist_train(FCN_STAGE4, tmp_path / 'fine_tune', '--iters', '2', '--cfg-options',
+    code, out = train(FCN_STAGE4, tmp_path / 'fine_tune', '--iters', '2', '--cfg-options',
                            f'load_from={tmp_path / "iter_42.pth"}')
     assert code == 0, out[-5000:]
     assert f'Load checkpoint from {tmp_path / "iter_42.pth"}' in out
@@ -54,14 +55,16 @@ def test_fcn_unused_stage_is_named_and_ignored_and_resume_keeps_plan(tmp_path):
 
 
 def test_same_config_without_the_hook_crashes_with_named_error(tmp_path):
-    code, out = dist_train(FCN_STAGE4, tmp_path, '--iters', '4', '--cfg-options', 'custom_hooks=[]')
+    # through the launcher: its exit code is what a user's shell sees
+    code, out = launch.dist_train(FCN_STAGE4, tmp_path, *SYNTH, '--iters', '4', '--cfg-options',
+                                  'custom_hooks=[]')
     assert code != 0
     assert 'Expected to have finished reduction in the prior iteration' in out
     assert 'backbone.layer4.0.conv1.weight' in out  # the wrapper's re-raise names it
 
 
 def test_aux_head_switched_off_by_flag(tmp_path):
-    code, out = dist_train(FCN_AUX_OFF, tmp_path, '--iters', '5')
+    code, out = train(FCN_AUX_OFF, tmp_path, '--iters', '5')
     assert code == 0, out[-5000:]
     plan = json.loads((tmp_path / 'ddp_usage_report.json').read_text())['plan']
     assert plan['find_unused_parameters'] is False
@@ -73,7 +76,7 @@ def test_aux_head_switched_off_by_flag(tmp_path):
 
 
 def test_segformer_find_unused_not_needed(tmp_path):
-    code, out = dist_train(SEGFORMER, tmp_path, '--iters', '4')
+    code, out = train(SEGFORMER, tmp_path, '--iters', '4')
     assert code == 0, out[-5000:]
     plan = json.loads((tmp_path / 'ddp_usage_report.json').read_text())['plan']
     assert plan['find_unused_parameters'] is False and not plan['ignore']
@@ -101,7 +104,7 @@ def test_frozen_stages_lifted_by_the_schedule_train_on_every_rank(tmp_path):
     """frozen_stages=2 and a paramwise_cfg: MMEngine's constructor skips the frozen stages, the
     hook builds the optimizer again with them, lowers frozen_stages as it unfreezes, and DDP
     follows both changes with bit-identical replicas."""
-    code, out = dist_train(FCN_SCHEDULE, tmp_path, '--iters', '10', '--hang-timeout', '120')
+    code, out = train(FCN_SCHEDULE, tmp_path, '--iters', '10', '--hang-timeout', '120')
     assert code == 0, out[-5000:]
     assert '(HIGHEST     ) HangWatchdogHook' in out  # --hang-timeout: watched, no false alarm
     assert 'no progress for' not in out

@@ -67,7 +67,7 @@ def test_identical_first_batch_on_every_rank():
                                           (1, '0 parameters with a different memory layout')])
 def test_channels_last_after_wrapping_is_fixed(kernel, what):
     model_kw = dict(kernel=kernel, channels_last_in_init_weights=True)
-    # fresh: torch warns about the strides once per process, and a warm rank may have warned before
+    # fresh: torch warns about the strides once per process: this run must be that process's first
     plain = run_on_ranks(sanity_cases.train, 2, args=(model_kw,), kwargs=dict(hooks=[]),
                          timeout=120, init_process_group=False, fresh=True)
     fixed = run_on_ranks(sanity_cases.train, 2, args=(model_kw,), timeout=120,

@@ -1,26 +1,27 @@
 """One rank of :func:`mmddp_hooks.testing.run_on_ranks`: init, call, teardown, write the result.
 
 ``python -m mmddp_hooks.testing._worker SPEC RANK RESULT`` runs one job and exits.
-``python -m mmddp_hooks.testing._worker --serve RANK`` is a warm rank (:func:`reuse_ranks`): it reads
-jobs from stdin, one JSON line each, and runs them one after the other, each with its own log, its
-own process group (a fresh port), the working directory, environment, torch seed and Python
-warning filters the rank started with (a warning shown once is shown again), and /dev/null as
-stdin; it exits after a job that failed, so a failed job's state is never reused. What it cannot
-undo is what a successful job leaves behind: a module it patched (cases restore theirs), threads or
-processes it started, or a warning C++ gives once per process (such a case asks for a fresh run).
+``python -m mmddp_hooks.testing._worker --zygote`` imports torch and MMEngine once, then forks one
+rank per request (:func:`reuse_ranks`): requests come on stdin, one JSON line each, and what it
+forked, imported and reaped goes to stdout, one JSON line each. A forked rank is a new process that
+runs one job and exits: only what the zygote imported is shared, never what an earlier job did.
 """
 import faulthandler
 import json
 import os
 import pickle
+import random
 import sys
 import tempfile
 import time
 import traceback
-import warnings
+from typing import Any, Dict, Optional
 
 
-def run_job(spec_path: str, rank: str, result_path: str) -> int:
+def run_job(spec_path: str, rank: str, result_path: str,
+            modules_before: Optional[Dict[str, Any]] = None) -> int:
+    """``modules_before``: ``sys.modules`` when the job began; a successful job then names the
+    modules it imported (``_imported``), for the zygote to import before the next fork."""
     from mmddp_hooks.testing.harness import STACK_DUMP_AT
 
     if STACK_DUMP_AT in os.environ:
@@ -34,11 +35,13 @@ def run_job(spec_path: str, rank: str, result_path: str) -> int:
         assert int(os.environ['RANK']) == int(rank)
         if backend is not None:  # None: the function initialises the process group itself
             # collectives outlast the harness's deadline: a hung one is killed with its stack, not
-            # ended by its own timeout in a race with the kill (a warm rank starts at once)
+            # ended by its own timeout in a race with the kill (a forked rank starts at once)
             init_dist_if_needed(backend, timeout_s=timeout + 30)
         payload = {'value': fn(*args, **kwargs)}
         teardown()
         code = 0
+        if modules_before is not None:
+            payload['_imported'] = _imported_since(modules_before)
     except BaseException:  # noqa: B036 - the harness reports whatever ended the rank
         payload = {'error': traceback.format_exc()}
         code = 1
@@ -57,66 +60,136 @@ def run_job(spec_path: str, rank: str, result_path: str) -> int:
     return code
 
 
-def serve(rank: str) -> int:
-    """Run the jobs the harness writes to stdin until it closes it (or a job fails)."""
+def _imported_since(before: Dict[str, Any]) -> list:
+    """Modules imported since ``before``, in import order, that the zygote can import by name:
+    files outside the temporary directory (MMEngine loads configs from temporary modules)."""
+    tmp = os.path.realpath(tempfile.gettempdir())
+    names = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, '__file__', None)
+        if name in before or name.startswith('__') or not path:
+            continue
+        if not os.path.realpath(path).startswith(tmp + os.sep):
+            names.append(name)
+    return names
+
+
+# ------------------------------------------------------------------------------------------ zygote
+class _Lines:
+    """Whole lines from a raw file descriptor (no buffering that would hide a line from select)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buf = fd, b''
+
+    def read(self) -> Optional[list]:
+        chunk = os.read(self.fd, 1 << 16)
+        if not chunk:
+            return None
+        self.buf += chunk
+        *lines, self.buf = self.buf.split(b'\n')
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def zygote() -> int:
+    """Import once, then fork ranks, import what they imported, and report their exits."""
+    import selectors
+    import threading
+
     import torch
     import torch.distributed
 
-    import mmddp_hooks  # noqa: F401 - what every job imports: paid once per warm rank
+    import mmddp_hooks  # noqa: F401 - what every job imports
 
-    base_env, seed, filters = dict(os.environ), torch.initial_seed(), list(warnings.filters)
-    cwd = os.getcwd()
-    jobs = os.fdopen(os.dup(0), 'r')  # the harness's pipe; a job's stdin is /dev/null, as fresh
+    requests, events = os.dup(0), os.dup(1)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    os.dup2(2, 1)  # stray output goes to the zygote's log, never into the event stream
+    lines = _Lines(requests)
+    base_env, cwd = dict(os.environ), os.getcwd()
+    del torch
+
+    def emit(**event: Any) -> None:
+        os.write(events, (json.dumps(event) + '\n').encode())
+
+    selector = selectors.DefaultSelector()
+    selector.register(requests, selectors.EVENT_READ)
+    emit(ready=os.getpid())
     while True:
-        line = jobs.readline()
-        if not line:
+        ready = selector.select(timeout=0.05)
+        while True:  # reap every rank that ended: the harness polls these codes
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if not pid:
+                break
+            emit(exited=pid, code=os.waitstatus_to_exitcode(status))
+        if not ready:
+            continue
+        batch = lines.read()
+        if batch is None:  # the harness closed the pipe
             return 0
-        job = json.loads(line)
-        os.chdir(cwd)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for request in batch:
+            if 'modules' in request:
+                for name in request['modules']:
+                    try:
+                        __import__(name)
+                    except BaseException:  # noqa: B036 - a module that cannot be imported again
+                        pass
+                # fork copies one thread: a lock another thread holds would never be released
+                threads = len(os.listdir('/proc/self/task'))
+                emit(imported=len(request['modules']), threads=threads,
+                     python_threads=threading.active_count())
+                if threads > 1:
+                    return 3
+                continue
+            pid = os.fork()
+            if pid == 0:
+                os.close(requests)
+                os.close(events)
+                selector.close()
+                _be_rank(request, base_env, cwd)  # never returns
+            try:
+                os.setpgid(pid, request['pgid'] or pid)
+            except OSError:  # the child did it first, or its group is gone (its run is over)
+                pass
+            emit(forked=pid)
+
+
+def _be_rank(job: Dict[str, Any], base_env: Dict[str, str], cwd: str) -> None:
+    """In the forked child: become the rank a fresh ``_worker`` would be, run the job, exit."""
+    code = 1
+    try:
+        os.setpgid(0, job['pgid'] or 0)
         fd = os.open(job['log'], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+        os.chdir(cwd)
         os.environ.clear()
         os.environ.update(base_env, **job['env'])
-        tempfile.tempdir = None  # the job's TMPDIR (its run's folder), not the last job's
-        torch.distributed.set_debug_level_from_env()  # a job may have set DDP's debug level
-        torch.manual_seed(seed)
-        warnings.filters[:] = filters
-        warnings.onceregistry.clear()
-        if hasattr(warnings, '_filters_mutated'):  # forget which warnings were shown once
-            warnings._filters_mutated()
-        code = run_job(job['spec'], rank, job['result'])
-        if code:
-            return code
-        _forget_mmengine_instances()
+        sys.argv = [sys.argv[0], job['spec'], str(job['rank']), job['result']]
+        tempfile.tempdir = None  # the job's TMPDIR (its run's folder)
+        random.seed()  # a fresh interpreter's generators draw from the OS, not the zygote's state
+        if 'numpy' in sys.modules:
+            sys.modules['numpy'].random.seed()
+        sys.modules['torch'].distributed.set_debug_level_from_env()
+        code = run_job(job['spec'], str(job['rank']), job['result'], dict(sys.modules))
+        import atexit
 
-
-def _forget_mmengine_instances() -> None:
-    """Drop MMEngine's named singletons (loggers, visualizers, message hubs, default scopes): a
-    config's fixed ``visualizer`` name would otherwise hand the next run the last run's visualizer,
-    writing to its (deleted) work_dir."""
-    from mmengine.logging import MMLogger
-    from mmengine.utils import ManagerMixin
-
-    for logger in MMLogger._instance_dict.values():
-        for handler in list(logger.handlers):
-            handler.close()
-            logger.removeHandler(handler)
-    classes = [ManagerMixin]
-    while classes:
-        cls = classes.pop()
-        classes.extend(cls.__subclasses__())
-        if '_instance_dict' in vars(cls):
-            cls._instance_dict.clear()
+        atexit._run_exitfuncs()  # what a process's exit would run (a rank may abort there)
+    except BaseException:  # noqa: B036 - anything at all: the rank must not return to the loop
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 if __name__ == '__main__':
-    if sys.argv[1] == '--serve':
-        sys.exit(serve(sys.argv[2]))
+    if sys.argv[1] == '--zygote':
+        sys.exit(zygote())
     sys.exit(run_job(*sys.argv[1:4]))

@@ -6,17 +6,20 @@ share one process group (POSIX pgid): on timeout, or shortly after one rank fail
 a collective, the harness SIGKILLs the group, dataloader workers included. A hung collective therefore
 fails the test with each rank's output instead of hanging the suite.
 
-:func:`reuse_ranks` trades some of that isolation for speed: later runs go to warm rank processes
-(one set per world size) that have imported torch and MMEngine once. Each run still gets its own
-process group on a fresh port, its own log, torch's initial seed and the environment the ranks
-started with; a run in which any rank failed, hung or died kills its set, and the next run starts a
-fresh one, so a failed run's state never reaches another. ``fresh=True`` keeps a run in fresh
-processes (one that tests exiting itself, or leaves process-wide state behind).
+:func:`reuse_ranks` keeps that isolation and drops the start-up cost: each rank is then forked from
+a zygote, an interpreter that imported torch, MMEngine and this package once (one zygote per rank
+index, so ranks keep distinct hash seeds as fresh interpreters have). A forked rank is a new process
+that runs one job and exits, with its own process group on a fresh port, log, environment and
+``TMPDIR``; what it imported is imported by the zygotes after the run, so the next run's ranks start
+with it (mmseg or mmdet are imported once a session, not once a run). Nothing an earlier run did
+reaches a later one. ``fresh=True`` keeps a run in fresh interpreters (what must see a real
+interpreter start or exit).
 """
 import atexit
 import json
 import os
 import pickle
+import queue
 import re
 import shutil
 import signal
@@ -24,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,46 +184,31 @@ def run_on_ranks(fn: Callable[..., Any],
     with spec.open('wb') as f:
         pickle.dump((fn, tuple(args), kwargs, backend if init_process_group else None, timeout),
                     f)
+    forked = (_REUSE['on'] and not fresh and env is None and local_devices is None
+              and backend == 'gloo')
+    zygotes = _zygotes(world_size) if forked else []
     base_env = _rank_env(world_size)
     (workdir / 'tmp').mkdir()
     # the ranks' temporary files live in the run's folder and go with it: checkpoints of work_dirs
     # made by tempfile.mkdtemp() would otherwise stay behind after every run (GBs a suite)
     per_run = {'MASTER_PORT': str(free_port()), 'TMPDIR': str(workdir / 'tmp'),
                STACK_DUMP_AT: str(time.time() + timeout - min(STACK_DUMP_LEAD, timeout / 4))}
-    pooled = (_REUSE['on'] and not fresh and env is None and local_devices is None
-              and backend == 'gloo')
     results = [workdir / f'rank{r}.result' for r in range(world_size)]
     logs = [workdir / f'rank{r}.log' for r in range(world_size)]
     start = time.monotonic()
-    if pooled:
-        pool = _pool(world_size, base_env)
+    procs: List[Any] = []
+    files = []
+    pgid = 0
+    base_env.update(per_run, **(env or {}))
+    try:
         for rank in range(world_size):
-            pool.submit(rank, dict(spec=str(spec), result=str(results[rank]), log=str(logs[rank]),
-                                   env=dict(per_run)))
-        procs = pool.procs
-        try:
-            timed_out = _wait(procs, start + timeout, failure_grace, results, pooled=True)
-        except BaseException:
-            pool.close()
-            raise
-        # a rank alive now finished its job (or is stuck in it): its code comes from its result,
-        # not from the kill below
-        exits = [p.poll() for p in procs]
-        if not (not timed_out and all('value' in _read_result(r) for r in results)
-                and pool.alive()):
-            for rank, code in enumerate(exits):  # what a rank said before its job began
-                if code is not None and not results[rank].exists():
-                    _append(logs[rank], pool.output(rank))
-            pool.close()
-            _POOLS[world_size] = _RankPool(world_size, base_env)  # imports while this test checks
-    else:
-        procs, files = [], []
-        pgid = 0
-        base_env.update(per_run, **(env or {}))
-        try:
-            for rank in range(world_size):
-                local_rank = rank % local_devices if local_devices else rank
-                rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(local_rank))
+            local_rank = rank % local_devices if local_devices else rank
+            rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(local_rank))
+            if forked:
+                procs.append(zygotes[rank].fork(dict(
+                    rank=rank, spec=str(spec), result=str(results[rank]), log=str(logs[rank]),
+                    env=rank_env, pgid=pgid)))
+            else:
                 log = logs[rank].open('wb')
                 files.append(log)
                 group = pgid
@@ -228,25 +217,25 @@ def run_on_ranks(fn: Callable[..., Any],
                      str(results[rank])],
                     env=rank_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     preexec_fn=lambda g=group: os.setpgid(0, g)))
-                if rank == 0:
-                    pgid = procs[0].pid
-            timed_out = _wait(procs, start + timeout, failure_grace, results)
-        finally:
-            if pgid:
-                _kill_group(pgid)
-            for p in procs:
-                p.wait()
-            for log in files:
-                log.close()
+            if rank == 0:
+                pgid = procs[0].pid
+        timed_out = _wait(procs, start + timeout, failure_grace, results)
+    finally:
+        if pgid:
+            _kill_group(pgid)
+        for p in procs:
+            p.wait()
+        for log in files:
+            log.close()
     elapsed = time.monotonic() - start
     result = DistRunResult(world_size=world_size, timed_out=timed_out, elapsed=elapsed)
+    learned: List[str] = []
     for rank, proc in enumerate(procs):
         payload = _read_result(results[rank])
         output = logs[rank].read_text(errors='replace') if logs[rank].exists() else ''
         error = payload.get('error')
-        code = exits[rank] if pooled else proc.returncode
-        if code is None:  # a warm rank: its job's outcome, or killed by the harness while in it
-            code = (0 if 'value' in payload else 1) if payload else -signal.SIGKILL
+        code = proc.returncode
+        learned.extend(m for m in payload.pop('_imported', ()) if m not in learned)
         if 'value' not in payload and error is None:
             error = ('rank produced no result: killed after a timeout or a peer failure'
                      if code and code < 0 else 'rank produced no result')
@@ -259,6 +248,8 @@ def run_on_ranks(fn: Callable[..., Any],
         result.ranks.append(RankResult(rank=rank, exitcode=code, value=payload.get('value'),
                                        error=error, output=output, has_value='value' in payload))
     shutil.rmtree(workdir, ignore_errors=True)
+    if forked and result.ok:
+        _learn(learned)
     return result
 
 
@@ -270,15 +261,9 @@ def _silent_exit_hint(workdir: Path) -> str:
                if free < 64 * 2**20 else ''))
 
 
-def _append(path: Path, text: str) -> None:
-    if text:
-        with path.open('a') as f:
-            f.write(text)
-
-
 def _rank_env(world_size: int) -> Dict[str, str]:
     """What every rank's environment has, apart from its rank and the run's port (and pytest's
-    name of the running test, which would otherwise make every test start new warm ranks)."""
+    name of the running test, which would otherwise make every test start new zygotes)."""
     env = {k: v for k, v in os.environ.items() if k != 'PYTEST_CURRENT_TEST'}
     env.update({
         'WORLD_SIZE': str(world_size),
@@ -291,91 +276,169 @@ def _rank_env(world_size: int) -> Dict[str, str]:
     return env
 
 
-# ---------------------------------------------------------------------------------- warm ranks
+# ------------------------------------------------------------------------------------------ zygotes
 _REUSE = {'on': False}
 
 
 def reuse_ranks(enabled: bool = True) -> None:
-    """Send later :func:`run_on_ranks` runs to warm rank processes (see the module docstring);
-    ``False`` goes back to fresh processes and ends the warm ones."""
+    """Fork the ranks of later :func:`run_on_ranks` runs from zygotes (see the module docstring);
+    ``False`` goes back to fresh interpreters and ends the zygotes."""
     _REUSE['on'] = enabled
     if not enabled:
         close_pools()
 
 
-class _RankPool:
-    """``world_size`` warm ranks (``_worker --serve``) in one POSIX process group."""
+class _ForkedRank:
+    """A rank the zygote forked: what :class:`subprocess.Popen` offers the harness (its exit code
+    comes from the zygote, its parent)."""
 
-    def __init__(self, world_size: int, env: Dict[str, str]) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix='mmddp_pool_'))
+    def __init__(self, zygote: '_Zygote', pid: int) -> None:
+        self.zygote, self.pid = zygote, pid
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.poll()
+
+    def poll(self) -> Optional[int]:
+        code = self.zygote.codes.get(self.pid)
+        if code is None and self.zygote.dead:  # orphaned: killed with its process group
+            return -signal.SIGKILL
+        return code
+
+    def wait(self) -> int:
+        with self.zygote.changed:
+            self.zygote.changed.wait_for(lambda: self.poll() is not None)
+        return self.poll()
+
+
+class _Zygote:
+    """``_worker --zygote`` for one rank index: it forks that rank of every run."""
+
+    REPLY_TIMEOUT = 300.0  # its imports, on a loaded machine
+
+    def __init__(self, env: Dict[str, str], modules: Sequence[str]) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix='mmddp_zygote_'))
         self.env = env
-        self.procs: List[subprocess.Popen] = []
-        self.pgid = 0
-        for rank in range(world_size):
-            with (self.workdir / f'rank{rank}.log').open('wb') as log:  # output before a job
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, '-m', 'mmddp_hooks.testing._worker', '--serve', str(rank)],
-                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdin=subprocess.PIPE,
-                    stdout=log, stderr=subprocess.STDOUT,
-                    preexec_fn=lambda g=self.pgid: os.setpgid(0, g)))
-            if rank == 0:
-                self.pgid = self.procs[0].pid
+        self.codes: Dict[int, int] = {}
+        self.dead = False
+        self.changed = threading.Condition()
+        self.replies: queue.Queue[Dict[str, Any]] = queue.Queue()
+        self.pending = ['ready']  # replies still to come, in order
+        with (self.workdir / 'zygote.log').open('wb') as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, '-m', 'mmddp_hooks.testing._worker', '--zygote'], env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        threading.Thread(target=self._read, daemon=True).start()
+        if modules:
+            self.learn(modules)
 
-    def alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            if 'exited' in event:
+                with self.changed:
+                    self.codes[event['exited']] = event['code']
+                    self.changed.notify_all()
+            else:
+                self.replies.put(event)
+        with self.changed:
+            self.dead = True
+            self.changed.notify_all()
+        self.replies.put({})
 
-    def output(self, rank: int) -> str:
-        """What the rank printed outside its jobs (an import error at start, say)."""
-        log = self.workdir / f'rank{rank}.log'
-        return log.read_text(errors='replace') if log.exists() else ''
-
-    def submit(self, rank: int, job: Dict[str, Any]) -> None:
+    def _send(self, request: Dict[str, Any]) -> None:
         try:
-            os.write(self.procs[rank].stdin.fileno(), (json.dumps(job) + '\n').encode())
-        except BrokenPipeError:  # it died since the last run: the wait reports its exit code
+            os.write(self.proc.stdin.fileno(), (json.dumps(request) + '\n').encode())
+        except BrokenPipeError:  # it died: its reply says so
             pass
+
+    def settle(self) -> None:
+        """Wait for the replies still to come: its start, the imports it was sent."""
+        while self.pending:
+            what = self.pending.pop(0)
+            try:
+                reply = self.replies.get(timeout=self.REPLY_TIMEOUT)
+            except queue.Empty:
+                reply = {}
+            if what not in reply:
+                log = (self.workdir / 'zygote.log').read_text(errors='replace')
+                self.close()
+                raise RuntimeError(f'a zygote of the test harness (the rank processes are forked '
+                                   f'from it) sent {reply or "nothing"} instead of {what!r}:\n'
+                                   + log[-OUTPUT_TAIL_CHARS:])
+            if reply.get('threads', 1) > 1:
+                self.close()
+                raise RuntimeError(f'a zygote has {reply["threads"]} threads after importing what '
+                                   'the runs imported: a fork copies only one of them, so it stopped;'
+                                   ' run with reuse_ranks(False)')
+            if what == 'forked':
+                self.forked = reply['forked']
+
+    def fork(self, job: Dict[str, Any]) -> _ForkedRank:
+        self.settle()
+        self._send(job)
+        self.pending.append('forked')
+        self.settle()
+        return _ForkedRank(self, self.forked)
+
+    def learn(self, modules: Sequence[str]) -> None:
+        """Import ``modules`` before the next fork (the zygote stays single-threaded, or stops)."""
+        self._send({'modules': list(modules)})
+        self.pending.append('imported')
 
     def close(self) -> None:
         try:
-            _kill_group(self.pgid)
-            for p in self.procs:
-                p.wait()
-                try:
-                    p.stdin.close()
-                except OSError:
-                    pass
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stdin.close()
+        except OSError:
+            pass
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
-            for key, pool in list(_POOLS.items()):
-                if pool is self:
-                    del _POOLS[key]
+            for key, zygote in list(_ZYGOTES.items()):
+                if zygote is self:
+                    del _ZYGOTES[key]
 
 
-_POOLS: Dict[int, _RankPool] = {}  # one set of warm ranks per world size
+_ZYGOTES: Dict[int, _Zygote] = {}  # one per rank index
+_LEARNED: List[str] = []  # what the runs imported, in order: every zygote imports it
 
 
-def _pool(world_size: int, env: Dict[str, str]) -> _RankPool:
-    """The warm ranks for ``world_size``, started with ``env`` (a new set if it changed)."""
-    pool = _POOLS.get(world_size)
-    if pool is not None and (pool.env != env or not pool.alive()):
-        pool.close()
-        pool = None
-    if pool is None:
-        pool = _POOLS[world_size] = _RankPool(world_size, env)
-    return pool
+def _zygotes(world_size: int) -> List[_Zygote]:
+    """The zygotes of ranks ``0 .. world_size - 1``, done with their imports. They start with the
+    environment the ranks get now (new ones if it changed, so what a module reads at import time is
+    what a fresh rank would read), together, so that they import at the same time."""
+    env = _rank_env(0)
+    for key in ('WORLD_SIZE', 'LOCAL_WORLD_SIZE'):
+        env.pop(key)
+    if any(z.env != env or z.dead for z in _ZYGOTES.values()):
+        close_pools()
+    for rank in range(world_size):
+        if rank not in _ZYGOTES:
+            _ZYGOTES[rank] = _Zygote(env, _LEARNED)
+    zygotes = [_ZYGOTES[rank] for rank in range(world_size)]
+    for zygote in zygotes:
+        zygote.settle()
+    return zygotes
+
+
+def _learn(modules: Sequence[str]) -> None:
+    new = [m for m in modules if m not in _LEARNED]
+    if new:
+        _LEARNED.extend(new)
+        for zygote in list(_ZYGOTES.values()):  # they import at the same time
+            zygote.learn(new)
 
 
 @atexit.register
 def close_pools() -> None:
-    """End every warm rank process."""
-    for pool in list(_POOLS.values()):
-        pool.close()
+    """End every zygote (the ranks it forked end with their runs)."""
+    for zygote in list(_ZYGOTES.values()):
+        zygote.close()
 
 
-def _wait(procs: List[subprocess.Popen], deadline: float, failure_grace: float,
-          results: List[Path], pooled: bool = False) -> bool:
-    """Poll until every rank exits (or, for warm ranks, has written its result); True if the
-    deadline passed first.
+def _wait(procs: List[Any], deadline: float, failure_grace: float, results: List[Path]) -> bool:
+    """Poll until every rank exits; True if the deadline passed first.
 
     A rank that exited non-zero (or wrote an error) starts the grace period for its peers, unless
     it had finished its work (its result holds a value): dying at exit leaves no peer waiting, so
@@ -386,8 +449,7 @@ def _wait(procs: List[subprocess.Popen], deadline: float, failure_grace: float,
     while True:
         codes = [p.poll() for p in procs]
         payloads = [p or _read_result(path) for p, path in zip(payloads, results)]  # once each
-        done = [c is not None or (pooled and bool(r)) for c, r in zip(codes, payloads)]
-        if all(done):
+        if all(c is not None for c in codes):
             return False
         now = time.monotonic()
         if now >= deadline:
