@@ -5,8 +5,9 @@ from mmddp_hooks.testing import assert_ddp_config_ok, find_configs
 
 
 def _marked(config):
-    """mmseg and mmdet configs need those packages (and mmcv): marked, so a side venv skips them."""
-    for package in ('mmseg', 'mmdet'):
+    """mmseg, mmdet and mmpretrain configs need those packages (and mmcv): marked, so a side venv
+    skips them."""
+    for package in ('mmseg', 'mmdet', 'mmpretrain'):
         if f'/{package}/' in str(config):
             return pytest.param(config, marks=getattr(pytest.mark, package))
     return config

@@ -16,7 +16,7 @@ VENV=.venv-torch$TORCH
 start=$SECONDS
 bash tools/setup_compat.sh "$TORCH" "$MMENGINE"
 set +e
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not mmseg and not mmdet and not gpu" "$@"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not mmseg and not mmdet and not mmpretrain and not gpu" "$@"
 rc=$?
 set -e
 echo "[compat] torch $TORCH, mmengine $MMENGINE: pytest exit $rc," \
