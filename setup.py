@@ -29,6 +29,6 @@ setup(
         'mmseg': ['mmcv==2.1.0', 'mmsegmentation==1.2.2', 'ftfy', 'regex'],
         'mmdet': ['mmcv==2.1.0', 'mmdet==3.3.0'],
         'mmpretrain': ['mmcv==2.1.0', 'mmpretrain==1.2.0'],
-        'test': ['pytest>=7', 'ruff', 'matplotlib'],
+        'test': ['pytest>=7', 'pytest-xdist>=3', 'ruff', 'matplotlib'],
     },
 )

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from mmengine.config import Config
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel, MMDistributedDataParallel
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset
 
 from mmddp_hooks.checkpoint import safe_checkpoint_loading
 from mmddp_hooks.compat import resume_restores_data_position
+from mmddp_hooks.model_from_config import unformatted
 
 DIM = 8
 
@@ -319,7 +321,8 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         train_cfg=dict(by_epoch=False, max_iters=iters, val_interval=val_interval or iters + 1),
         optim_wrapper=optim_cfg,
         **_val_loop(val_interval),
-        cfg=dict(model_wrapper_cfg=wrapper_cfg, optim_wrapper=optim_cfg),  # as Runner.from_cfg has
+        # as Runner.from_cfg has; logged and dumped without yapf
+        cfg=unformatted(Config(dict(model_wrapper_cfg=wrapper_cfg, optim_wrapper=optim_cfg))),
         custom_hooks=hooks,
         default_hooks=default_hooks,
         launcher='pytorch',

@@ -14,4 +14,6 @@ if [ "$free_mib" -lt 4096 ]; then
   echo "Leftovers of earlier runs: $(ls -d "$tmp"/mmddp_* "$tmp"/pytest-of-* 2>/dev/null | head -5)" >&2
   exit 1
 fi
-"$PY" -m pytest -q "$@"
+# Two pytest workers (both cores; MMDDP_TEST_WORKERS=0 runs in this process), a test file each at a
+# time, so a file's module-scoped fixtures run once. Each worker forks its ranks from zygotes of its own.
+"$PY" -m pytest -q -n "${MMDDP_TEST_WORKERS:-2}" --dist loadfile "$@"

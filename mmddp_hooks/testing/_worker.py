@@ -93,7 +93,6 @@ class _Lines:
 def zygote() -> int:
     """Import once, then fork ranks, import what they imported, and report their exits."""
     import selectors
-    import threading
 
     import torch
     import torch.distributed
@@ -106,7 +105,7 @@ def zygote() -> int:
     os.close(null)
     os.dup2(2, 1)  # stray output goes to the zygote's log, never into the event stream
     lines = _Lines(requests)
-    base_env, cwd = dict(os.environ), os.getcwd()
+    cwd = os.getcwd()
     del torch
 
     def emit(**event: Any) -> None:
@@ -139,8 +138,7 @@ def zygote() -> int:
                         pass
                 # fork copies one thread: a lock another thread holds would never be released
                 threads = len(os.listdir('/proc/self/task'))
-                emit(imported=len(request['modules']), threads=threads,
-                     python_threads=threading.active_count())
+                emit(imported=len(request['modules']), threads=threads)
                 if threads > 1:
                     return 3
                 continue
@@ -149,7 +147,7 @@ def zygote() -> int:
                 os.close(requests)
                 os.close(events)
                 selector.close()
-                _be_rank(request, base_env, cwd)  # never returns
+                _be_rank(request, cwd)  # never returns
             try:
                 os.setpgid(pid, request['pgid'] or pid)
             except OSError:  # the child did it first, or its group is gone (its run is over)
@@ -157,7 +155,7 @@ def zygote() -> int:
             emit(forked=pid)
 
 
-def _be_rank(job: Dict[str, Any], base_env: Dict[str, str], cwd: str) -> None:
+def _be_rank(job: Dict[str, Any], cwd: str) -> None:
     """In the forked child: become the rank a fresh ``_worker`` would be, run the job, exit."""
     code = 1
     try:
@@ -168,7 +166,7 @@ def _be_rank(job: Dict[str, Any], base_env: Dict[str, str], cwd: str) -> None:
         os.close(fd)
         os.chdir(cwd)
         os.environ.clear()
-        os.environ.update(base_env, **job['env'])
+        os.environ.update(job['env'])  # the whole environment a fresh rank would get
         sys.argv = [sys.argv[0], job['spec'], str(job['rank']), job['result']]
         tempfile.tempdir = None  # the job's TMPDIR (its run's folder)
         random.seed()  # a fresh interpreter's generators draw from the OS, not the zygote's state

@@ -16,6 +16,7 @@ reaches a later one. ``fresh=True`` keeps a run in fresh interpreters (what must
 interpreter start or exit).
 """
 import atexit
+import itertools
 import json
 import os
 import pickle
@@ -119,10 +120,26 @@ class DistRunResult:
         return [r.value for r in self.ranks]
 
 
+_PORTS = itertools.count()
+PORT_BLOCK = 1000  # ports each pytest-xdist worker cycles through
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    """A port no process listens on, below the kernel's ephemeral range (32768 and up, where the
+    ranks' own outgoing connections get theirs: none can take it between this check and the
+    store's bind), in a block of its own for each pytest-xdist worker, so that two workers never
+    pick the same one."""
+    worker = os.environ.get('PYTEST_XDIST_WORKER', 'gw0')
+    base = 20000 + PORT_BLOCK * (int(worker[2:] or 0) % 12)
+    for _ in range(PORT_BLOCK):
+        port = base + next(_PORTS) % PORT_BLOCK
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:  # in use, or still in TIME_WAIT from an earlier run
+                continue
+            return port
+    raise RuntimeError(f'free_port: no free port in {base}..{base + PORT_BLOCK - 1}')
 
 
 def _stacks_in(output: str) -> str:
@@ -352,8 +369,10 @@ class _Zygote:
         except BrokenPipeError:  # it died: its reply says so
             pass
 
-    def settle(self) -> None:
-        """Wait for the replies still to come: its start, the imports it was sent."""
+    def settle(self) -> Optional[int]:
+        """Wait for the replies still to come: its start, the imports it was sent, a fork (whose
+        pid it returns)."""
+        forked = None
         while self.pending:
             what = self.pending.pop(0)
             try:
@@ -372,14 +391,14 @@ class _Zygote:
                                    'the runs imported: a fork copies only one of them, so it stopped;'
                                    ' run with reuse_ranks(False)')
             if what == 'forked':
-                self.forked = reply['forked']
+                forked = reply['forked']
+        return forked
 
     def fork(self, job: Dict[str, Any]) -> _ForkedRank:
         self.settle()
         self._send(job)
         self.pending.append('forked')
-        self.settle()
-        return _ForkedRank(self, self.forked)
+        return _ForkedRank(self, self.settle())
 
     def learn(self, modules: Sequence[str]) -> None:
         """Import ``modules`` before the next fork (the zygote stays single-threaded, or stops)."""
