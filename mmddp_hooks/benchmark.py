@@ -213,9 +213,11 @@ class _Runner:
                                         'would diverge silently')
 
 
-def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int,
-                 probe_iters: int = 4) -> Dict[str, Any]:
-    """On every rank: warm up and validate each setting, then time the valid ones round-robin."""
+def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int, probe_iters: int = 4,
+                 watchdog: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """On every rank: warm up and validate each setting, then time the valid ones round-robin;
+    then, with ``watchdog`` (``pairs``, ``block_s``, ``interval``), what HangWatchdogHook adds to
+    auto's step."""
     torch.set_num_threads(1)
     x = torch.randn(4, scenario.get('width', 1))
     report = _probe_usage(scenario, probe_iters, x)
@@ -261,10 +263,59 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int,
         step += 1
     gathered = ddist.all_gather_object(times)
     slowest = {n: [max(g[n][i] for g in gathered) for i in range(rounds)] for n in timed}
+    cost = None
+    if watchdog and 'auto' in slowest:
+        per_block = max(10, int(watchdog['block_s'] / statistics.median(slowest['auto'])))
+        cost = _watchdog_cost(auto, x, step + 1, int(watchdog['pairs']), per_block,
+                              watchdog['interval'])
     return dict(slowest=slowest, invalid=invalid, plan=auto.ddp.plan.summary(),
                 switches=list(auto.ddp.switch_log),
                 probe_iters=probe_iters, probe_step_s=statistics.median(probe_time),
-                rebuild_s=rebuild_time, tracking=_tracking_cost(auto.ddp, rounds))
+                rebuild_s=rebuild_time, tracking=_tracking_cost(auto.ddp, rounds), watchdog=cost)
+
+
+def _watchdog_cost(auto: '_Runner', x: torch.Tensor, step: int, pairs: int, per_block: int,
+                   interval: float) -> Dict[str, Any]:
+    """Auto's step with HangWatchdogHook against without, in alternating blocks of ``per_block``
+    steps (on-off, then off-on): its heartbeat thread runs through a whole block, so blocks, not
+    single steps, are what can be compared. The hook's per-iteration calls are made as the Runner
+    makes them. Per pair: the ratio of the blocks' median step (slowest rank)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from .hooks.hang_watchdog_hook import HangWatchdogHook
+
+    hook = HangWatchdogHook(interval=interval)
+    work_dir = tempfile.mkdtemp(prefix='mmddp_bench_watchdog_')
+    blocks: List[List[float]] = []
+    for pair in range(pairs):
+        for on in ((True, False) if pair % 2 == 0 else (False, True)):
+            ddist.barrier()
+            if on:
+                hook.start(work_dir)
+            times = []
+            for _ in range(per_block):
+                ddist.barrier()
+                t0 = time.perf_counter()
+                if on:
+                    hook.before_train_iter(SimpleNamespace(iter=step), step)
+                auto.step(x, step, check=False)
+                if on:
+                    hook.after_train_iter(SimpleNamespace(iter=step), step)
+                times.append(time.perf_counter() - t0)
+                step += 1
+            hook.stop()
+            blocks.append(times)
+    gathered = ddist.all_gather_object(blocks)
+    medians = [statistics.median(max(g[b][i] for g in gathered) for i in range(per_block))
+               for b in range(2 * pairs)]
+    ratios = []
+    for pair in range(pairs):
+        first, second = medians[2 * pair], medians[2 * pair + 1]
+        ratios.append(first / second if pair % 2 == 0 else second / first)
+    return dict(ratios=ratios, per_block=per_block, interval=interval, beats=hook.beats,
+                reports=len(hook.reports), on_ms=1e3 * statistics.median(
+                    medians[2 * p + p % 2] for p in range(pairs)))
 
 
 def _tracking_cost(wrapper: ReconfigurableDDP, rounds: int) -> Dict[str, float]:
@@ -306,6 +357,7 @@ def summarise(name: str, raw: Dict[str, Any]) -> Dict[str, Any]:
         amortised = max(overhead, 0.0) / (1000 * auto_ms)
     return dict(scenario=name, best=best, plan=raw['plan'], switches=raw['switches'], rows=rows,
                 probe_amortised_1000=amortised, tracking=raw.get('tracking'),
+                watchdog=raw.get('watchdog'),
                 auto_ms=1e3 * medians['auto'] if 'auto' in medians else None)
 
 
@@ -334,6 +386,13 @@ def format_table(results: List[Dict[str, Any]]) -> str:
             lines.append(f"| {res['scenario']} | auto: trainable-set tracking | {cost:.0f} us per "
                          f"step ({100 * cost / (1e3 * res['auto_ms']):.2f}% of auto's step) | "
                          f'requires_grad reads; {how} |')
+        w = res.get('watchdog')
+        if w:
+            r = w['ratios']
+            lines.append(f"| {res['scenario']} | auto + HangWatchdogHook (heartbeat every "
+                         f"{w['interval']:g} s) | {w['on_ms']:.2f} ms | {statistics.median(r):.3f} "
+                         f"({min(r):.2f}-{max(r):.2f}) vs auto without it, {len(r)} pairs of "
+                         f"{w['per_block']}-step blocks; {w['reports']} hang reports |")
     return '\n'.join(lines)
 
 

@@ -2,7 +2,6 @@
 
 Everything else calls these functions and never checks ``torch.__version__`` itself.
 """
-import datetime
 import pickle
 import types
 from typing import Any, Callable, List, Optional
@@ -101,18 +100,6 @@ def unsafe_globals_in_checkpoint(f: Any) -> Optional[List[str]]:
         return list(getter(f))
     except Exception:  # not a zip checkpoint (legacy format), unreadable: the caller says less
         return None
-
-
-def store_has(store: Any, key: str) -> bool:
-    """Whether a c10d store holds ``key``, without blocking: ``Store.check`` where the bindings have
-    it (torch >= 2.2); torch 2.1's PrefixStore has none, so a wait of a millisecond there."""
-    if hasattr(store, 'check'):
-        return store.check([key])
-    try:
-        store.wait([key], datetime.timedelta(milliseconds=1))
-    except Exception:  # a timeout: DistStoreError, or RuntimeError('Socket Timeout') on 2.1
-        return False
-    return True
 
 
 # ------------------------------------------------------------------------------ mmengine releases

@@ -28,8 +28,6 @@ import torch.distributed as dist
 from mmengine import dist as mmdist
 from torch.distributed import ProcessGroup
 
-from .compat import store_has
-
 _ENV_KEYS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
@@ -272,6 +270,18 @@ def store() -> Any:
     return dist.distributed_c10d._get_default_store()
 
 
+_ABSENT = '\x00mmddp_hooks: no such key'
+
+
+def store_get(kv: Any, key: str) -> Optional[bytes]:
+    """``key``'s value in a c10d store, or None where it has none, in one round trip that never
+    waits: ``compare_set`` with an expected value no key holds answers that expected value for a
+    missing key and creates nothing (TCP, hash and file stores, torch 2.1 to 2.15). A wait with a
+    short timeout is no test of a key: on a loaded machine the store's answer can come after it."""
+    value = kv.compare_set(key, _ABSENT, _ABSENT)
+    return None if value == _ABSENT.encode() else value
+
+
 def store_exchange(tag: str, value: Any, group: Optional[ProcessGroup] = None,
                    timeout_s: float = 30.0) -> Dict[int, Any]:
     """Every rank's ``value`` through the c10d store, or :class:`StoreTimeout` after ``timeout_s``.
@@ -290,7 +300,8 @@ def store_exchange(tag: str, value: Any, group: Optional[ProcessGroup] = None,
     try:
         kv.wait(list(keys.values()), datetime.timedelta(seconds=timeout_s))
     except Exception as e:  # DistStoreError (torch >= 2.2) or RuntimeError: a timeout
-        posted = {r: pickle.loads(kv.get(k)) for r, k in keys.items() if store_has(kv, k)}
+        found = {r: store_get(kv, k) for r, k in keys.items()}
+        posted = {r: pickle.loads(v) for r, v in found.items() if v is not None}
         raise StoreTimeout([r for r in ranks if r not in posted], posted) from e
     return {r: pickle.loads(kv.get(k)) for r, k in keys.items()}
 

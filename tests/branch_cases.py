@@ -7,6 +7,8 @@ import torch.distributed as dist
 from mmengine.config import Config
 from mmengine.runner import Runner
 
+from mmddp_hooks.model_from_config import unformatted
+
 from scenarios import param_digest
 
 
@@ -20,7 +22,7 @@ def train_configs(configs: List[str], cfg_options: Optional[dict] = None) -> Lis
         cfg.launcher = 'pytorch'
         cfg.experiment_name = f'branches_{i}_{os.getpid()}'
         cfg.log_level = 'WARNING'
-        runner = Runner.from_cfg(cfg)
+        runner = Runner.from_cfg(unformatted(cfg))  # logged and dumped without yapf
         runner.train()
         hook = next(h for h in runner.hooks if type(h).__name__ == 'DDPAutoTuneHook')
         module = runner.model.module

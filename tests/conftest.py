@@ -1,11 +1,54 @@
 """The multi-process tests fork their ranks from zygotes (``mmddp_hooks.testing.reuse_ranks``):
 torch, MMEngine and what earlier runs imported (mmseg, mmdet) are imported once per session instead of
 once per run, and each run still gets new processes, so nothing a run did reaches the next one.
-``MMDDP_FRESH_RANKS=1`` runs every case in fresh interpreters."""
+``MMDDP_FRESH_RANKS=1`` runs every case in fresh interpreters.
+
+Under pytest-xdist's ``--dist loadfile`` (``make test``), a test file is one unit of work, but a file
+whose module-scoped fixture trains on 2 and on 3 ranks is two: ``[2ranks-...]`` and ``[3ranks-...]``,
+each running its own fixture, on either worker. Units are handed out longest first (seconds measured
+under two workers, ``LONGEST``), so no worker is left with a long unit at the end."""
 import os
+import re
+
+import pytest
 
 from mmddp_hooks.testing import reuse_ranks
+
+# seconds each took under `make test` (two workers, 14:47 on 2026-12-03); units not named here go
+# after these, in file order
+LONGEST = {
+    'tests/test_mmdet_integration.py': 158, 'tests/test_zoo_configs.py': 111,
+    'tests/test_mmseg_integration.py': 103, 'tests/test_trainable.py::3ranks': 70,
+    'tests/test_contract.py::3ranks': 61, 'tests/test_harness.py': 58,
+    'tests/test_hang_watchdog.py': 55, 'tests/test_launchers.py': 49,
+    'tests/test_sanity_hooks.py': 45, 'tests/test_branches.py': 44,
+    'tests/test_autotune_runner.py': 41, 'tests/test_contract.py::2ranks': 38,
+    'tests/test_trainable.py::2ranks': 37, 'tests/test_synthetic.py': 24,
+    'tests/test_contrastive.py': 23, 'tests/test_benchmark.py': 19, 'tests/test_explain.py': 18,
+    'tests/test_trainable.py': 17,
+}
+_RANKS = re.compile(r'\[(\d+ranks)[-\]]')
 
 
 def pytest_configure(config) -> None:
     reuse_ranks(os.environ.get('MMDDP_FRESH_RANKS') != '1')
+
+
+@pytest.hookimpl(optionalhook=True)  # environments without pytest-xdist (make test-compat)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue('dist') != 'loadfile':
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirst(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            ranks = _RANKS.search(nodeid)
+            scope = super()._split_scope(nodeid)
+            return f'{scope}::{ranks.group(1)}' if ranks else scope
+
+        def _assign_work_unit(self, node) -> None:
+            longest = max(self.workqueue, key=lambda scope: LONGEST.get(scope, 0))
+            self.workqueue.move_to_end(longest, last=False)
+            super()._assign_work_unit(node)
+
+    return LongestFirst(config, log)

@@ -147,6 +147,8 @@ def train_example_config(config: str, work_dir: str) -> Dict:
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
+    from mmddp_hooks.model_from_config import unformatted
+
     class Recorder(Hook):
         def __init__(self):
             self.values: List[float] = []
@@ -157,7 +159,7 @@ def train_example_config(config: str, work_dir: str) -> Dict:
     cfg = Config.fromfile(config)
     cfg.work_dir = work_dir
     cfg.experiment_name = f'two_tower_{dist.get_rank()}'
-    runner = Runner.from_cfg(cfg)
+    runner = Runner.from_cfg(unformatted(cfg))  # logged and dumped without yapf
     recorder = Recorder()
     runner.register_hook(recorder)
     runner.train()

@@ -5,6 +5,7 @@ import tempfile
 from typing import Any, Dict, List, Optional
 
 import torch
+from mmengine.config import Config
 from mmengine.dataset import DefaultSampler
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
@@ -13,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler
 
 from mmddp_hooks.dist import init_dist_if_needed
+from mmddp_hooks.model_from_config import unformatted
 
 from scenarios import RandomVectors, param_digest
 
@@ -61,7 +63,7 @@ def train(model_kw: Optional[dict] = None, *, hooks: Optional[List] = None,
         experiment_name=f'sanity_{os.getpid()}_{id(model)}',
         train_dataloader=dataloader, train_cfg=dict(by_epoch=False, max_iters=iters),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05)),
-        cfg=dict(model_wrapper_cfg=dict(type='ReconfigurableDDP')),
+        cfg=unformatted(Config(dict(model_wrapper_cfg=dict(type='ReconfigurableDDP')))),
         custom_hooks=SANITY_HOOKS if hooks is None else hooks,
         default_hooks=dict(checkpoint=None, logger=dict(type='LoggerHook', interval=1)),
         launcher='pytorch', randomness=dict(seed=0), log_level='INFO')

@@ -37,4 +37,10 @@ def test_quick_benchmark_flags_invalid_settings(tmp_path, capsys):
         for row in res['rows']:
             if row['valid']:
                 assert row['median_ms'] > 0 and row['ratio_min'] <= row['ratio'] <= row['ratio_max']
+    for res in results.values():  # the watchdog's cost: 2 pairs of on/off blocks, no false alarm
+        w = res['watchdog']
+        assert len(w['ratios']) == 2 and all(r > 0 for r in w['ratios']) and w['reports'] == 0
+        assert w['per_block'] >= 10 and w['on_ms'] > 0 and w['interval'] == 0.1
+        assert w['beats'] >= 2  # its thread ran in the on blocks (0.3 s each)
+    assert table.count('| auto + HangWatchdogHook (heartbeat every 0.1 s) |') == 2
     assert out_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -161,3 +161,31 @@ def test_a_control_plane_that_cannot_connect_fails_at_wrap_time_naming_gloo_sock
         assert 'Unable to find address for: nosuchnic0' in error
         assert 'GLOO_SOCKET_IFNAME=nosuchnic0. On every node set GLOO_SOCKET_IFNAME' in error
         assert 'This node has: lo' in error
+
+
+@pytest.mark.parametrize('kind', ['tcp', 'hash', 'file'])
+def test_store_get_tells_a_missing_key_without_waiting_or_creating_it(kind, tmp_path):
+    """The watchdog's reads (another rank's heartbeat, stack, the report) must never take a key that
+    is there for one that is not: a wait with a short timeout did on a loaded machine (torch 2.1)."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from mmddp_hooks.dist import store_get
+    from mmddp_hooks.testing.harness import free_port
+
+    if kind == 'tcp':
+        base = dist.TCPStore('127.0.0.1', free_port(), 1, True, timeout=datetime.timedelta(seconds=10))
+    else:
+        base = dist.HashStore() if kind == 'hash' else dist.FileStore(str(tmp_path / 'store'), 1)
+    kv = dist.PrefixStore('mmddp_hooks/test', base)
+    kv.set('there', b'{"beat": 1}')
+    kv.set('empty', b'')
+    keys, start = base.num_keys(), time.monotonic()
+    assert store_get(kv, 'absent') is None
+    assert store_get(kv, 'there') == b'{"beat": 1}' and store_get(kv, 'empty') == b''
+    assert time.monotonic() - start < 1.0
+    assert base.num_keys() == keys  # the miss created no key
+    kv.set('absent', b'late')
+    assert store_get(kv, 'absent') == b'late'

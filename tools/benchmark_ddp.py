@@ -5,7 +5,9 @@
 
 Prints a markdown table: per scenario and setting, the median step time of the slowest rank and the
 median (min-max) of per-round ratios against the best valid hand-picked setting; invalid settings
-show the error that made them invalid. CPU gloo shows no NCCL compute/communication overlap.
+show the error that made them invalid. Per scenario, one more row: auto's step with HangWatchdogHook
+against without it, in alternating blocks (its heartbeat thread runs through a whole block). CPU gloo
+shows no NCCL compute/communication overlap.
 """
 # isort: off
 import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
@@ -32,6 +34,12 @@ def main(argv=None) -> int:
     p.add_argument('--json', help='write the results here')
     p.add_argument('--plot', help='write a PNG of the ratios here')
     p.add_argument('--timeout', type=float, default=900.0, help='seconds per scenario')
+    p.add_argument('--watchdog-pairs', type=int, default=4,
+                   help="HangWatchdogHook's cost: pairs of blocks of auto's step with and without "
+                        'it, per scenario (0 to skip)')
+    p.add_argument('--watchdog-block-s', type=float, default=3.0, help='seconds a block lasts')
+    p.add_argument('--watchdog-interval', type=float, default=1.0,
+                   help="the hook's heartbeat interval (its default: 1 s)")
     args = p.parse_args(argv)
     from mmddp_hooks import benchmark as bench
     from mmddp_hooks.testing import run_on_ranks
@@ -45,9 +53,14 @@ def main(argv=None) -> int:
         scenarios = {k: v for k, v in scenarios.items() if k in args.scenarios}
     rounds = min(args.rounds, 6) if args.quick else args.rounds
     warmup = 6 if args.quick else args.warmup
+    watchdog = dict(pairs=2, block_s=0.3, interval=0.1) if args.quick else dict(
+        pairs=args.watchdog_pairs, block_s=args.watchdog_block_s, interval=args.watchdog_interval)
+    if not watchdog['pairs']:
+        watchdog = None
     results = []
     for name, scenario in scenarios.items():
         run = run_on_ranks(bench.run_scenario, args.nproc, args=(scenario, rounds, warmup),
+                           kwargs=dict(watchdog=watchdog),
                            timeout=args.timeout)
         if not run.ok:
             print(f'scenario {name} failed:\n{run.describe()}', file=sys.stderr)

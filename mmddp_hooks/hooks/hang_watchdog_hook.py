@@ -18,7 +18,6 @@ from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop
 
 from .. import dist as ddist
-from ..compat import store_has
 
 ACTIONS = ('report', 'abort')
 ABORT_EXIT_CODE = 70
@@ -71,6 +70,7 @@ class HangWatchdogHook(Hook):
         self.report_file = report_file
         self.report_path: Optional[str] = None
         self.reports: List[str] = []
+        self.beats = 0  # heartbeats this rank posted
         self._prefix = f'mmddp_hooks/hang/{next(_SERIALS)}'
         self._state: Dict[str, Any] = dict(iter=0, phase='before training', since=time.time())
         self._slowest_step = 0.0
@@ -87,10 +87,19 @@ class HangWatchdogHook(Hook):
     def before_run(self, runner) -> None:
         if not ddist.is_dist():
             return
-        self._work_dir = runner.work_dir
-        threading.Thread(target=self._watch, name='mmddp-hang-watchdog', daemon=True).start()
+        self.start(runner.work_dir)
         if isinstance(runner._train_loop, BaseLoop):  # built by runner.train(), not by val/test
             self._name_lost_peers(runner._train_loop)
+
+    def start(self, work_dir: str) -> None:
+        """Start this rank's watcher thread (``before_run`` does; the benchmark, without a Runner)."""
+        self._work_dir = work_dir
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, args=(self._stop,), name='mmddp-hang-watchdog',
+                         daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def _name_lost_peers(self, loop) -> None:
         """A peer that dies (SIGKILL, the OOM killer, a segfault) is no hang on gloo: the others'
@@ -139,7 +148,7 @@ class HangWatchdogHook(Hook):
                            'kill`, a segfault); their own logs say which', *lines])
 
     def after_run(self, runner) -> None:
-        self._stop.set()
+        self.stop()
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         self._step_start = time.time()
@@ -168,24 +177,25 @@ class HangWatchdogHook(Hook):
         return base if self._slowest_step else self.first_factor * base
 
     # ----------------------------------------------------------------------------- watcher
-    def _watch(self) -> None:
+    def _watch(self, stop: threading.Event) -> None:
         try:
-            self._watch_store()
+            self._watch_store(stop)
         except Exception as e:  # the store went away: the run ended, or its host rank died
-            if not self._stop.is_set():
+            if not stop.is_set():
                 sys.stderr.write(f'[mmddp_hooks] HangWatchdogHook stopped watching on rank '
                                  f'{ddist.get_rank()}: {e!r}\n')
                 if self.action == 'abort' and self._alarmed:
                     os._exit(ABORT_EXIT_CODE)
 
-    def _watch_store(self) -> None:
+    def _watch_store(self, stop: threading.Event) -> None:
         rank, world, store = ddist.get_rank(), ddist.get_world_size(), ddist.store()
         gen, quiet_until = 0, 0.0
-        while not self._stop.wait(self.interval):
+        while not stop.wait(self.interval):
             now = time.time()
             store.set(f'{self._prefix}/beat/{rank}', json.dumps(dict(self._state, beat=now)))
+            self.beats += 1
             alarm = f'{self._prefix}/alarm/{gen}'
-            if not store_has(store, alarm):
+            if ddist.store_get(store, alarm) is None:
                 if now < quiet_until:
                     continue
                 beats = _read_all(store, f'{self._prefix}/beat', world)
@@ -265,8 +275,9 @@ class HangWatchdogHook(Hook):
         key = f'{self._prefix}/report/{gen}'
         deadline = time.time() + max(15.0, 8 * self.interval)
         while time.time() < deadline:
-            if store_has(store, key):
-                return store.get(key).decode()
+            report = ddist.store_get(store, key)
+            if report is not None:
+                return report.decode()
             time.sleep(0.2)
         return '(the rank that writes the report did not: see the other ranks)'
 
@@ -282,8 +293,8 @@ def _peer_connection_broke(e: BaseException) -> bool:
 
 
 def _read_all(store, prefix: str, world: int) -> Dict[int, Dict[str, Any]]:
-    keys = {r: f'{prefix}/{r}' for r in range(world)}
-    return {r: json.loads(store.get(k)) for r, k in keys.items() if store_has(store, k)}
+    found = {r: ddist.store_get(store, f'{prefix}/{r}') for r in range(world)}
+    return {r: json.loads(v) for r, v in found.items() if v is not None}
 
 
 def _user_frame(frames: List[list]) -> Optional[list]:
