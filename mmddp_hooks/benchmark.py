@@ -108,7 +108,12 @@ class MMSegStep(nn.Module):
         torch.manual_seed(0)
         self.model = revert_sync_batchnorm(build_model(cfg))
         from mmengine.registry import DATASETS
+        from mmengine.runner import set_random_seed
+
         dataset = DATASETS.build(cfg.train_dataloader.dataset)
+        # the pipeline's random crops and flips draw from numpy and random: every setting's
+        # replica must see the same batch, or none of them trains like find_unused=True's
+        set_random_seed(ddist.get_rank())
         batch = [dataset[i] for i in range(2)]
         self.data = self.model.data_preprocessor(
             dict(inputs=[b['inputs'] for b in batch], data_samples=[b['data_samples'] for b in batch]),

@@ -44,3 +44,20 @@ def test_quick_benchmark_flags_invalid_settings(tmp_path, capsys):
         assert w['beats'] >= 2  # its thread ran in the on blocks (0.3 s each)
     assert table.count('| auto + HangWatchdogHook (heartbeat every 0.1 s) |') == 2
     assert out_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.mmseg
+def test_every_setting_s_mmseg_replica_trains_on_the_same_batch():
+    """The FCN scenario's settings are compared parameter for parameter after warm-up: its random
+    crops and flips must give every replica the same batch (they did not, and every setting was
+    reported as training differently from find_unused=True)."""
+    pytest.importorskip('mmseg')
+    import torch
+
+    from mmddp_hooks.benchmark import MMSegStep
+
+    config = str(Path(__file__).parents[1] / 'configs' / 'mmseg' / 'fcn_r18_stage4-unused.py')
+    a, b = MMSegStep(config), MMSegStep(config)
+    assert torch.equal(a.data['inputs'], b.data['inputs'])
+    assert all(torch.equal(x.gt_sem_seg.data, y.gt_sem_seg.data)
+               for x, y in zip(a.data['data_samples'], b.data['data_samples']))
