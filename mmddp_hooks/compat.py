@@ -2,6 +2,7 @@
 
 Everything else calls these functions and never checks ``torch.__version__`` itself.
 """
+import datetime
 import pickle
 import types
 from typing import Any, Callable, List, Optional
@@ -100,6 +101,24 @@ def unsafe_globals_in_checkpoint(f: Any) -> Optional[List[str]]:
         return list(getter(f))
     except Exception:  # not a zip checkpoint (legacy format), unreadable: the caller says less
         return None
+
+
+def store_get(store: Any, key: str) -> Optional[bytes]:
+    """``key``'s value in a c10d store, or None where it has none, without waiting for it to appear:
+    ``Store.check``, then ``get``, where the bindings have ``check`` (torch >= 2.2). torch 2.1's have
+    none, so a ``wait`` of 100 ms stands in: one of 1 ms took keys that were there for missing on a
+    loaded machine, where the store's answer came later (the watchdog then missed a report or a
+    heartbeat). ``compare_set`` would answer in one round trip, but torch 2.1 builds its bytes
+    without the GIL: a rank segfaulted while another thread ran. A store that is gone raises."""
+    if hasattr(store, 'check'):
+        return store.get(key) if store.check([key]) else None
+    try:
+        store.wait([key], datetime.timedelta(milliseconds=100))
+    except RuntimeError as e:  # 'Socket Timeout' (TCP), 'Wait timeout' (file, hash)
+        if 'timeout' not in str(e).lower():
+            raise
+        return None
+    return store.get(key)
 
 
 # ------------------------------------------------------------------------------ mmengine releases

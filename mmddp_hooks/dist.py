@@ -28,6 +28,8 @@ import torch.distributed as dist
 from mmengine import dist as mmdist
 from torch.distributed import ProcessGroup
 
+from .compat import store_get
+
 _ENV_KEYS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
@@ -268,18 +270,6 @@ def store() -> Any:
     """The default process group's c10d store: a channel beside the collectives, which keeps
     working while they hang (heartbeats, and exchanges a collective could wait on for ever)."""
     return dist.distributed_c10d._get_default_store()
-
-
-_ABSENT = '\x00mmddp_hooks: no such key'
-
-
-def store_get(kv: Any, key: str) -> Optional[bytes]:
-    """``key``'s value in a c10d store, or None where it has none, in one round trip that never
-    waits: ``compare_set`` with an expected value no key holds answers that expected value for a
-    missing key and creates nothing (TCP, hash and file stores, torch 2.1 to 2.15). A wait with a
-    short timeout is no test of a key: on a loaded machine the store's answer can come after it."""
-    value = kv.compare_set(key, _ABSENT, _ABSENT)
-    return None if value == _ABSENT.encode() else value
 
 
 def store_exchange(tag: str, value: Any, group: Optional[ProcessGroup] = None,

@@ -6,6 +6,7 @@ collectives and waits there.
 """
 import os
 import signal
+import tempfile
 import time
 from typing import Any, Dict
 
@@ -97,3 +98,23 @@ def slow_but_progressing() -> Dict[str, Any]:
     out = scenarios.train_plain('SlowButProgressing', iters=10, val_interval=3,
                                 checkpoint_interval=4, extra_hooks=[hook])
     return dict(digest=out['digest'], losses=len(out['losses']))
+
+
+def store_beside_the_watcher(seconds: float = 3.0) -> Dict[str, Any]:
+    """The watcher thread posts heartbeats every 5 ms while this thread uses the same store as
+    training code does (the trainable-set exchange, ``new_group``'s rendezvous): each must keep its
+    answers, and no rank may crash (on torch 2.1, the watcher's ``compare_set`` made one segfault)."""
+    from mmddp_hooks import dist as ddist
+    from mmddp_hooks.hooks.hang_watchdog_hook import HangWatchdogHook
+
+    hook = HangWatchdogHook(interval=0.005)
+    hook.start(tempfile.mkdtemp(prefix='mmddp_watch_'))
+    kv, rounds, deadline = ddist.store(), 0, time.time() + seconds
+    while time.time() < deadline:
+        rounds += 1
+        key = f'beside/{dist.get_rank()}/{rounds}'
+        kv.set(key, str(rounds))
+        assert kv.get(key) == str(rounds).encode() and kv.add('beside/count', 1) >= rounds
+    exchanged = ddist.store_exchange('beside_the_watcher', rounds)
+    hook.stop()
+    return dict(rounds=rounds, beats=hook.beats, exchanged=exchanged, reports=len(hook.reports))

@@ -110,3 +110,12 @@ def test_the_report_names_each_rank_s_nccl_flight_recorder_dump():
     text = describe_hang(stacks, beats, 2, 10.0, now=101.0)
     assert ("NCCL flight recorder (torch's pickled trace of each rank's collectives): rank 0: "
             '/work/nccl_trace_rank0.pkl, rank 1: /work/nccl_trace_rank1.pkl') in text
+
+
+@pytest.mark.dist
+def test_the_watcher_and_training_code_use_the_store_at_once_without_harm():
+    rows = run_distributed(hang_cases.store_beside_the_watcher, 2, timeout=60)
+    for r in rows:
+        # a beat every 5 ms; on torch 2.1 each also waits 100 ms to learn there is no alarm
+        assert r['rounds'] > 50 and r['beats'] >= 10 and r['reports'] == 0, r
+        assert r['exchanged'] == {0: rows[0]['rounds'], 1: rows[1]['rounds']}

@@ -18,6 +18,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop
 
 from .. import dist as ddist
+from ..compat import store_get
 
 ACTIONS = ('report', 'abort')
 ABORT_EXIT_CODE = 70
@@ -195,7 +196,7 @@ class HangWatchdogHook(Hook):
             store.set(f'{self._prefix}/beat/{rank}', json.dumps(dict(self._state, beat=now)))
             self.beats += 1
             alarm = f'{self._prefix}/alarm/{gen}'
-            if ddist.store_get(store, alarm) is None:
+            if store_get(store, alarm) is None:
                 if now < quiet_until:
                     continue
                 beats = _read_all(store, f'{self._prefix}/beat', world)
@@ -275,7 +276,7 @@ class HangWatchdogHook(Hook):
         key = f'{self._prefix}/report/{gen}'
         deadline = time.time() + max(15.0, 8 * self.interval)
         while time.time() < deadline:
-            report = ddist.store_get(store, key)
+            report = store_get(store, key)
             if report is not None:
                 return report.decode()
             time.sleep(0.2)
@@ -293,7 +294,7 @@ def _peer_connection_broke(e: BaseException) -> bool:
 
 
 def _read_all(store, prefix: str, world: int) -> Dict[int, Dict[str, Any]]:
-    found = {r: ddist.store_get(store, f'{prefix}/{r}') for r in range(world)}
+    found = {r: store_get(store, f'{prefix}/{r}') for r in range(world)}
     return {r: json.loads(v) for r, v in found.items() if v is not None}
 
 
