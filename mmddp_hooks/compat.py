@@ -108,8 +108,9 @@ def store_get(store: Any, key: str) -> Optional[bytes]:
     ``Store.check``, then ``get``, where the bindings have ``check`` (torch >= 2.2). torch 2.1's have
     none, so a ``wait`` of 100 ms stands in: one of 1 ms took keys that were there for missing on a
     loaded machine, where the store's answer came later (the watchdog then missed a report or a
-    heartbeat). ``compare_set`` would answer in one round trip, but torch 2.1 builds its bytes
-    without the GIL: a rank segfaulted while another thread ran. A store that is gone raises."""
+    heartbeat). ``compare_set`` would answer in one round trip, but on torch 2.1 it segfaulted a
+    rank while another thread ran Python (likely its bytes are built without the GIL; not checked
+    against torch's source). A store that is gone raises."""
     if hasattr(store, 'check'):
         return store.get(key) if store.check([key]) else None
     try:
