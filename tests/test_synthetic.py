@@ -5,7 +5,9 @@ dataset, the loading steps) and keeps (wrappers, every other transform, the hook
 samples come out of the config's own packing step, and one real CPU training step.
 """
 import os.path as osp
+import random
 
+import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
@@ -92,6 +94,11 @@ def test_yolox_keeps_its_mix_dataset_and_mosaic():
     assert wrapper.dataset.type == 'SyntheticRawDataset' and wrapper.dataset.replaces == 'CocoDataset'
     assert [h for h in cfg.custom_hooks if h.type == 'YOLOXModeSwitchHook']
     ds = dataset_of(cfg)
+    # Mosaic and MixUp draw their partner images and RandomAffine its scale (0.1-2) from Python's and
+    # NumPy's global generators; 48 of 300 draws left no box in sample 0, so whatever ran earlier in
+    # the same pytest worker decided this test. Seeded, it is the same draw every time.
+    random.seed(0)
+    np.random.seed(0)
     mixed = ds[0]  # Mosaic of 4 images, RandomAffine back to 64x64, MixUp
     assert mixed['inputs'].shape[1:] == (64, 64) and len(mixed['data_samples'].gt_instances) > 0
     ds.update_skip_type_keys(['Mosaic', 'RandomAffine', 'MixUp'])  # what the mode switch calls
