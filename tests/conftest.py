@@ -6,11 +6,18 @@ once per run, and each run still gets new processes, so nothing a run did reache
 Under pytest-xdist's ``--dist loadfile`` (``make test``), a test file is one unit of work, but a file
 whose module-scoped fixture trains on 2 and on 3 ranks is two: ``[2ranks-...]`` and ``[3ranks-...]``,
 each running its own fixture, on either worker. Units are handed out longest first (seconds measured
-under two workers, ``LONGEST``), so no worker is left with a long unit at the end."""
+under two workers, ``LONGEST``), so no worker is left with a long unit at the end.
+
+Every test starts from the same global random state (``same_draws``): which files ran earlier in a
+worker's process changes from run to run, and so would every unseeded draw of a test that runs in it
+(a transform's crop or flip, a Runner's ``seed=None``)."""
 import os
+import random
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from mmddp_hooks.testing import reuse_ranks
 
@@ -28,6 +35,13 @@ LONGEST = {
     'tests/test_contract.py': 8,
 }
 _RANKS = re.compile(r'\[(\d+ranks)[-\]]')
+
+
+@pytest.fixture(autouse=True)
+def same_draws() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 def pytest_configure(config) -> None:
