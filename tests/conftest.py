@@ -21,18 +21,19 @@ import torch
 
 from mmddp_hooks.testing import reuse_ranks
 
-# seconds each took under `make test` (two workers, 6:42 on 2026-12-04, `--durations=0` summed per
+pytest_plugins = ('pytester',)  # test_harness runs a pytest session with broken tests in it
+
+# seconds each took under `make test` (two workers, 6:04 on 2026-12-04, `--durations=0` summed per
 # unit); units not named here go after these, in file order
 LONGEST = {
-    'tests/test_mmdet_integration.py': 122, 'tests/test_zoo_configs.py': 109,
-    'tests/test_mmseg_integration.py': 67, 'tests/test_hang_watchdog.py': 62,
-    'tests/test_harness.py': 54, 'tests/test_trainable.py::3ranks': 49,
-    'tests/test_contract.py::3ranks': 40, 'tests/test_launchers.py': 35,
-    'tests/test_sanity_hooks.py': 35, 'tests/test_branches.py': 31,
-    'tests/test_trainable.py::2ranks': 29, 'tests/test_autotune_runner.py': 26,
-    'tests/test_contract.py::2ranks': 22, 'tests/test_contrastive.py': 21, 'tests/test_explain.py': 20,
-    'tests/test_synthetic.py': 15, 'tests/test_trainable.py': 14, 'tests/test_benchmark.py': 13,
-    'tests/test_contract.py': 8,
+    'tests/test_mmdet_integration.py': 130, 'tests/test_zoo_configs.py': 113,
+    'tests/test_harness.py': 65, 'tests/test_hang_watchdog.py': 50, 'tests/test_launchers.py': 48,
+    'tests/test_mmseg_integration.py': 47, 'tests/test_trainable.py::3ranks': 44,
+    'tests/test_contract.py::3ranks': 38, 'tests/test_sanity_hooks.py': 35,
+    'tests/test_autotune_runner.py': 26, 'tests/test_trainable.py::2ranks': 20,
+    'tests/test_contract.py::2ranks': 18, 'tests/test_contrastive.py': 17,
+    'tests/test_benchmark.py': 16, 'tests/test_trainable.py': 13, 'tests/test_synthetic.py': 11,
+    'tests/test_branches.py': 9,
 }
 _RANKS = re.compile(r'\[(\d+ranks)[-\]]')
 

@@ -1,11 +1,14 @@
 """Run this repository's tools as a user would, under a hard timeout that kills the whole launch."""
 import contextlib
+import importlib
 import io
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import List, Tuple
 
 import pytest
@@ -21,14 +24,16 @@ def start(cmd: List[str], **env: str) -> subprocess.Popen:
 
 
 def run(cmd: List[str], timeout: float = 300, **env: str) -> Tuple[int, str]:
-    """Exit code and output of ``cmd`` run from the repository root, in its own process group."""
-    proc = start(cmd, **env)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f'timed out after {timeout}s:\n{out[-5000:]}')
+    """Exit code and output of ``cmd`` run from the repository root, in its own process group, with
+    a ``TMPDIR`` removed afterwards (torchrun leaves a ``torchelastic_*`` folder there)."""
+    with tempfile.TemporaryDirectory(prefix='mmddp-launch-') as tmp:
+        proc = start(cmd, **{'TMPDIR': tmp, **env})
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f'timed out after {timeout}s:\n{out[-5000:]}')
     return proc.returncode, out
 
 
@@ -56,24 +61,22 @@ def train(config, work_dir, *args: str, nproc: int = 2, launcher: str = 'pytorch
 
 def train_main(argv: List[str]) -> int:
     """On a rank: ``tools/train.py``'s ``main(argv)``."""
-    _tools_importable()
-    import train as train_py
-
-    return train_py.main(argv)
+    return tool('train').main(argv)
 
 
-def _tools_importable() -> None:
+def tool(name: str) -> ModuleType:
+    """``tools/NAME.py`` as a module. tools/ goes on ``sys.path`` once: the ranks get ``sys.path`` as
+    their PYTHONPATH, and a changed one starts new zygotes (the imports again)."""
     if str(ROOT / 'tools') not in sys.path:
         sys.path.insert(0, str(ROOT / 'tools'))
+    return importlib.import_module(name)
 
 
 def doctor(config, *args: str) -> Tuple[int, str]:
     """``tools/ddp_doctor.py CONFIG ARGS``, called in this process (its ranks are then forked from
     the suite's zygotes): its exit code and everything it printed. tests/test_hang_watchdog.py runs
     it as a process."""
-    _tools_importable()
-    import ddp_doctor
-
+    ddp_doctor = tool('ddp_doctor')
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         path = config if '::' in str(config) else str(ROOT / config)  # a shipped one: pkg::path

@@ -32,11 +32,11 @@ def test_a_rank_that_failed_its_work_means_the_doctor_could_not_run(monkeypatch)
 
 def test_a_zoo_run_tabulates_each_config_and_retries_a_too_small_size(monkeypatch, tmp_path, capsys):
     import json
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / 'tools'))
-    import ddp_doctor
+    import launch
+
+    ddp_doctor = launch.tool('ddp_doctor')
 
     counts = {'always used': 10, 'never used': 3, 'used on some ranks only': 0, 'dynamic': 1}
     good = dict(status=doctor.CRASHES, report=dict(counts=counts), crash_reason='unused',

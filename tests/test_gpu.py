@@ -9,12 +9,8 @@ e. trainable-set changes (freeze/unfreeze) against their reference, NCCL world s
    ranks sharing the GPU;
 f. a hang under NCCL, reported with the flight-recorder dump the watchdog wrote.
 """
-import os
 import pickle
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import hang_cases
 import pytest
@@ -23,13 +19,13 @@ import torch
 from mmddp_hooks.hooks.hang_watchdog_hook import ABORT_EXIT_CODE
 from mmddp_hooks.testing import run_distributed, run_on_ranks
 
+import launch
 import scenarios
 import trainable_cases
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
 
-ROOT = Path(__file__).parents[1]
 TIMEOUT = 300
 SGD_WD = dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=1e-2)
 
@@ -144,14 +140,10 @@ def test_trainable_set_changes_on_the_gpu(world_size, backend):
 @pytest.mark.dist
 @pytest.mark.mmseg
 def test_dist_train_fcn_stage4_on_the_gpu(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED='1')
-    proc = subprocess.run(
-        ['bash', 'tools/dist_train.sh', 'configs/mmseg/fcn_r18_stage4-unused.py', '1',
-         '--work-dir', str(tmp_path), '--synthetic', '64', '64', '--iters', '8'],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    assert 'Iter(train) [8/8]' in proc.stdout
+    code, out = launch.dist_train('configs/mmseg/fcn_r18_stage4-unused.py', tmp_path, '--synthetic',
+                                  64, 64, '--iters', 8, nproc=1)
+    assert code == 0, out[-5000:]
+    assert 'Iter(train) [8/8]' in out
     assert 'backbone.layer4' in (tmp_path / 'ddp_usage_report.json').read_text()
 
 

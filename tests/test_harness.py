@@ -182,3 +182,50 @@ def test_a_broken_run_fails_alone_and_the_next_run_gets_fresh_ranks(broken):
     after = run_distributed(_whoami_and_leave_state, 2, timeout=60)
     assert {r['pid'] for r in after}.isdisjoint(r['pid'] for r in before)  # new ranks
     assert all(r['leftover'] is None for r in after)
+
+
+
+SESSION_WITH_BROKEN_TESTS = """
+from mmddp_hooks.testing import run_distributed
+from test_harness import _all_reduce_rank, _crash_rank_1, _hang_in_collective
+
+
+def test_hangs():
+    run_distributed(_hang_in_collective, 2, timeout=5)
+
+
+def test_crashes():
+    run_distributed(_crash_rank_1, 2, timeout=60, failure_grace=1)
+
+
+def test_runs_after_them():
+    assert run_distributed(_all_reduce_rank, 2, timeout=60) == [3.0, 3.0]
+"""
+
+
+@pytest.fixture
+def session_ranks() -> tuple:
+    """The session's environment, and the zygotes its ranks are forked from, before pytester sets
+    HOME and PY_COLORS (another environment would give the ranks new zygotes)."""
+    zygotes = [r['ppid'] for r in run_distributed(_whoami_and_leave_state, 2, timeout=60)]
+    return dict(os.environ), zygotes
+
+
+def test_a_hanging_and_a_crashing_test_fail_alone_and_the_next_test_passes(session_ranks, pytester,
+                                                                           monkeypatch):
+    # the issue's check as a user meets it: one pytest session, with this session's ranks
+    env, zygotes = session_ranks
+    for key, value in env.items():
+        if key != 'PYTEST_CURRENT_TEST' and os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+    for key in set(os.environ) - set(env):
+        monkeypatch.delenv(key)
+    pytester.makepyfile(test_broken=SESSION_WITH_BROKEN_TESTS)
+    # importlib: the test file's folder stays off sys.path, which the ranks get as PYTHONPATH
+    result = pytester.runpytest_inprocess('-p', 'no:cacheprovider', '-p', 'no:xdist',
+                                          '--import-mode=importlib')
+    result.assert_outcomes(failed=2, passed=1)
+    out = result.stdout.str()
+    assert 'FAILED test_broken.py::test_hangs' in out and 'TIMED OUT (process group killed)' in out
+    assert 'FAILED test_broken.py::test_crashes' in out and 'rank 1: FAILED (exit code 3)' in out
+    assert [r['ppid'] for r in run_distributed(_whoami_and_leave_state, 2, timeout=60)] == zygotes

@@ -53,7 +53,8 @@ def test_slurm_train_through_srun_on_two_nodes(tmp_path):
 @pytest.mark.dist
 @pytest.mark.mmseg
 def test_dist_train_as_two_nodes(tmp_path):
-    env = dict(NNODES='2', MASTER_ADDR='127.0.0.1', PORT=str(free_port()), **RECORDER)
+    env = dict(NNODES='2', MASTER_ADDR='127.0.0.1', PORT=str(free_port()), TMPDIR=str(tmp_path),
+               **RECORDER)
     cmd = ['bash', 'tools/dist_train.sh', str(CONFIG), '1', '--work-dir', str(tmp_path), *ARGS]
     nodes = [launch.start(cmd, NODE_RANK=str(n), **env) for n in (0, 1)]
     outs = []
