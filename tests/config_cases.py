@@ -3,17 +3,13 @@ with ``find_unused_parameters=True`` where that crashes, and with the hook, each
 ``tools/train.py``'s own ``build_cfg`` with synthetic data (128x128 by default) through the config's
 pipeline, compared in the ranks."""
 import hashlib
-import sys
 import tempfile
-from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
 
 from mmddp_hooks.checkpoint import safe_checkpoint_loading
-
-sys.path.insert(0, str(Path(__file__).parents[1] / 'tools'))
 
 ITERS = 4
 

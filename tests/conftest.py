@@ -14,6 +14,8 @@ worker's process changes from run to run, and so would every unseeded draw of a 
 import os
 import random
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,10 @@ import torch
 from mmddp_hooks.testing import reuse_ranks
 
 pytest_plugins = ('pytester',)  # test_harness runs a pytest session with broken tests in it
+
+# tools/*.py are imported by tests and by ranks. On sys.path from the start, once: the ranks get
+# sys.path as their PYTHONPATH, and a change to it mid-session starts new zygotes (the imports again).
+sys.path.insert(0, str(Path(__file__).parents[1] / 'tools'))
 
 # seconds each took under `make test` (two workers, 6:04 on 2026-12-04, `--durations=0` summed per
 # unit); units not named here go after these, in file order

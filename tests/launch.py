@@ -1,6 +1,5 @@
 """Run this repository's tools as a user would, under a hard timeout that kills the whole launch."""
 import contextlib
-import importlib
 import io
 import os
 import signal
@@ -8,7 +7,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import List, Tuple
 
 import pytest
@@ -61,22 +59,17 @@ def train(config, work_dir, *args: str, nproc: int = 2, launcher: str = 'pytorch
 
 def train_main(argv: List[str]) -> int:
     """On a rank: ``tools/train.py``'s ``main(argv)``."""
-    return tool('train').main(argv)
+    import train
 
-
-def tool(name: str) -> ModuleType:
-    """``tools/NAME.py`` as a module. tools/ goes on ``sys.path`` once: the ranks get ``sys.path`` as
-    their PYTHONPATH, and a changed one starts new zygotes (the imports again)."""
-    if str(ROOT / 'tools') not in sys.path:
-        sys.path.insert(0, str(ROOT / 'tools'))
-    return importlib.import_module(name)
+    return train.main(argv)
 
 
 def doctor(config, *args: str) -> Tuple[int, str]:
     """``tools/ddp_doctor.py CONFIG ARGS``, called in this process (its ranks are then forked from
     the suite's zygotes): its exit code and everything it printed. tests/test_hang_watchdog.py runs
     it as a process."""
-    ddp_doctor = tool('ddp_doctor')
+    import ddp_doctor
+
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         path = config if '::' in str(config) else str(ROOT / config)  # a shipped one: pkg::path

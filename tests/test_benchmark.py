@@ -1,12 +1,9 @@
 """The benchmark tool end to end in --quick mode: output shape, and invalid settings flagged."""
 import json
-import sys
 from pathlib import Path
 
+import benchmark_ddp
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[1] / 'tools'))
-import benchmark_ddp  # noqa: E402
 
 
 @pytest.mark.dist

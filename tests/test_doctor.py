@@ -34,9 +34,7 @@ def test_a_zoo_run_tabulates_each_config_and_retries_a_too_small_size(monkeypatc
     import json
     from pathlib import Path
 
-    import launch
-
-    ddp_doctor = launch.tool('ddp_doctor')
+    import ddp_doctor
 
     counts = {'always used': 10, 'never used': 3, 'used on some ranks only': 0, 'dynamic': 1}
     good = dict(status=doctor.CRASHES, report=dict(counts=counts), crash_reason='unused',

@@ -3,7 +3,6 @@
 MMEngine's ``Runner.wrap_model`` builds DDP from ``model_wrapper_cfg`` alone when it is given, so a
 top-level ``find_unused_parameters`` beside it never reaches DDP.
 """
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from mmddp_hooks.branches import standard_settings
 from mmddp_hooks.config_check import check_config
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
 
 
 def test_top_level_key_beside_a_wrapper_cfg_without_it_is_ignored():

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import explain_ddp_error
 import pytest
 
 from mmddp_hooks.testing import run_on_ranks
@@ -14,8 +15,6 @@ import explain_models
 HERE = os.path.dirname(__file__)
 CONFIG = os.path.join(HERE, 'configs', 'explain_net.py')
 TOOL = os.path.join(HERE, '..', 'tools', 'explain_ddp_error.py')
-sys.path.insert(0, os.path.join(HERE, '..', 'tools'))
-import explain_ddp_error  # noqa: E402
 
 
 def _trigger(tmp_path, world_size, via_wrapper=False, cfg=CONFIG):

@@ -184,7 +184,6 @@ def test_a_broken_run_fails_alone_and_the_next_run_gets_fresh_ranks(broken):
     assert all(r['leftover'] is None for r in after)
 
 
-
 SESSION_WITH_BROKEN_TESTS = """
 from mmddp_hooks.testing import run_distributed
 from test_harness import _all_reduce_rank, _crash_rank_1, _hang_in_collective
