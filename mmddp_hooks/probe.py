@@ -7,6 +7,7 @@ sometimes cannot run: with reentrant activation checkpointing (``torch.utils.che
 OpenMMLab's ``with_cp=True``) it raises "marked as ready twice". The probe notices such checkpoints
 in the loss's autograd graph, so the plan never switches to ``True`` there.
 """
+import hashlib
 from typing import List, Optional
 
 import numpy as np
@@ -39,6 +40,8 @@ def uses_reentrant_checkpoint(loss: torch.Tensor) -> bool:
 class UsageProbe(PlanGuard):
     """The guard of the empty plan, keeping each step's local usage for the report."""
 
+    recording = True
+
     def __init__(self, module: nn.Module, group: Optional[ProcessGroup] = None,
                  trainable: Optional[TrainableSet] = None) -> None:
         super().__init__(module, fill=[], ignore=[], group=group, trainable=trainable)
@@ -60,19 +63,28 @@ class UsageProbe(PlanGuard):
         return np.stack(self.steps) if self.steps else np.zeros((0, len(self.params)), bool)
 
     def gather(self) -> Usage:
-        """Combine every rank's record into one :class:`Usage` (control plane, every rank)."""
+        """Combine every rank's record into one :class:`Usage` (control plane, every rank).
+
+        A one-off exchange when the probe ends: each rank sends a digest of its parameter names
+        and its usage as bits (``iterations x parameters / 8`` bytes), so every rank receives
+        ``O(N)`` bytes once, far less than the parameters DDP's constructor broadcasts.
+        """
         names = [rp.name for rp in self.params]
+        digest = hashlib.sha1('\0'.join(names).encode()).hexdigest()
+        local = self.local_usage()
         gathered = ddist.all_gather_object(
-            (names, self.local_usage(), self.reentrant_checkpoint), self.group)
-        for rank, (rank_names, _, _) in enumerate(gathered):
-            if rank_names != names:
+            (digest, len(names), local.shape[0], np.packbits(local, axis=None),
+             self.reentrant_checkpoint), self.group)
+        for rank, (rank_digest, n, _, _, _) in enumerate(gathered):
+            if rank_digest != digest:
                 raise RuntimeError(
                     f'rank {rank} has a different reducer parameter list than rank '
-                    f'{ddist.group_rank(self.group)} ({len(rank_names)} vs {len(names)} '
-                    'parameters): the model must be built identically on every rank')
-        steps = {g[1].shape[0] for g in gathered}
+                    f'{ddist.group_rank(self.group)} ({n} vs {len(names)} parameters): the model '
+                    'must be built identically on every rank')
+        steps = {g[2] for g in gathered}
         if len(steps) != 1:
             raise RuntimeError(f'ranks probed different numbers of iterations: {sorted(steps)}')
-        return Usage(names=names, numels=[rp.numel for rp in self.params],
-                     used=np.stack([g[1] for g in gathered]),
-                     reentrant_checkpoint=any(g[2] for g in gathered))
+        used = [np.unpackbits(bits, count=local.size).astype(bool).reshape(local.shape)
+                for _, _, _, bits, _ in gathered]
+        return Usage(names=names, numels=[rp.numel for rp in self.params], used=np.stack(used),
+                     reentrant_checkpoint=any(g[4] for g in gathered))
