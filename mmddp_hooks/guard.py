@@ -111,22 +111,38 @@ class PlanGuard:
         self._fill_at = [(i, self.params[i].param) for i in np.flatnonzero(self._fill)]
         self._unclaimed = {i for i, rp in enumerate(self.params) if rp.name in unclaimed_names}
         n = len(self.params)
-        # outside the reducer and trainable at the build: a gradient there leaves the plan
-        self._off_trainable = [p for p, b in zip(self._watched[n:], self._built_flags[n:]) if b]
         # which watched parameters got a gradient in this backward, recorded by hooks only where
         # .grad was already set before it (None: every .grad started as None)
         self._arrived: Optional[np.ndarray] = None
         self._handles: List[Any] = []
+        # a gradient outside the reducer (an ignored parameter, or one frozen at the build and
+        # trainable now) since the last synchronising backward: told by a hook on each, which
+        # costs nothing while none arrives (registered with requires_grad on for a moment where
+        # it is off; the hook outlives the flag)
+        self._off_got = False
+        self._off_handles = [_hook_off(p, self._got_off) for p in self._watched[n:]]
+        # what the scans after the last optimizer step found: every .grad None (no hooks needed
+        # in the next backward), and requires_grad changed since the build (the next step takes
+        # the full exchange, which names the change on every rank)
+        self._clean = False
+        self._flags_moved = False
         self.explain = True  # name what changed, rank by rank (a gather); off once it is known
         self.group = group
+        self._alone = ddist.group_size(group) == 1
         # one int per watched parameter carries both facts: got a gradient (0/1) + base * its
         # requires_grad differs from the build (0/1); summed over the ranks, each stays readable
         self._base = ddist.group_size(group) + 1
         self._left = torch.zeros(1, dtype=torch.int32)  # this step left the plan (0/1), reduced
 
     def close(self) -> None:
-        """Remove this backward's hooks, if any."""
+        """Remove the guard's hooks."""
         self._unhook()
+        for handle in self._off_handles:
+            handle.remove()
+        self._off_handles = []
+
+    def _got_off(self, _: torch.Tensor) -> None:
+        self._off_got = True
 
     def _unhook(self) -> None:
         for handle in self._handles:
@@ -145,7 +161,8 @@ class PlanGuard:
         """
         self._unhook()
         self._arrived = None
-        if not sync:
+        clean, self._clean = self._clean, False
+        if not sync or clean:
             return
         grads = list(map(_GRAD, self._watched))
         if grads.count(None) == len(grads) or not any(
@@ -154,6 +171,18 @@ class PlanGuard:
         arrived = self._arrived = np.zeros(len(self._watched), dtype=bool)
         self._handles = [p.register_post_accumulate_grad_hook(partial(_arrive, arrived, i))
                          for i, p in enumerate(self._watched) if p.requires_grad]
+
+    def after_step(self) -> None:
+        """Call after the optimizer step and ``zero_grad``: two reads of every watched parameter,
+        where they are cheap (the optimizer just touched them; right after backward, each
+        ``.grad`` read wraps a new tensor). Whether every ``.grad`` is None spares the next
+        ``before_backward`` its own read; a ``requires_grad`` that differs from the build sends the
+        next step through the full exchange. A flag changed later, before the next backward, shows
+        there as it must: a reducer parameter frozen leaves the reducer waiting, one unfrozen
+        outside it gets a gradient (its hook)."""
+        grads = list(map(_GRAD, self._watched))
+        self._clean = grads.count(None) == len(grads)
+        self._flags_moved = list(map(_REQUIRES_GRAD, self._watched)) != self._built_flags
 
     def after_backward(self, reducer) -> Optional[str]:
         """Fill, rescue, agree, and where some rank left the plan, fix. Returns why usage differs
@@ -178,10 +207,12 @@ class PlanGuard:
                        if (f is None if arrived is None else not f) and i not in had]
             had.update({i: self.params[i].param.grad is not None for i in rescued})
             zero_fill([self.params[i].param for i in rescued])
-        changed = list(map(_REQUIRES_GRAD, self._watched)) != self._built_flags
-        left = (not finalized or changed or any(p.grad is not None for p in self._off_trainable)
+        left = (not finalized or self._off_got or self._flags_moved
                 or not self._unclaimed.isdisjoint(filled))
+        self._off_got = self._flags_moved = False
         if not self.recording:
+            if self._alone and not left:
+                return None
             self._left[0] = left
             if not ddist.all_reduce_flags(self._left, self.group, ReduceOp.MAX)[0]:
                 return None  # as planned on every rank
@@ -296,6 +327,18 @@ _GRAD, _REQUIRES_GRAD = attrgetter('grad'), attrgetter('requires_grad')  # read 
 
 def _arrive(arrived: np.ndarray, i: int, _: torch.Tensor) -> None:
     arrived[i] = True
+
+
+def _hook_off(p: torch.Tensor, hook: Any) -> Any:
+    """A post-accumulate hook on ``p`` even where it does not require grad now."""
+    frozen = not p.requires_grad
+    if frozen:
+        p.requires_grad_(True)
+    try:
+        return p.register_post_accumulate_grad_hook(hook)
+    finally:
+        if frozen:
+            p.requires_grad_(False)
 
 
 def _names(names: List[str], n: int = 8) -> str:
