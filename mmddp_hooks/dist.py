@@ -30,7 +30,7 @@ import torch.distributed as dist
 from mmengine import dist as mmdist
 from torch.distributed import ProcessGroup
 
-from .compat import store_get
+from .compat import set_group_timeout, store_get
 
 _ENV_KEYS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
@@ -181,9 +181,7 @@ def control_group(group: Optional[ProcessGroup] = None) -> ProcessGroup:
         # only a subgroup's ranks reach here: the others must not be waited for
         kwargs = {} if whole else dict(ranks=dist.get_process_group_ranks(key),
                                        use_local_synchronization=True)
-        probe = _gloo_connects(group if not whole else None, kwargs)
-        _CONTROL_GROUPS[key] = dist.new_group(backend='gloo', **kwargs)
-        dist.destroy_process_group(probe)  # after: a subgroup's name could be reused otherwise
+        _CONTROL_GROUPS[key] = _gloo_connects(group if not whole else None, kwargs)
     return _CONTROL_GROUPS[key]
 
 
@@ -192,25 +190,34 @@ _CONNECT_CHECKS: Dict[tuple, int] = {}  # per set of ranks: only a subgroup's ra
 
 
 def _gloo_connects(group: Optional[ProcessGroup], kwargs: dict) -> ProcessGroup:
-    """A throwaway gloo group connected with a short timeout, once every rank has arrived.
+    """A gloo group connected with a short timeout, once every rank has arrived, then given
+    torch's default timeout for its collectives.
 
     Gloo connects through the interface ``GLOO_SOCKET_IFNAME`` names, else the one this host's name
-    resolves to: on a multi-NIC cluster node that can be one the other nodes cannot reach, and the
-    real group would then wait for its full timeout (30 min) to say only "timed out". The arrival
-    goes through the c10d store (which the default group already reached), within torch's default
+    resolves to: on a multi-NIC cluster node that can be one the other nodes cannot reach, and a
+    group would then wait for its full timeout (30 min) to say only "timed out". The arrival goes
+    through the c10d store (which the default group already reached), within torch's default
     process-group timeout, so a rank that comes late is not taken for one that cannot connect.
+    Making a gloo group costs every rank about 3 store requests per rank of the group (its
+    connections' rendezvous), so the check connects the control group itself; only where torch
+    cannot change a group's timeout (before 2.3) is it a throwaway group made first.
     """
     ranks = tuple(group_ranks(group))
     serial = _CONNECT_CHECKS[ranks] = _CONNECT_CHECKS.get(ranks, -1) + 1
+    default = dist.distributed_c10d.default_pg_timeout
     store_agree(f'gloo-connect/{"-".join(map(str, ranks))}/{serial}', True, group,
-                timeout_s=dist.distributed_c10d.default_pg_timeout.total_seconds())
+                timeout_s=default.total_seconds())
     try:
-        probe = dist.new_group(backend='gloo', timeout=datetime.timedelta(
+        connected = dist.new_group(backend='gloo', timeout=datetime.timedelta(
             seconds=GLOO_CONNECT_TIMEOUT_S), **kwargs)
-        dist.barrier(group=probe)
+        dist.barrier(group=connected)
     except RuntimeError as e:
         raise RuntimeError(gloo_connect_message(e)) from e
-    return probe
+    if set_group_timeout(connected, default):
+        return connected
+    real = dist.new_group(backend='gloo', **kwargs)
+    dist.destroy_process_group(connected)  # after: a subgroup's name could be reused otherwise
+    return real
 
 
 def gloo_connect_message(error: Exception) -> str:

@@ -386,6 +386,7 @@ def summarize(run: Dict[str, Any]) -> Dict[str, Any]:
     interval = cfg['interval']
     store: Dict[str, List[float]] = {k: [] for k in ('idle_req_s', 'idle_bytes_s',
                                                      'step_req_s', 'step_bytes_s')}
+    startup: List[int] = []  # requests before training: process groups, the tree's gather
     steady = _steady(results[0]['rows'], cfg)
     for rank, res in results.items():
         conn = int(run['conns'][str(rank)])
@@ -395,6 +396,7 @@ def summarize(run: Dict[str, Any]) -> Dict[str, Any]:
         # before the trainable-set change (val loops in it)
         windows = dict(idle=(i0 + interval, i1 - interval),
                        step=(rows[steady[0]]['start'], rows[cfg['freeze_at']]['end']))
+        startup.append(_window(run['requests'], conn, 0.0, res['train'][0], 3)[0])
         for name, (start, end) in windows.items():
             n, b = _window(run['requests'], conn, start, end, 3)
             _, rb = _window([(t, c, 0, nb) for t, c, nb in run['replies']], conn, start, end, 3)
@@ -423,6 +425,7 @@ def summarize(run: Dict[str, Any]) -> Dict[str, Any]:
         store_per_rank={k: dict(mean=statistics.mean(v), max=max(v), min=min(v))
                         for k, v in store.items()},
         store_requests_per_interval=statistics.mean(store['idle_req_s']) * interval,
+        startup_requests_per_rank=dict(mean=statistics.mean(startup), max=max(startup)),
         unparsed=run['unparsed'],
         steady_iterations=len(steady),
         per_step_per_rank={k: dict(mean=statistics.mean(v), max=max(v)) for k, v in

@@ -115,9 +115,11 @@ def tree_and_agreement_on_uneven_nodes():
     except ddist.StoreTimeout as e:
         missing = (e.missing, sorted(e.posted))
     ddist.barrier()
+    # connected with a 60 s timeout, then given torch's default for its collectives
+    timeout = ddist.control_group()._get_backend(torch.device('cpu')).options._timeout
     return dict(total=total.tolist(), top=top.tolist(), empty=empty.numel(), same=same,
                 differ=differ, missing=missing, links=(tree.parent, tree.children),
-                keys=tree.keys)
+                keys=tree.keys, timeout=timeout == dist.distributed_c10d.default_pg_timeout)
 
 
 @pytest.mark.dist
@@ -125,7 +127,7 @@ def test_the_tree_reduces_and_the_store_agrees_on_uneven_nodes():
     rows = run_distributed(tree_and_agreement_on_uneven_nodes, 3, timeout=90)
     for r in rows:
         assert r['total'] == [6, 30] and r['top'] == [2, 0] and r['empty'] == 0
-        assert r['same'] is None and r['differ'] == {0: 0, 1: 1, 2: 0}
+        assert r['same'] is None and r['differ'] == {0: 0, 1: 1, 2: 0} and r['timeout']
     assert [r['links'] for r in rows] == [(None, [1, 2]), (0, []), (0, [])]
     assert len(set(rows[0]['keys'])) == 2  # two nodes
     assert rows[0]['missing'] == ([1], [0, 2]) and rows[2]['missing'] == ([1], [0, 2])
@@ -155,3 +157,34 @@ def test_quick_simulation_counts_a_flat_control_plane(tmp_path):
     assert step['bytes']['max'] == 16
     change = run['events']['trainable_change']  # the full exchange, in that step only
     assert change['collectives_max'] == 0 and change['bytes_max'] > 16
+
+
+def replicas_checked(perturb: bool):
+    """ReplicaConsistencyHook's check on 3 ranks: rank 2's second parameter perturbed, or not."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from mmengine.logging import MMLogger
+    from torch import nn
+
+    from mmddp_hooks.hooks import ReplicaConsistencyHook
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    if perturb and dist.get_rank() == 2:
+        with torch.no_grad():
+            model[0].bias[1] += 1e-7
+    runner = SimpleNamespace(model=model, iter=12, logger=MMLogger.get_instance('replicas'))
+    try:
+        ReplicaConsistencyHook().check(runner)
+        return 'agree'
+    except RuntimeError as e:
+        return str(e)
+
+
+@pytest.mark.dist
+def test_the_replica_check_names_a_parameter_that_differs_on_one_rank():
+    assert run_distributed(replicas_checked, 3, args=(False,), timeout=60) == ['agree'] * 3
+    rows = run_distributed(replicas_checked, 3, args=(True,), timeout=60)
+    assert rows == ['DDP replicas diverged at iteration 12: 1 parameters differ across ranks, '
+                    'e.g. 0.bias'] * 3
