@@ -22,9 +22,12 @@ def main(argv=None) -> int:
                    help='ranks per simulated node, repeated (e.g. 4 4 3: uneven nodes)')
     p.add_argument('--iters', type=int, default=200)
     p.add_argument('--interval', type=float, default=0.2, help="the watchdog's interval (s)")
-    p.add_argument('--hop-node-us', type=float, default=25.0,
+    p.add_argument('--hop-node-us', type=float, default=50.0,
                    help='one message between nodes, for the model (a stated assumption)')
     p.add_argument('--model-ranks', type=int, nargs='+', default=[64, 256, 1024])
+    p.add_argument('--model-node-size', type=int, default=8, help='GPUs per node, for the model')
+    p.add_argument('--model-interval', type=float, default=1.0,
+                   help="the watchdog's interval for the model's rates (the hook's default)")
     p.add_argument('--quick', action='store_true', help='4 ranks in 2 nodes, 30 iterations')
     p.add_argument('--hang', type=int, metavar='N', help='N ranks; one sleeps in forward')
     p.add_argument('--out', help='write the JSON here')
@@ -56,9 +59,10 @@ def _model(rows, args):
     beside = [dict(predict(r['ranks'], r['nodes'][0], hop, hop, args.interval, crowd),
                    measured_tree_ms=r['times_ms']['exchange_tree_max'],
                    measured_ring_ms=r['times_ms']['exchange_ring_max']) for r in rows]
-    beyond = [predict(n, args.node_sizes[0], hop, args.hop_node_us / 1000, args.interval)
+    beyond = [predict(n, args.model_node_size, hop, args.hop_node_us / 1000, args.model_interval)
               for n in args.model_ranks]
-    return dict(fit=fitted, hop_node_ms=args.hop_node_us / 1000, beside=beside, beyond=beyond)
+    return dict(fit=fitted, hop_node_ms=args.hop_node_us / 1000, node_size=args.model_node_size,
+                interval_s=args.model_interval, beside=beside, beyond=beyond)
 
 
 def table(out) -> str:
@@ -80,8 +84,9 @@ def table(out) -> str:
     m = out['model']
     lines += ['', f"model: one hop {m['fit']['hop_ms'] * 1e3:.0f} us here and "
               f"{m['fit']['contention_ms'] * 1e3:.1f} us x ranks**2 of contention (both fitted on "
-              f"the runs above); beyond: no contention, {m['hop_node_ms'] * 1e3:.0f} us per hop "
-              "between nodes (assumed)",
+              f"the runs above); beyond: no contention, {m['node_size']} ranks per node, "
+              f"{m['hop_node_ms'] * 1e3:.0f} us per hop between nodes (assumed), the watchdog "
+              f"every {m['interval_s']:g} s",
               '| ranks | tree ms (model / measured) | ring ms (model / measured) | '
               'store req/s per rank (now / before) |', '|---|---|---|---|']
     for b in m['beside']:
