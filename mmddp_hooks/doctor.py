@@ -392,9 +392,10 @@ def preflight(config: str, cfg_options: Optional[dict], synthetic: bool = True,
         from .synthetic import SyntheticDataUnsupported, use_synthetic
         try:
             use_synthetic(cfg, max_iters=1)
-        except SyntheticDataUnsupported as err:
-            return dict(stage=DATA, rank=None, kind='synthetic data', cause=str(err),
-                        todo=SYNTHETIC_WAYS_OUT)
+        except SyntheticDataUnsupported as err:  # its message names the ways out, or: these
+            named = 'synthetic_batch' in str(err)
+            return dict(stage=DATA, rank=None, kind='synthetic data', cause=str(err).rstrip('.'),
+                        todo='' if named else SYNTHETIC_WAYS_OUT)
         except Exception:  # the ranks say what went wrong, stage by stage
             return None
     return None
@@ -403,7 +404,7 @@ def preflight(config: str, cfg_options: Optional[dict], synthetic: bool = True,
 SYNTHETIC_WAYS_OUT = ("Two ways out: the config's own data, the first K samples "
                       '(--real-data --subset K), or your own batches: '
                       "ddp_doctor = dict(synthetic_batch='my_pkg.make_batch') in the config "
-                      '(see the README, "Your own batches").')
+                      '(README: "Research code").')
 
 
 def _resolve(node: Any) -> None:

@@ -223,7 +223,7 @@ def paragraph(failure: Dict[str, Any]) -> str:
     """The one paragraph the doctor prints for a run that stopped before a verdict."""
     rank = f' on rank {failure["rank"]}' if failure.get('rank') is not None else ''
     return (f"ddp_doctor stopped while {failure['stage']}{rank}, before a verdict: "
-            f"{failure['cause']}. {failure['todo']}")
+            f"{failure['cause']}. {failure['todo']}").rstrip()
 
 
 def cause_line(error: str) -> str:

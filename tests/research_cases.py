@@ -66,7 +66,9 @@ def _train(config: str, iters: int, find_unused: bool = False,
     tune = next((h for h in runner.hooks if type(h).__name__ == 'DDPAutoTuneHook'), None)
     return dict(error=None, losses=recorder.losses, digest=scenarios.param_digest(runner.model.module),
                 params={k: v.detach().clone() for k, v in runner.model.module.state_dict().items()},
-                plan=tune.plan.to_dict() if tune is not None else None)
+                plan=tune.plan.to_dict() if tune is not None else None,
+                explained={p.name: p.explained_by for p in tune.report.params if p.explained_by}
+                if tune is not None else None)
 
 
 def example_runs(iters: int) -> Dict[str, Any]:
@@ -81,6 +83,7 @@ def example_runs(iters: int) -> Dict[str, Any]:
         rank=dist.get_rank(), plain_error=plain['error'], kept_error=kept['error'],
         reference_error=reference['error'], hooked_error=hooked['error'],
         losses=len(hooked['losses']), plan=hooked['plan'], digest=hooked['digest'],
+        explained=hooked['explained'],
         loss_diff=max(abs(a - b) for a, b in zip(hooked['losses'], reference['losses'])),
         bit_equal=all(torch.equal(hooked['params'][k], first[k]) for k in first),
         # the terms change training: the never-used adapter decays in the kept-alive run

@@ -84,6 +84,8 @@ def test_plain_ddp_crashes_as_the_doctor_said_and_the_hook_trains_as_find_unused
         assert 'Expected to have finished reduction' in r['plain_error']  # no_keep_alive: crashes
         assert r['kept_error'] is None and r['reference_error'] is None and r['hooked_error'] is None
         assert r['plan']['find_unused_parameters'] is True
+        assert r['explained']['box_head.0.weight'] == "data_tag='det'"  # the hook's report says it
+        assert r['explained']['mask_decoder.weight'] == "data_tag='sam'"
         assert r['losses'] == iters and r['loss_diff'] == 0 and r['bit_equal'], r
         # a zero gradient is not None: weight decay moved the never-used adapter in the kept-alive run
         assert r['kept_moved']['caption_adapter.weight'] > 1e-4
