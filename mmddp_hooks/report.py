@@ -171,7 +171,7 @@ class UsageReport:
         rows = [g for g in self.groups if g.kind != ALWAYS]
         if not rows:
             return []
-        width = max([len(g.prefix) for g in rows] + [len(HEAD)])
+        width = max(len(g.prefix) for g in rows)
         lines = [f'  {HEAD.ljust(width)}  params    elems  usage']
         for g in rows:
             usage = g.describe().split(', ', 2)[2]
@@ -220,7 +220,7 @@ class UsageReport:
         groups = group_by_module(self.params, key=lambda p: (p.name in mine, p.kept_alive,
                                                              tuple(p.zero_terms)))
         groups = [g for g in groups if g.names[0] in mine]
-        width = max([len(g.prefix) for g in groups] + [len(HEAD)])
+        width = max(len(g.prefix) for g in groups)
         lines.append(f'  {HEAD.ljust(width)}  params    elems  kept alive in  zero-weighted term')
         for g in groups:
             p = _by_name(self.params, g.names[0])

@@ -211,8 +211,7 @@ def test_keep_alive_terms_are_named_and_the_plan_says_what_they_change():
                                                                                'sam_head.w']
     table = report.table()
     assert 'kept alive by zero-weighted terms: 3 params' in table
-    assert '  caption                  1        1         8 of 8  model.py:9: loss = loss + 0.0 * ' \
-        'idle' in table
+    assert '  caption        1        1         8 of 8  model.py:9: loss = loss + 0.0 * idle' in table
     assert "only in batches with data_tag='sam'" in table  # the usage without the terms
     plan = choose_plan(report, zero_grad_effect='SGD (momentum 0.9) moves a parameter')
     assert not plan.find_unused_parameters  # DDP sees every parameter used: the config runs
