@@ -189,9 +189,13 @@ class UsageProbe(PlanGuard):
             handle.remove()
         self._zero_handles = []
 
-    def _launch(self) -> None:
-        self._remove_zero_hooks()  # the guard's fills below are not this backward's gradients
-        super()._launch()
+    def after_backward(self, reducer) -> Optional[str]:
+        self._remove_zero_hooks()  # the guard's fills are not this backward's gradients
+        return super().after_backward(reducer)
+
+    def close(self) -> None:
+        self._remove_zero_hooks()
+        super().close()
 
     def _record_zeros(self) -> None:
         by_device: Dict[torch.device, List[int]] = {}
