@@ -12,6 +12,7 @@ It also records what qualifies "used": whether the local gradient that arrived w
 in the loss's graph reached the parameter: research code keeps idle branches "used" that way. And
 the batch's kind (:mod:`mmddp_hooks.batch_kinds`), which often decides which branch runs.
 """
+import hashlib
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
@@ -133,6 +134,8 @@ class ZeroTermTracer(TorchFunctionMode):
 class UsageProbe(PlanGuard):
     """The guard of the empty plan, keeping each step's local usage for the report."""
 
+    recording = True
+
     def __init__(self, module: nn.Module, group: Optional[ProcessGroup] = None,
                  trainable: Optional[TrainableSet] = None) -> None:
         super().__init__(module, fill=[], ignore=[], group=group, trainable=trainable)
@@ -228,34 +231,47 @@ class UsageProbe(PlanGuard):
         return np.stack(self.steps) if self.steps else np.zeros((0, len(self.params)), bool)
 
     def gather(self) -> Usage:
-        """Combine every rank's record into one :class:`Usage` (control plane, every rank)."""
+        """Combine every rank's record into one :class:`Usage` (control plane, every rank).
+
+        A one-off exchange when the probe ends: each rank sends a digest of its parameter names
+        and its usage as bits (``iterations x parameters / 8`` bytes), so every rank receives
+        ``O(N)`` bytes once, far less than the parameters DDP's constructor broadcasts.
+        """
         names = [rp.name for rp in self.params]
+        digest = hashlib.sha1('\0'.join(names).encode()).hexdigest()
+        local = self.local_usage()
         gathered = ddist.all_gather_object(
-            (names, self.local_usage(), self.reentrant_checkpoint), self.group)
-        for rank, (rank_names, _, _) in enumerate(gathered):
-            if rank_names != names:
+            (digest, len(names), local.shape[0], np.packbits(local, axis=None),
+             self.reentrant_checkpoint), self.group)
+        for rank, (rank_digest, n, _, _, _) in enumerate(gathered):
+            if rank_digest != digest:
                 raise RuntimeError(
                     f'rank {rank} has a different reducer parameter list than rank '
-                    f'{ddist.group_rank(self.group)} ({len(rank_names)} vs {len(names)} '
-                    'parameters): the model must be built identically on every rank')
-        steps = {g[1].shape[0] for g in gathered}
+                    f'{ddist.group_rank(self.group)} ({n} vs {len(names)} parameters): the model '
+                    'must be built identically on every rank')
+        steps = {g[2] for g in gathered}
         if len(steps) != 1:
             raise RuntimeError(f'ranks probed different numbers of iterations: {sorted(steps)}')
+        used = [np.unpackbits(bits, count=local.size).astype(bool).reshape(local.shape)
+                for _, _, _, bits, _ in gathered]
         return self._with_records(Usage(names=names, numels=[rp.numel for rp in self.params],
-                                        used=np.stack([g[1] for g in gathered]),
-                                        reentrant_checkpoint=any(g[2] for g in gathered)))
+                                        used=np.stack(used),
+                                        reentrant_checkpoint=any(g[4] for g in gathered)))
 
     def _with_records(self, usage: Usage) -> Usage:
         """``usage`` with every rank's zero-gradient, zero-weighted-term and batch-kind records:
-        a gather of its own (control plane, every rank), apart from the usage's."""
-        n = usage.n_iters
-        local = (self.local_zero()[:n], np.stack(self.zero_weighted[:n]) if n else
-                 np.zeros((0, len(self.params)), bool),
-                 {k: sorted(v) for k, v in self.zero_terms.items()},
-                 (self.batch + [{}] * n)[:n])
+        a gather of its own (control plane, every rank, once), bits packed as the usage's are."""
+        n, p = usage.n_iters, len(self.params)
+        zero = self.local_zero()[:n]
+        weighted = np.stack(self.zero_weighted[:n]) if n else np.zeros((0, p), bool)
+        local = (np.packbits(zero, axis=None), np.packbits(weighted, axis=None),
+                 {k: sorted(v) for k, v in self.zero_terms.items()}, (self.batch + [{}] * n)[:n])
         gathered = ddist.all_gather_object(local, self.group)
-        usage.zero = np.stack([g[0] for g in gathered])
-        usage.zero_weighted = np.stack([g[1] for g in gathered])
+
+        def unpacked(bits: np.ndarray) -> np.ndarray:
+            return np.unpackbits(bits, count=n * p).astype(bool).reshape(n, p)
+        usage.zero = np.stack([unpacked(g[0]) for g in gathered])
+        usage.zero_weighted = np.stack([unpacked(g[1]) for g in gathered])
         for _, _, terms, _ in gathered:
             for name, where in terms.items():
                 usage.zero_terms[name] = sorted(set(usage.zero_terms.get(name, [])) | set(where))

@@ -12,8 +12,8 @@ import hang_cases
 import pytest
 
 from mmddp_hooks.doctor import HANGS
-from mmddp_hooks.hooks.hang_watchdog_hook import ABORT_EXIT_CODE, describe_hang
 from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.watchdog import ABORT_EXIT_CODE, describe_hang
 
 import launch
 
@@ -121,4 +121,4 @@ def test_the_watcher_and_training_code_use_the_store_at_once_without_harm():
     for r in rows:
         # a beat every 5 ms; on torch 2.1 each also waits 100 ms to learn there is no alarm
         assert r['rounds'] > 50 and r['beats'] >= 10 and r['reports'] == 0, r
-        assert r['exchanged'] == {0: rows[0]['rounds'], 1: rows[1]['rounds']}
+        assert r['exchanged'] == {0: (0, rows[0]['rounds']), 1: (1, rows[1]['rounds'])}
