@@ -58,3 +58,17 @@ def test_every_setting_s_mmseg_replica_trains_on_the_same_batch():
     assert torch.equal(a.data['inputs'], b.data['inputs'])
     assert all(torch.equal(x.gt_sem_seg.data, y.gt_sem_seg.data)
                for x, y in zip(a.data['data_samples'], b.data['data_samples']))
+
+
+@pytest.mark.dist
+def test_keep_alive_terms_are_measured_against_the_plan_without_them(tmp_path, capsys):
+    out_json = tmp_path / 'keepalive.json'
+    assert benchmark_ddp.main(['--keepalive', '--quick', '--json', str(out_json)]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith('| keep-alive terms + find_unused_parameters=False vs the plan')
+    res = json.loads(out_json.read_text())['keepalive']
+    assert res['plan'] == 'find_unused_parameters=True' and res['rounds'] == 6
+    assert res['step_ratio_min'] <= res['step_ratio'] <= res['step_ratio_max']
+    # the same buckets either way; find_unused_parameters=True adds its used-parameter map
+    assert res['bucket_bytes_ratio'] == 1.0 and res['used_map_bytes'] == 4 * 14
+    assert res['max_param_diff'] > 0  # zero gradients are not None: the two train differently

@@ -2,6 +2,7 @@
 named with its line, the others with what they wait in, and every rank ends (action='abort');
 a run that is slow but progressing is never called a hang."""
 import inspect
+import os
 import re
 import signal
 import sys
@@ -93,7 +94,9 @@ def test_the_doctor_gives_a_hanging_config_its_own_verdict():
     start = time.monotonic()
     code, out = launch.run([sys.executable, 'tools/ddp_doctor.py', str(HANG_CONFIG), '--real-data',
                             '--iters', '8', '--hang-timeout', '4'], timeout=120,
-                           PYTHONPATH=str(launch.ROOT / 'tests'))
+                           # this checkout's package, not an installed one's: tools/ then
+                           # runs the package it ships with
+                           PYTHONPATH=os.pathsep.join([str(launch.ROOT), str(launch.ROOT / 'tests')]))
     assert code == HANGS, out[-3000:]
     assert time.monotonic() - start < 90
     assert 'hang_net.py HANGS under DDP:' in out and 'no progress for 4 s on 2 ranks' in out

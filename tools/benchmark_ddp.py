@@ -2,12 +2,17 @@
 """Benchmark every DDP setting against the auto plan, interleaved in the same gloo processes.
 
     python tools/benchmark_ddp.py [--nproc 2] [--rounds 200] [--quick] [--json out.json] [--plot out.png]
+    python tools/benchmark_ddp.py --keepalive [--rounds 200] [--quick] [--json out.json]
 
 Prints a markdown table: per scenario and setting, the median step time of the slowest rank and the
 median (min-max) of per-round ratios against the best valid hand-picked setting; invalid settings
 show the error that made them invalid. Per scenario, one more row: auto's step with HangWatchdogHook
 against without it, in alternating blocks (its heartbeat thread runs through a whole block). CPU gloo
 shows no NCCL compute/communication overlap.
+
+--keepalive measures what zero-weighted keep-alive terms (``loss + 0.0 * idle parameters``, under
+find_unused_parameters=False) cost against DDPAutoTuneHook's plan for the model without them: the
+ratio of step times, interleaved, and of the bytes all-reduced, and how far their training parts.
 """
 # isort: off
 import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
@@ -40,9 +45,26 @@ def main(argv=None) -> int:
     p.add_argument('--watchdog-block-s', type=float, default=3.0, help='seconds a block lasts')
     p.add_argument('--watchdog-interval', type=float, default=1.0,
                    help="the hook's heartbeat interval (its default: 1 s)")
+    p.add_argument('--keepalive', action='store_true',
+                   help='only: keep-alive terms against the plan without them')
     args = p.parse_args(argv)
     from mmddp_hooks import benchmark as bench
     from mmddp_hooks.testing import run_on_ranks
+
+    if args.keepalive:
+        shape = dict(depth=2, width=8) if args.quick else {}
+        run = run_on_ranks(bench.run_keepalive, args.nproc,
+                           args=(min(args.rounds, 6) if args.quick else args.rounds,
+                                 6 if args.quick else args.warmup), kwargs=shape,
+                           timeout=args.timeout)
+        if not run.ok:
+            print(f'keep-alive benchmark failed:\n{run.describe()}', file=sys.stderr)
+            return 1
+        result = bench.summarise_keepalive(run.ranks[0].value)
+        print(bench.format_keepalive(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(nproc=args.nproc, keepalive=result), indent=2))
+        return 0
 
     scenarios = dict(bench.QUICK if args.quick else bench.SCENARIOS)
     if not args.quick and args.mmseg_config:
