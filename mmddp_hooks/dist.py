@@ -4,15 +4,15 @@ Two planes, because NCCL serves CUDA tensors only:
 
 * **control** (usage records, guard flags, digests, partition checks, row counts): CPU tensors and
   objects over a gloo side group made once for the ranks of the DDP wrapper's ``process_group`` and
-  cached: a group of its own even where the wrapper's group is gloo, so the guard's flag exchange,
-  launched asynchronously at the end of backward, runs beside DDP's last bucket all-reduces instead
-  of in line behind them (and in any order relative to them). Never syncs CUDA.
+  cached: a group of its own even where the wrapper's group is gloo, so control messages never
+  queue behind DDP's bucket all-reduces. Integer reductions go up and down a tree of the ranks
+  (:class:`ControlTree`): the same few messages per rank at any number of ranks. Never syncs CUDA.
 * **data** (InfoNCE gathers, hand-averaged gradients, loss sums): the wrapper's ``process_group``,
   with tensors on their own device.
 
 ``group=None`` everywhere means the default group. Set-up and teardown work the same on CPU (gloo)
 and GPU (nccl): MMEngine's ``init_dist`` calls ``torch.cuda.set_device`` unconditionally, which fails
-on a CPU-only machine; teardown finishes outstanding control work and drops the side groups.
+on a CPU-only machine; teardown drops the side groups and their trees.
 """
 import datetime
 import gc
@@ -397,7 +397,10 @@ def store_agree(tag: str, value: Any, group: Optional[ProcessGroup] = None,
     except Exception as e:  # DistStoreError (torch >= 2.2) or RuntimeError: a timeout
         posted = _posted(kv, base, ranks)
         raise StoreTimeout([r for r in ranks if r not in posted], posted) from e
-    return None if kv.add(same, 0) == len(ranks) else _posted(kv, base, ranks)
+    if kv.add(same, 0) == len(ranks):
+        return None
+    posted = _posted(kv, base, ranks)  # equal values can pickle apart (a set's order): compare them
+    return None if all(v == value for v in posted.values()) else posted
 
 
 def _posted(kv: Any, base: str, ranks: List[int]) -> Dict[int, Any]:

@@ -34,7 +34,7 @@ trainable parameter averaged by hand, a newly frozen one back to ``None``) and i
 a change on some ranks only stops training in that step, on every rank, with the names.
 """
 from functools import partial
-from operator import attrgetter
+from operator import attrgetter, is_not
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -120,9 +120,10 @@ class PlanGuard:
         # costs nothing while none arrives (registered with requires_grad on for a moment where
         # it is off; the hook outlives the flag)
         self._off_got = False
-        self._off_handles = [_hook_off(p, self._got_off) for p in self._watched[n:]]
-        # what the scans after the last optimizer step found: every .grad None (no hooks needed
-        # in the next backward), and requires_grad changed since the build (the next step takes
+        self._off_handles = [h for h in (_hook_off(p, self._got_off) for p in self._watched[n:])
+                             if h is not None]
+        # every .grad was None after the last optimizer step (no hooks needed in the next
+        # backward); requires_grad differs from the build before this backward (the step takes
         # the full exchange, which names the change on every rank)
         self._clean = False
         self._flags_moved = False
@@ -162,10 +163,15 @@ class PlanGuard:
         self._unhook()
         self._arrived = None
         clean, self._clean = self._clean, False
-        if not sync or clean:
+        if not sync:
+            return
+        # every hook before this backward has run: a flag moved since the build, whatever it
+        # does to this step's gradients, sends the step through the full exchange
+        self._flags_moved = list(map(_REQUIRES_GRAD, self._watched)) != self._built_flags
+        if clean:
             return
         grads = list(map(_GRAD, self._watched))
-        if grads.count(None) == len(grads) or not any(
+        if not any(map(_IS_SET, grads)) or not any(
                 g is not None and p.requires_grad for g, p in zip(grads, self._watched)):
             return
         arrived = self._arrived = np.zeros(len(self._watched), dtype=bool)
@@ -173,16 +179,10 @@ class PlanGuard:
                          for i, p in enumerate(self._watched) if p.requires_grad]
 
     def after_step(self) -> None:
-        """Call after the optimizer step and ``zero_grad``: two reads of every watched parameter,
-        where they are cheap (the optimizer just touched them; right after backward, each
-        ``.grad`` read wraps a new tensor). Whether every ``.grad`` is None spares the next
-        ``before_backward`` its own read; a ``requires_grad`` that differs from the build sends the
-        next step through the full exchange. A flag changed later, before the next backward, shows
-        there as it must: a reducer parameter frozen leaves the reducer waiting, one unfrozen
-        outside it gets a gradient (its hook)."""
-        grads = list(map(_GRAD, self._watched))
-        self._clean = grads.count(None) == len(grads)
-        self._flags_moved = list(map(_REQUIRES_GRAD, self._watched)) != self._built_flags
+        """Call after the optimizer step and ``zero_grad``: whether every watched ``.grad`` is None
+        now, read here, where it is cheap (right after backward each ``.grad`` read wraps a new
+        tensor), spares the next ``before_backward`` its own read of them."""
+        self._clean = not any(map(_IS_SET, map(_GRAD, self._watched)))
 
     def after_backward(self, reducer) -> Optional[str]:
         """Fill, rescue, agree, and where some rank left the plan, fix. Returns why usage differs
@@ -322,7 +322,9 @@ def average_by_hand(params: List[torch.Tensor], group: Optional[ProcessGroup]) -
         p.grad = ddist.all_reduce_(grad.mul(1.0 / size), group)
 
 
-_GRAD, _REQUIRES_GRAD = attrgetter('grad'), attrgetter('requires_grad')  # read in C, per step
+# read in C, per step (``is not``: comparing a tensor with None runs Tensor.__eq__)
+_GRAD, _REQUIRES_GRAD = attrgetter('grad'), attrgetter('requires_grad')
+_IS_SET = partial(is_not, None)
 
 
 def _arrive(arrived: np.ndarray, i: int, _: torch.Tensor) -> None:
@@ -330,7 +332,10 @@ def _arrive(arrived: np.ndarray, i: int, _: torch.Tensor) -> None:
 
 
 def _hook_off(p: torch.Tensor, hook: Any) -> Any:
-    """A post-accumulate hook on ``p`` even where it does not require grad now."""
+    """A post-accumulate hook on ``p`` even where it does not require grad now (None for an
+    integer parameter, which never gets a gradient)."""
+    if not (p.is_floating_point() or p.is_complex()):
+        return None
     frozen = not p.requires_grad
     if frozen:
         p.requires_grad_(True)

@@ -207,17 +207,23 @@ class HangWatcher:
         try:
             store = ddist.store()
             if store.add(f'{key}/reader', 1) == 1:
-                found = _stilled(store, f'{self._prefix}/beat', world, wait, error_at)
+                found = _stilled(store, f'{self._prefix}/beat', world, wait)
                 store.set(key, json.dumps(found))
             else:
                 posted = _poll(store, key, wait + max(10.0, 4 * self.interval))
                 found = (json.loads(posted) if posted is not None else
-                         _stilled(store, f'{self._prefix}/beat', world, wait, error_at))
+                         _stilled(store, f'{self._prefix}/beat', world, wait))
         except Exception as e:  # the store went with its host
             return (f'[mmddp_hooks] HangWatchdogHook: the c10d store is unreachable ({e!r}): the '
                     'process that hosts it (rank 0, or the launcher) is gone')
-        lines = [f'  rank {r}: {last}, and none came in the {wait:g} s after it'
-                 for r, last in found if int(r) != rank]
+        lines = []
+        for r, beat in found:
+            if r == rank:
+                continue
+            last = ('it never posted a heartbeat' if beat is None else
+                    f"its last heartbeat was {error_at - beat['beat']:.1f} s before this rank's "
+                    f"error, in {beat['phase']} (iteration {beat['iter']})")
+            lines.append(f'  rank {r}: {last}, and none came in the {wait:g} s after it')
         if not lines:
             return ''
         return '\n'.join([f'[mmddp_hooks] HangWatchdogHook: rank {rank} lost {len(lines)} peer(s): '
@@ -255,21 +261,14 @@ def _poll(store, key: str, seconds: float) -> Optional[bytes]:
     return None
 
 
-def _stilled(store, prefix: str, world: int, wait: float, error_at: float) -> List[tuple]:
-    """(rank, what its last heartbeat said) for each rank whose heartbeat did not move in
-    ``wait`` seconds."""
+def _stilled(store, prefix: str, world: int, wait: float) -> List[tuple]:
+    """(rank, its last heartbeat or None) for each rank whose heartbeat did not move in ``wait``
+    seconds."""
     before = _read_all(store, prefix, world)
     time.sleep(wait)
     after = _read_all(store, prefix, world)
-    found = []
-    for r in range(world):
-        b = before.get(r)
-        if r in after and (b is None or after[r]['beat'] != b['beat']):
-            continue
-        found.append((r, 'it never posted a heartbeat' if b is None else
-                      f"its last heartbeat was {error_at - b['beat']:.1f} s before this rank's "
-                      f"error, in {b['phase']} (iteration {b['iter']})"))
-    return found
+    return [(r, before.get(r)) for r in range(world)
+            if r not in after or (r in before and after[r]['beat'] == before[r]['beat'])]
 
 
 def _dump_nccl_trace(dump, path: str) -> None:

@@ -55,21 +55,25 @@ def test_plain_ddp_lets_the_replicas_drift_apart_on_an_unfreeze():
     assert len(digests) == 2
 
 
-@pytest.mark.parametrize('model, find_unused, hook, what', [
-    ('AllUsed', False, True, 'freeze'),         # the guard's exchange: every rank stops there
-    ('AllUsed', False, True, 'unfreeze'),
-    ('ModalityDropout', True, True, 'freeze'),  # find_unused_parameters=True: the store exchange
-    ('AllUsed', True, False, 'unfreeze'),       # ReconfigurableDDP alone, no hook
+@pytest.mark.parametrize('model, find_unused, hook, what, module, rank', [
+    ('AllUsed', False, True, 'freeze', 'trunk.0', 1),  # the guard's exchange: all stop there
+    ('AllUsed', False, True, 'unfreeze', 'trunk.0', 1),
+    # rank 0 zero-fills rank1_adapter, so its freeze there leaves the reducer content: the flags
+    # read before backward still stop that step
+    ('RankOneBranch', False, True, 'freeze', 'rank1_adapter', 0),
+    ('ModalityDropout', True, True, 'freeze', 'trunk.0', 1),  # find_unused=True: the store
+    ('AllUsed', True, False, 'unfreeze', 'trunk.0', 1),       # ReconfigurableDDP alone, no hook
 ])
-def test_a_change_on_some_ranks_only_stops_with_names(model, find_unused, hook, what):
-    result = run_on_ranks(trainable_cases.rank_dependent, 2, args=(model, find_unused, hook, what),
+def test_a_change_on_some_ranks_only_stops_with_names(model, find_unused, hook, what, module, rank):
+    result = run_on_ranks(trainable_cases.rank_dependent, 2,
+                          args=(model, find_unused, hook, what, module, rank),
                           timeout=120, failure_grace=20)
     assert not result.ok and not result.timed_out, result.describe()
     errors = '\n'.join(r.error or '' for r in result.ranks)
     assert 'changed on some ranks only at iteration 9' in errors, result.describe()
     done = {'freeze': 'froze', 'unfreeze': 'unfroze'}[what]
-    assert f'rank 1: {done} 2 params (trunk.0.weight, trunk.0.bias)' in errors
-    assert 'ranks [0]' in errors
+    assert f'rank {rank}: {done} 2 params ({module}.weight, {module}.bias)' in errors
+    assert f'ranks [{1 - rank}]' in errors
 
 
 def test_schedule_hook_with_paramwise_cfg_trains_as_the_reference():

@@ -165,14 +165,15 @@ def plain_ddp_unfreeze(iters: int = 40) -> Dict[str, Any]:
 
 
 def rank_dependent(model: str, find_unused: bool, hook: bool, what: str = 'freeze',
-                   iters: int = 12) -> Dict[str, Any]:
-    """Rank 1 alone freezes (or unfreezes) trunk.0 at iteration 8: the run must stop there."""
+                   module: str = 'trunk.0', rank: int = 1, iters: int = 12) -> Dict[str, Any]:
+    """Rank ``rank`` alone freezes (or unfreezes) ``module`` at iteration 8: the run must stop
+    there."""
     return scenarios.train_plain(model, hook=dict(probe_iters=2) if hook else None,
                                  find_unused=find_unused, iters=iters,
-                                 frozen=['trunk.0.*'] if what == 'unfreeze' else (),
+                                 frozen=[f'{module}.*'] if what == 'unfreeze' else (),
                                  wrapper=dict(trainable_change_timeout=2),
-                                 extra_hooks=[FlipRequiresGrad([(8, what, ['trunk.0.*'])],
-                                                               rank=1)])
+                                 extra_hooks=[FlipRequiresGrad([(8, what, [f'{module}.*'])],
+                                                               rank=rank)])
 
 
 # The config-driven schedule: what the optimizer holds (paramwise_cfg), and resume across a change.

@@ -237,7 +237,7 @@ class DDPAutoTuneHook(Hook):
                 'builds the optimizer with them, or have them require grad when it is built.')
 
     def after_run(self, runner) -> None:
-        """Finish the guard's flag exchange while every rank's process group is alive."""
+        """Remove the guard's hooks from the model (the run is over)."""
         model = self._wrapper(runner)
         if model is not None:
             model.close_guard()

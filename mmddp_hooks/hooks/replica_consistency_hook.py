@@ -61,6 +61,12 @@ class ReplicaConsistencyHook(Hook):
         mine = parameter_digests(model)
         # replicas are those of the DDP wrapper's group; the same bytes per rank at any size
         group = getattr(runner.model, 'process_group', None)
+        counts = ddist.all_reduce_flags(torch.tensor([len(mine), -len(mine)]), group, ReduceOp.MAX)
+        if counts[0] != -counts[1]:
+            raise RuntimeError(
+                f'DDP replicas differ at iteration {runner.iter}: the ranks hold between '
+                f'{-int(counts[1])} and {int(counts[0])} parameters (this rank {len(mine)}): the '
+                'model must be built identically on every rank')
         spread = ddist.all_reduce_flags(_as_ints(mine), group, op=ReduceOp.MAX)
         count = len(mine)
         differing = [name for name, hi, lo in zip(mine, spread[:count].tolist(),
