@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist as ddist
+from .compat import never_compiled
 from .explain import UNUSED_MARKER, explain_unused_error
 from .guard import PlanGuard, average_by_hand, reducer_finalized, zero_fill
 from .plan import DDPPlan
@@ -242,12 +243,14 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self._syncs_backward = self.require_backward_grad_sync  # False inside no_sync()
         return super().forward(*inputs, **kwargs)
 
+    @never_compiled
     def before_backward(self, loss: torch.Tensor) -> None:
         """Call before each ``loss.backward()`` (the guard tells what arrives in this one)."""
         watcher = self._watcher()
         if watcher is not None:
             watcher.before_backward(loss, sync=self._syncs_backward)
 
+    @never_compiled
     def after_backward(self) -> Optional[str]:
         """Call after a synchronising backward, before the optimizer step: the step is completed
         as ``find_unused_parameters=True`` would. Returns why usage left the plan, or None."""
@@ -259,6 +262,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self._trainable_change = watcher.trainable_change
         return change if watcher is self.guard else None
 
+    @never_compiled
     def after_step(self, change: Optional[str]) -> None:
         """Call after the optimizer step with what ``after_backward`` returned (every rank)."""
         trainable, self._trainable_change = self._trainable_change, None
@@ -309,6 +313,16 @@ class ReconfigurableDDP(MMDistributedDataParallel):
             named[n].grad = None
         return change
 
+    @never_compiled
+    def _backward(self, loss: torch.Tensor, scaled: torch.Tensor,
+                  optim_wrapper: OptimWrapper) -> None:
+        """``before_backward(loss)``, then the backward of ``scaled``, both eager under
+        ``compile=True``: the hooks the probe and guard put on the loss and the parameters run
+        inside the backward, and would otherwise be traced as frames of the compiled step (the
+        model's backward graph itself stays compiled)."""
+        self.before_backward(loss)
+        optim_wrapper.backward(scaled)
+
     def train_step(self, data: Union[dict, tuple, list],
                    optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
         """``MMDistributedDataParallel.train_step`` with the probe/guard between backward and step."""
@@ -316,8 +330,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
             data = self.module.data_preprocessor(data, training=True)
             losses = self._run_forward(data, mode='loss')
         parsed_loss, log_vars = self.module.parse_losses(losses)
-        self.before_backward(parsed_loss)
-        optim_wrapper.backward(optim_wrapper.scale_loss(parsed_loss))
+        self._backward(parsed_loss, optim_wrapper.scale_loss(parsed_loss), optim_wrapper)
         change = None
         if optim_wrapper.should_update():
             change = self.after_backward()

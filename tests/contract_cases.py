@@ -6,11 +6,15 @@ leaves ``None`` shows), once with DDPAutoTuneHook and once as plain DDP, from th
 same ranks. Where ``True`` cannot run (reentrant checkpointing), the reference is plain ``False``.
 """
 import contextlib
-from typing import Any, Dict, Iterator, List
+import inspect
+import sys
+import types
+from typing import Any, Dict, Iterator, List, Set
 
 import torch
 
 import scenarios
+import trainable_cases
 
 ITERS = 100
 SGD = dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=1e-2)
@@ -66,3 +70,64 @@ def run_contract(names: List[str], iters: int = ITERS) -> Dict[str, Dict[str, An
                                         find_unused=case.get('reference_find_unused', True), **kw)
             out[name] = scenarios.compare_runs(tuned, reference)
     return out
+
+
+# compile=True (MMEngine compiles the wrapper's train_step): SwitchedOn's branch wakes up at WOKEN,
+# trunk.0 is frozen at 30 (under the plan's guard) and trunk.2 at 80 (under the find_unused=True plan
+# the wake-up switched to). The backend: aot_eager traces exactly what inductor's would (the crash of
+# #37 was dynamo's, while tracing) and compiles forward and backward graphs; inductor adds C++ codegen,
+# 31 s of a 36 s run here against 7.5 s (tests/test_gpu.py runs compile=True itself).
+COMPILE = dict(backend='aot_eager')
+WOKEN = 60
+COMPILED_FLIPS = [(30, 'freeze', ['trunk.0.*']), (80, 'freeze', ['trunk.2.*'])]
+# the wrapper's frames that may be compiled: train_step, and what it calls on the way to the model
+# (dynamo runs train_step itself eagerly: it cannot break the graph inside MMEngine's optim_context)
+TRACED = {'ReconfigurableDDP.train_step', 'ReconfigurableDDP._run_forward', 'ReconfigurableDDP.forward'}
+
+
+def run_compiled(compile: Any = COMPILE, iters: int = ITERS) -> Dict[str, Any]:
+    """On every rank: SwitchedOn with the hook and ``compile``, then plain
+    ``MMDistributedDataParallel(find_unused_parameters=True)`` with it; what the tests compare, and
+    which of this package's functions were compiled. Each run starts from a fresh dynamo: compiled
+    code is cached per function, and the second run would meet the first's recompile limit (the
+    optimizer's step reaches it, and runs uncompiled from there)."""
+    import torch._dynamo
+
+    kw = dict(iters=iters, optimizer=SGD, val_interval=4, log_interval=50, compile=compile)
+    torch._dynamo.reset()
+    tuned = scenarios.train('SwitchedOn', hook=dict(probe_iters=4), extra_hooks=_flips(), **kw)
+    ours = compiled_functions('mmddp_hooks')
+    model = compiled_functions('scenarios', scenarios.SwitchedOn)
+    torch._dynamo.reset()
+    reference = scenarios.train('SwitchedOn', prewrap=True, find_unused=True, extra_hooks=_flips(),
+                                **kw)
+    return dict(scenarios.compare_runs(tuned, reference), ours=sorted(ours), model=sorted(model))
+
+
+def _flips() -> List[Any]:
+    return [scenarios.SwitchOn(WOKEN), trainable_cases.FlipRequiresGrad(COMPILED_FLIPS)]
+
+
+def compiled_functions(package: str, *only: type) -> Set[str]:
+    """Qualified names of the functions of ``package``'s modules (or of the classes ``only``) that
+    torch.compile holds compiled code for, nested functions included."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    owners: List[Any] = list(only) or [m for n, m in list(sys.modules.items())
+                                       if n == package or n.startswith(f'{package}.')]
+    codes = []
+    for owner in owners:
+        for value in list(vars(owner).values()):
+            members = [value] + (list(vars(value).values()) if inspect.isclass(value)
+                                 and value.__module__.split('.')[0] == package else [])
+            for m in members:
+                m = getattr(m, '__func__', getattr(m, 'fget', m))
+                if inspect.isfunction(m) and m.__module__.split('.')[0] == package:
+                    codes.append(inspect.unwrap(m).__code__)
+    found = set()
+    while codes:
+        code = codes.pop()
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        if _debug_get_cache_entry_list(code):
+            found.add(code.co_qualname)
+    return found

@@ -227,10 +227,41 @@ class ReentrantCheckpoint(ScenarioModel):
         return h + torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=True)
 
 
+class SwitchedOn(BaseModel):
+    """LateModule for ``compile=True``: its forward reads no counter (each new value of an int
+    attribute is a recompile, and past torch's recompile limit the forward runs uncompiled);
+    :class:`SwitchOn` turns the distillation branch on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(), nn.Linear(DIM, DIM))
+        self.distill = nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, 1)
+        self.distill_on = False
+
+    def forward(self, inputs, target=None, index=None, mode='loss'):
+        h = self.trunk(inputs)
+        out = self.head(h + self.distill(h) if self.distill_on else h)
+        return dict(loss=((out - target) ** 2).mean()) if mode == 'loss' else out
+
+
+class SwitchOn(Hook):
+    """Set the model's ``distill_on`` before training iteration ``at`` (0-based), every rank."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        if runner.iter == self.at:
+            module = runner.model.module if hasattr(runner.model, 'module') else runner.model
+            module.distill_on = True
+
+
 MODELS = {cls.__name__: cls for cls in (AllUsed, DisabledDistill, RankOneBranch, ModalityDropout,
                                         GoalEncoders, TiedFrozenRoot, WakesUpOnRank1,
                                         FallsAsleepOnRank0, CalledButUnused, PredictOnlyHead,
-                                        LateModule, LateParam, SwitchedOff, ReentrantCheckpoint)}
+                                        LateModule, LateParam, SwitchedOff, ReentrantCheckpoint,
+                                        SwitchedOn)}
 
 
 @METRICS.register_module(force=True)
@@ -273,14 +304,15 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
           optim_wrapper: Optional[dict] = None, val_interval: int = 0,
           log_interval: int = 1, frozen: Sequence[str] = (), extra_hooks: Sequence[Any] = (),
           wrapper: Optional[dict] = None, dataset: Optional[Dataset] = None,
-          ddp_ignore: Sequence[str] = ()) -> Dict[str, Any]:
+          ddp_ignore: Sequence[str] = (), compile: Any = None) -> Dict[str, Any]:
     """Train one scenario on this rank through a real Runner; return what the tests compare.
 
     ``optim_wrapper``: extra optimizer-wrapper keys (type, clip_grad, dtype, paramwise_cfg, ...);
     ``val_interval``: run a val loop every that many iterations; ``frozen``: globs of parameters
     that do not require grad when the model is wrapped; ``extra_hooks``: more custom hooks;
     ``wrapper``: more ``model_wrapper_cfg`` keys; ``dataset``: the training set; ``ddp_ignore``:
-    what the user tells DDP to ignore.
+    what the user tells DDP to ignore; ``compile``: the config's ``compile`` (MMEngine compiles
+    the wrapper's ``train_step`` with it).
     """
     torch.manual_seed(0)
     model = MODELS[model_name]()
@@ -322,7 +354,8 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         optim_wrapper=optim_cfg,
         **_val_loop(val_interval),
         # as Runner.from_cfg has; logged and dumped without yapf
-        cfg=unformatted(Config(dict(model_wrapper_cfg=wrapper_cfg, optim_wrapper=optim_cfg))),
+        cfg=unformatted(Config(dict(model_wrapper_cfg=wrapper_cfg, optim_wrapper=optim_cfg,
+                                    compile=compile))),
         custom_hooks=hooks,
         default_hooks=default_hooks,
         launcher='pytorch',

@@ -64,3 +64,19 @@ def test_reentrant_checkpointing_crashes_plain_find_unused_true():
                           kwargs=dict(find_unused=True, iters=3), timeout=120, failure_grace=3)
     assert not result.ok
     assert 'marked as ready twice' in '\n'.join(r.error or '' for r in result.ranks)
+
+
+def test_compiled_train_step_trains_as_plain_ddp_through_a_wake_up_and_two_freezes():
+    """MMEngine's compile=True compiles the wrapper's train_step: the model's forward and backward
+    are compiled, the probe, guard, plan switch, trainable-set following and their collectives
+    never are (#37: traced, mmengine.dist.all_gather_object crashed both ranks at the wake-up)."""
+    rows = run_distributed(contract_cases.run_compiled, 2, timeout=300)
+    scenarios.assert_trains_alike(rows, 2, ITERS, 0.0)
+    for row in rows:
+        assert row['model'] == ['SwitchedOn.forward'], row['model']
+        assert set(row['ours']) <= contract_cases.TRACED, row['ours']
+        assert len(row['switch_log']) == 1 and LATE in row['switch_log'][0], row['switch_log']
+        assert [x.split(': ', 1)[1] for x in row['trainable_log']] == [
+            'froze 2 params (trunk.0.weight, trunk.0.bias)',
+            'froze 2 params (trunk.2.weight, trunk.2.bias)'], row['trainable_log']
+        assert row['current']['find_unused'] is True
