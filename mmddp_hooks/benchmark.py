@@ -14,6 +14,9 @@ replica (SGD with momentum and weight decay, so a zero gradient where ``True`` l
 ``static_graph=True`` is not run where the probe saw usage change between iterations: DDP raises
 inside backward there, which would hang the peers. The guard stays live in the timed rounds, and
 the times ``auto`` left its plan are reported.
+
+:func:`rebuild_memory` measures something else: the peak memory of a rebuild against that of
+ordinary steps.
 """
 import statistics
 import time
@@ -26,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import dist as ddist
 from .guard import reducer_finalized, zero_fill
-from .plan import choose_plan
+from .plan import DDPPlan, choose_plan
 from .reducer_params import ignore_keys_for
 from .report import DYNAMIC, NEVER, build_report
 from .wrapper import ReconfigurableDDP
@@ -422,3 +425,66 @@ def plot(results: List[Dict[str, Any]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------- memory across a rebuild
+def rebuild_memory(depth: int = 24, width: int = 2048, rounds: int = 4, bucket_view: bool = False,
+                   batch: int = 8) -> Dict[str, Any]:
+    """Peak memory (MB) of two ordinary steps, and of a rebuild (the plan switched between
+    ``find_unused_parameters=True`` and ``False`` with the unused head ignored, both ways) followed
+    by two steps, interleaved ``rounds`` times; SGD with momentum, on this rank's device.
+
+    The default model has 109 M parameters (``depth`` blocks of ``width``, and an unused head of
+    two). World size 1 is enough: a rebuild allocates the same on every rank. On a GPU the peak is
+    ``torch.cuda.max_memory_allocated``; on CPU it is the process's peak RSS (``VmHWM``, reset by
+    ``/proc/self/clear_refs``), which counts live tensors only where freed ones go back to the
+    system: run it with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc otherwise keeps freed memory, and
+    RSS shows what it held before)."""
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    module = Blocks(depth, width, _never)
+    ddp = ReconfigurableDDP(module.cuda() if cuda else module, gradient_as_bucket_view=bucket_view,
+                            **(dict(device_ids=[torch.cuda.current_device()]) if cuda else {}))
+    unused = [n for n, _ in module.named_parameters() if n.startswith('extra.')]
+    plans = [DDPPlan(False, ignore=unused), DDPPlan(True)]
+    ddp.apply_plan(plans[0])
+    opt = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-2)
+    x = torch.randn(batch, width, device='cuda' if cuda else 'cpu')
+
+    def steps() -> None:
+        for step in range(2):
+            _wrapped_step(ddp, x, step, opt)
+
+    steps()
+    rows = []
+    for r in range(rounds):
+        _reset_peak(cuda)
+        steps()
+        steady = _peak_mb(cuda)
+        _reset_peak(cuda)
+        ddp.apply_plan(plans[(r + 1) % 2])
+        rebuild = _peak_mb(cuda)
+        steps()
+        rows.append(dict(steady_mb=steady, rebuild_mb=rebuild, rebuild_and_steps_mb=_peak_mb(cuda),
+                         plan=plans[(r + 1) % 2].summary()))
+    ddp.close_guard()
+    return dict(params_m=sum(p.numel() for p in module.parameters()) / 1e6, bucket_view=bucket_view,
+                peak='torch.cuda.max_memory_allocated' if cuda else 'VmHWM (peak RSS)', rounds=rows,
+                ratio=max(r['rebuild_and_steps_mb'] for r in rows) / max(r['steady_mb'] for r in rows))
+
+
+def _reset_peak(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+
+
+def _peak_mb(cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmHWM:'))

@@ -45,6 +45,16 @@ _FIXED_USAGE_ONLY = ('skip_all_reduce_unused_params',)
 _WRAPPERS = itertools.count()
 
 
+def _release_reducer(ddp: DistributedDataParallel) -> None:
+    """Unhook DDP's reducer and let it go, with its buckets, before a new one is built: DDP drops
+    it only when it assigns the next, so both sets of buckets (the gradients' size again) would be
+    alive at once. DDP's logger holds it too. Gradients that are views of its buckets
+    (``gradient_as_bucket_view=True`` with ``.grad`` set) keep their bucket until the new reducer
+    has copied them into its own."""
+    ddp.reducer._remove_autograd_hooks()
+    ddp.reducer = ddp.logger = None
+
+
 def _on_cpu(module: nn.Module) -> bool:
     return all(p.device.type == 'cpu' for p in module.parameters())
 
@@ -129,8 +139,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
     @classmethod
     def from_ddp(cls, ddp: DistributedDataParallel) -> 'ReconfigurableDDP':
         """Re-wrap a model that a runner already wrapped in (MM)DistributedDataParallel."""
-        ddp.reducer._remove_autograd_hooks()
-        ddp.reducer = None  # the old wrapper drives nothing any more (DoubleWrapCheckHook skips it)
+        _release_reducer(ddp)  # the old wrapper drives nothing any more (DoubleWrapCheckHook skips it)
         kwargs = dict(find_unused_parameters=ddp.find_unused_parameters,
                       broadcast_buffers=ddp.broadcast_buffers,
                       bucket_cap_mb=ddp.bucket_bytes_cap / (1024 * 1024),
@@ -145,7 +154,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
                 ignore: Union[List[str], None] = None) -> None:
         """Rebuild DDP on this object with new settings. A collective: call on every rank."""
         module = self.module
-        self.reducer._remove_autograd_hooks()
+        _release_reducer(self)
         keys = ignore_keys_for(module, ignore or [])
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             module, self._user_ignored + [k for k in keys if k not in self._user_ignored])
