@@ -9,9 +9,10 @@ import contextlib
 import inspect
 import sys
 import types
-from typing import Any, Dict, Iterator, List, Set
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import torch
+import torch.distributed as dist
 
 import scenarios
 import trainable_cases
@@ -106,6 +107,75 @@ def run_compiled(compile: Any = COMPILE, iters: int = ITERS) -> Dict[str, Any]:
 
 def _flips() -> List[Any]:
     return [scenarios.SwitchOn(WOKEN), trainable_cases.FlipRequiresGrad(COMPILED_FLIPS)]
+
+
+def run_sync_bn(sync_bn: Optional[str] = 'torch', iters: int = ITERS) -> Dict[str, Any]:
+    """On every rank: NormedLate (a BatchNorm in the trunk, a branch that wakes up after the probe)
+    with the hook and the config's ``sync_bn``, then as plain
+    ``MMDistributedDataParallel(find_unused_parameters=True)`` with it; what the tests compare, and
+    the layers each trained. SyncBatchNorm runs on a GPU only: on CPU the wrapper reverts it to
+    BatchNorm, and the plain reference keeps BatchNorm."""
+    kw = dict(iters=iters, optimizer=SGD, val_interval=4, log_interval=50, sync_bn=sync_bn)
+    tuned = scenarios.train('NormedLate', hook=dict(probe_iters=4), **kw)
+    reference = scenarios.train('NormedLate', prewrap=True, find_unused=True, **kw)
+    return dict(scenarios.compare_runs(tuned, reference), layers=tuned['layers'],
+                reference_layers=reference['layers'])
+
+
+# AmpOptimWrapper accumulating over ACCUMULATE iterations, driven through train_step by hand as
+# MMEngine's own wrapper tests do; SwitchedOn's branch wakes up at AMP_WAKE, inside a window
+ACCUMULATE, AMP_ITERS, AMP_WAKE = 3, 30, 22
+
+
+def amp_accumulation(dtype: str = 'float16') -> Dict[str, Any]:
+    """On every rank: ``ReconfigurableDDP.train_step`` with a ``find_unused_parameters=False`` plan
+    that ignores the branch, its guard live (until the branch wakes up: it averages the branch in
+    that step and switches), against plain ``MMDistributedDataParallel(find_unused_parameters=True)``
+    with the same ``AmpOptimWrapper``; each run's losses, parameters, the iterations in which the
+    guard was armed, the switches, and the loss scale at the end (1.0 where GradScaler is off:
+    on CPU)."""
+    from mmengine.model import MMDistributedDataParallel
+    from mmengine.optim import AmpOptimWrapper
+
+    from mmddp_hooks.plan import DDPPlan
+    from mmddp_hooks.wrapper import ReconfigurableDDP
+
+    cuda = torch.cuda.is_available()
+    devices = dict(device_ids=[torch.cuda.current_device()]) if cuda else {}
+    out = {}
+    with allow_amp_on_cpu():
+        for name in ('tuned', 'plain'):
+            torch.manual_seed(0)
+            model = scenarios.SwitchedOn().to('cuda' if cuda else 'cpu')
+            if name == 'tuned':
+                ddp = ReconfigurableDDP(model, **devices)
+                ddp.apply_plan(DDPPlan(False, ignore=['distill.weight', 'distill.bias']))
+            else:
+                ddp = MMDistributedDataParallel(model, find_unused_parameters=True, **devices)
+            optim = AmpOptimWrapper(optimizer=torch.optim.SGD(
+                model.parameters(), lr=SGD['lr'], momentum=SGD['momentum'],
+                weight_decay=SGD['weight_decay']), accumulative_counts=ACCUMULATE, dtype=dtype)
+            optim.initialize_count_status(ddp, 0, AMP_ITERS)
+            g = torch.Generator().manual_seed(dist.get_rank())
+            losses, guarded = [], []
+            for it in range(AMP_ITERS):
+                model.distill_on = it >= AMP_WAKE
+                data = dict(inputs=torch.randn(4, scenarios.DIM, generator=g),
+                            target=torch.randn(4, 1, generator=g))
+                losses.append(float(ddp.train_step(data, optim_wrapper=optim)['loss']))
+                if getattr(ddp, 'guard', None) is not None:
+                    guarded.append(it)
+            out[name] = dict(losses=losses, guarded=guarded, scale=float(optim.loss_scaler.get_scale()),
+                             switch_log=list(getattr(ddp, 'switch_log', [])),
+                             params={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                             digest=scenarios.param_digest(model))
+    tuned, plain = out['tuned'], out['plain']
+    return dict(losses=tuned['losses'], plain_losses=plain['losses'], guarded=tuned['guarded'],
+                switch_log=tuned['switch_log'], scale=tuned['scale'], plain_scale=plain['scale'],
+                digest=tuned['digest'],
+                bit_equal=all(torch.equal(tuned['params'][k], plain['params'][k]) for k in plain['params']),
+                param_diff=max((tuned['params'][k] - plain['params'][k]).abs().max().item()
+                               for k in plain['params']))
 
 
 def compiled_functions(package: str, *only: type) -> Set[str]:
