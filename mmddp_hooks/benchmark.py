@@ -575,3 +575,125 @@ def _peak_mb(cuda: bool) -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     with open('/proc/self/status') as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmHWM:'))
+
+
+# ----------------------------------------------------------------------- zero-weighted keep-alive
+class TwoKinds(nn.Module):
+    """A trunk, a head per batch kind and an adapter nothing calls; each rank alternates kinds,
+    the ranks out of step. ``keep_alive`` adds ``0.0 *`` every idle parameter to the loss, as
+    research code does so that ``find_unused_parameters=False`` does not crash."""
+
+    def __init__(self, depth: int, width: int, keep_alive: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.heads = nn.ModuleList(nn.Sequential(*(nn.Linear(width, width) for _ in range(depth)))
+                                   for _ in range(2))
+        self.adapter = nn.Linear(width, width)
+        self.keep_alive = keep_alive
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        kind = (step + ddist.get_rank()) % 2
+        for block in self.trunk:
+            x = x + torch.tanh(block(x))
+        loss = self.heads[kind](x).square().mean()
+        if self.keep_alive:
+            idle = list(self.heads[1 - kind].parameters()) + list(self.adapter.parameters())
+            loss = loss + 0.0 * sum(p.sum() for p in idle)
+        return loss
+
+
+def _count_bytes(counter: Dict[str, int], group: Any) -> Callable:
+    """A DDP comm hook that all-reduces as DDP does and counts each bucket's bytes."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        counter['bytes'] += bucket.buffer().numel() * bucket.buffer().element_size()
+        return allreduce_hook(group, bucket)
+    return hook
+
+
+def run_keepalive(rounds: int, warmup: int, depth: int = 8, width: int = 64,
+                  probe_iters: int = 4) -> Dict[str, Any]:
+    """On every rank: the model with its keep-alive terms under ``find_unused_parameters=False``
+    (what such repositories ship) against the model without them under DDPAutoTuneHook's plan,
+    step by step in alternating order after a barrier, SGD with momentum and weight decay both.
+    Per round each one's step time (slowest rank), bytes its buckets all-reduced per step, and
+    how far apart their parameters end (the terms change training)."""
+    torch.set_num_threads(1)
+    x = torch.randn(4, width)
+    group = dist.group.WORLD
+    runs: Dict[str, Any] = {}
+    for name, keep in (('keep-alive terms', True), ('plan without them', False)):
+        module = TwoKinds(depth, width, keep)
+        wrapper: nn.Module = DistributedDataParallel(module) if keep else ReconfigurableDDP(module)
+        counter = {'bytes': 0}
+        wrapper.register_comm_hook(None, _count_bytes(counter, group))
+        if not keep:
+            wrapper.start_probe()
+        opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-2)
+        runs[name] = dict(module=module, ddp=wrapper, opt=opt, counter=counter, times=[])
+
+    def step(run: Dict[str, Any], i: int) -> None:
+        if isinstance(run['ddp'], ReconfigurableDDP):
+            _wrapped_step(run['ddp'], x, i, run['opt'])
+            probe = run['ddp'].probe
+            if probe is not None and len(probe.steps) >= probe_iters:
+                run['ddp'].apply_plan(choose_plan(build_report(run['ddp'].finish_probe())))
+            return
+        run['ddp'](x, i).backward()
+        run['opt'].step()
+        run['opt'].zero_grad()
+
+    for i in range(max(warmup, probe_iters + 2)):
+        for run in runs.values():
+            step(run, i)
+    names = list(runs)
+    for run in runs.values():
+        run['counter']['bytes'] = 0
+    for r in range(rounds):
+        i = warmup + r
+        for name in (names if r % 2 == 0 else names[::-1]):
+            ddist.barrier()
+            t0 = time.perf_counter()
+            step(runs[name], i)
+            runs[name]['times'].append(time.perf_counter() - t0)
+    gathered = ddist.all_gather_object({n: run['times'] for n, run in runs.items()})
+    flat = {n: torch.cat([p.detach().reshape(-1) for p in run['module'].parameters()])
+            for n, run in runs.items()}
+    return dict(slowest={n: [max(g[n][k] for g in gathered) for k in range(rounds)] for n in names},
+                bytes_per_step={n: run['counter']['bytes'] / rounds for n, run in runs.items()},
+                plan=runs['plan without them']['ddp'].plan.summary(),
+                params=sum(p.numel() for p in runs[names[0]]['module'].parameters()),
+                n_params=len(list(runs[names[0]]['module'].parameters())),
+                max_param_diff=(flat[names[0]] - flat[names[1]]).abs().max().item())
+
+
+def summarise_keepalive(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """Per-round ratios of the keep-alive step to the plan's, their median and spread; bytes."""
+    hack, plan = (raw['slowest'][n] for n in ('keep-alive terms', 'plan without them'))
+    ratios = [a / b for a, b in zip(hack, plan)]
+    bytes_hack, bytes_plan = (raw['bytes_per_step'][n] for n in ('keep-alive terms',
+                                                                 'plan without them'))
+    return dict(step_ratio=statistics.median(ratios), step_ratio_min=min(ratios),
+                step_ratio_max=max(ratios), rounds=len(ratios), plan=raw['plan'],
+                bucket_bytes_ratio=bytes_hack / bytes_plan if bytes_plan else None,
+                # find_unused_parameters=True also all-reduces its used-parameter map: one int32
+                # per parameter, outside the buckets (comm hooks do not see it)
+                used_map_bytes=4 * raw['n_params'] if 'True' in raw['plan'] else 0,
+                bytes_per_step=raw['bytes_per_step'], max_param_diff=raw['max_param_diff'])
+
+
+def format_keepalive(res: Dict[str, Any]) -> str:
+    b = res['bytes_per_step']
+    return '\n'.join([
+        '| keep-alive terms + find_unused_parameters=False vs the plan without them | ratio |',
+        '| --- | --- |',
+        f"| step time (median of {res['rounds']} interleaved rounds, min-max) | "
+        f"{res['step_ratio']:.3f} ({res['step_ratio_min']:.2f}-{res['step_ratio_max']:.2f}) |",
+        f"| bytes all-reduced in buckets per step | {res['bucket_bytes_ratio']:.3f} "
+        f"({b['keep-alive terms']:.0f} vs {b['plan without them']:.0f}; the plan adds "
+        f"{res['used_map_bytes']} bytes of used-parameter map) |",
+        f"| plan without the terms | {res['plan']} |",
+        f"| largest parameter difference after the run (SGD, momentum 0.9, weight decay 0.01) | "
+        f"{res['max_param_diff']:.2e} |"])

@@ -131,6 +131,18 @@ def store_get(store: Any, key: str) -> Optional[bytes]:
     return store.get(key)
 
 
+def set_group_timeout(group: Any, timeout: datetime.timedelta) -> bool:
+    """Give ``group``'s collectives another timeout; False where torch has no way to (its
+    ``_set_pg_timeout`` came after 2.1)."""
+    from torch.distributed import distributed_c10d
+
+    setter = getattr(distributed_c10d, '_set_pg_timeout', None)
+    if setter is None:
+        return False
+    setter(timeout, group)
+    return True
+
+
 # ------------------------------------------------------------------------------ mmengine releases
 def mmengine_release(version: Optional[str] = None) -> tuple:
     """(major, minor, patch) of the installed mmengine (or of ``version``)."""

@@ -16,19 +16,21 @@ on a CPU-only machine; teardown finishes outstanding control work and drops the 
 """
 import datetime
 import gc
+import hashlib
 import os
 import pickle
 import socket
 import subprocess
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from mmengine import dist as mmdist
 from torch.distributed import ProcessGroup
 
-from .compat import store_get
+from .compat import set_group_timeout, store_get
 
 _ENV_KEYS = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
@@ -140,6 +142,7 @@ def teardown() -> None:
         time.sleep(_WORKER_DRAIN_S)
     finally:
         _CONTROL_GROUPS.clear()
+        _TREES.clear()
         dist.destroy_process_group()
         gc.collect()
 
@@ -178,9 +181,7 @@ def control_group(group: Optional[ProcessGroup] = None) -> ProcessGroup:
         # only a subgroup's ranks reach here: the others must not be waited for
         kwargs = {} if whole else dict(ranks=dist.get_process_group_ranks(key),
                                        use_local_synchronization=True)
-        probe = _gloo_connects(group if not whole else None, kwargs)
-        _CONTROL_GROUPS[key] = dist.new_group(backend='gloo', **kwargs)
-        dist.destroy_process_group(probe)  # after: a subgroup's name could be reused otherwise
+        _CONTROL_GROUPS[key] = _gloo_connects(group if not whole else None, kwargs)
     return _CONTROL_GROUPS[key]
 
 
@@ -189,25 +190,34 @@ _CONNECT_CHECKS: Dict[tuple, int] = {}  # per set of ranks: only a subgroup's ra
 
 
 def _gloo_connects(group: Optional[ProcessGroup], kwargs: dict) -> ProcessGroup:
-    """A throwaway gloo group connected with a short timeout, once every rank has arrived.
+    """A gloo group connected with a short timeout, once every rank has arrived, then given
+    torch's default timeout for its collectives.
 
     Gloo connects through the interface ``GLOO_SOCKET_IFNAME`` names, else the one this host's name
-    resolves to: on a multi-NIC cluster node that can be one the other nodes cannot reach, and the
-    real group would then wait for its full timeout (30 min) to say only "timed out". The arrival
-    goes through the c10d store (which the default group already reached), within torch's default
+    resolves to: on a multi-NIC cluster node that can be one the other nodes cannot reach, and a
+    group would then wait for its full timeout (30 min) to say only "timed out". The arrival goes
+    through the c10d store (which the default group already reached), within torch's default
     process-group timeout, so a rank that comes late is not taken for one that cannot connect.
+    Making a gloo group costs every rank about 3 store requests per rank of the group (its
+    connections' rendezvous), so the check connects the control group itself; only where torch
+    cannot change a group's timeout (before 2.3) is it a throwaway group made first.
     """
     ranks = tuple(group_ranks(group))
     serial = _CONNECT_CHECKS[ranks] = _CONNECT_CHECKS.get(ranks, -1) + 1
-    store_exchange(f'gloo-connect/{"-".join(map(str, ranks))}/{serial}', True, group,
-                   timeout_s=dist.distributed_c10d.default_pg_timeout.total_seconds())
+    default = dist.distributed_c10d.default_pg_timeout
+    store_agree(f'gloo-connect/{"-".join(map(str, ranks))}/{serial}', True, group,
+                timeout_s=default.total_seconds())
     try:
-        probe = dist.new_group(backend='gloo', timeout=datetime.timedelta(
+        connected = dist.new_group(backend='gloo', timeout=datetime.timedelta(
             seconds=GLOO_CONNECT_TIMEOUT_S), **kwargs)
-        dist.barrier(group=probe)
+        dist.barrier(group=connected)
     except RuntimeError as e:
         raise RuntimeError(gloo_connect_message(e)) from e
-    return probe
+    if set_group_timeout(connected, default):
+        return connected
+    real = dist.new_group(backend='gloo', **kwargs)
+    dist.destroy_process_group(connected)  # after: a subgroup's name could be reused otherwise
+    return real
 
 
 def gloo_connect_message(error: Exception) -> str:
@@ -232,14 +242,17 @@ def all_gather_object(obj: Any, group: Optional[ProcessGroup] = None) -> List[An
 
 
 def all_reduce_flags(flags: torch.Tensor, group: Optional[ProcessGroup] = None,
-                     op: Any = dist.ReduceOp.SUM, async_op: bool = False) -> Optional[Any]:
-    """Reduce a small CPU tensor in place over the control plane; the Work when ``async_op``."""
+                     op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce a small CPU integer tensor in place over the control tree (synchronous); returns it.
+
+    ``op``: ``ReduceOp.SUM`` or ``ReduceOp.MAX``. Nothing is sent in a group of one rank.
+    """
     if flags.device.type != 'cpu':
         raise ValueError(f'control flags must be CPU tensors (got {flags.device}): the control '
                          'plane is gloo, and reading CUDA flags would sync the host every step')
-    if not is_dist():
-        return None
-    return dist.all_reduce(flags, op=op, group=control_group(group), async_op=async_op)
+    if flags.numel() and is_dist() and group_size(group) > 1:
+        control_tree(group).all_reduce(flags, op)
+    return flags
 
 
 def row_counts(n: int, group: Optional[ProcessGroup] = None) -> List[int]:
@@ -252,6 +265,91 @@ def row_counts(n: int, group: Optional[ProcessGroup] = None) -> List[int]:
     return counts.tolist()
 
 
+# ------------------------------------------------------------------------------ the control tree
+_TREES: Dict[Any, 'ControlTree'] = {}
+
+
+def node_key() -> str:
+    """This rank's node: its host and, where ``LOCAL_RANK`` is set (torchrun, slurm), the node's
+    first rank, since those launchers number a node's ranks contiguously. Nodes simulated on one
+    host (``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` as torchrun sets them) count apart."""
+    local = os.environ.get('LOCAL_RANK')
+    first = get_rank() - int(local) if local is not None and is_dist() else ''
+    return f'{socket.gethostname()}/{first}'
+
+
+def tree_links(keys: Sequence[str], ranks: Sequence[int],
+               me: int) -> Tuple[Optional[int], List[int]]:
+    """``me``'s parent (None at the root) and children in the control tree over ``ranks``
+    (``keys[i]``: ``ranks[i]``'s node): a binary tree within each node rooted at the node's first
+    rank, and a binary tree over those first ranks. A reduction up and back down the tree crosses
+    ``2 * floor(log2(ranks in a node))`` local links and ``2 * floor(log2(nodes))`` links between
+    nodes, whatever the number of ranks; each rank talks to at most 5 others."""
+    nodes: Dict[str, List[int]] = {}
+    for key, rank in zip(keys, ranks):
+        nodes.setdefault(key, []).append(rank)
+    members = nodes[keys[list(ranks).index(me)]]
+    parent, children = _heap_links(members, me)
+    if me == members[0]:  # the node's leader: its parent and further children are leaders
+        parent, leaders = _heap_links([m[0] for m in nodes.values()], me)
+        children = children + leaders
+    return parent, children
+
+
+def _heap_links(members: List[int], me: int) -> Tuple[Optional[int], List[int]]:
+    i = members.index(me)
+    return (members[(i - 1) // 2] if i else None,
+            [members[j] for j in (2 * i + 1, 2 * i + 2) if j < len(members)])
+
+
+_FOLD = {dist.ReduceOp.SUM: np.add, dist.ReduceOp.MAX: np.maximum}
+
+
+class ControlTree:
+    """Reduce small integer vectors over a group's control plane along :func:`tree_links`.
+
+    gloo's own all-reduce is a ring: ``2 (N - 1)`` hops one after another, one per rank, so a
+    per-step exchange over it grows with the number of ranks. Up and down a tree the latency grows
+    as ``log N``, and a rank sends and receives at most 5 messages of the vector's size, whatever N.
+    Point-to-point messages on the gloo side group (in one order on every rank): no collective of
+    the data plane, no CUDA. The tree is made once per group; the node keys are gathered once (a
+    one-off ``O(N)`` exchange of short strings).
+    """
+
+    def __init__(self, group: Optional[ProcessGroup] = None) -> None:
+        self.pg = control_group(group)
+        self.keys = all_gather_object(node_key(), group)
+        self.parent, self.children = tree_links(self.keys, group_ranks(group), get_rank())
+        self._scratch: Dict[tuple, List[torch.Tensor]] = {}
+
+    def all_reduce(self, flags: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+        """Reduce ``flags`` (a contiguous CPU integer tensor, the same shape on every rank) in
+        place: the children's partial results up, the total back down."""
+        fold, mine = _FOLD[op], flags.numpy()
+        key = (tuple(flags.shape), flags.dtype)
+        if key not in self._scratch:
+            self._scratch[key] = [torch.empty_like(flags) for _ in self.children]
+        bufs = self._scratch[key]
+        works = [dist.irecv(b, c, group=self.pg) for b, c in zip(bufs, self.children)]
+        for work, buf in zip(works, bufs):
+            work.wait()
+            fold(mine, buf.numpy(), out=mine)
+        if self.parent is not None:
+            dist.send(flags, self.parent, group=self.pg)
+            dist.recv(flags, self.parent, group=self.pg)
+        for work in [dist.isend(flags, c, group=self.pg) for c in self.children]:
+            work.wait()
+        return flags
+
+
+def control_tree(group: Optional[ProcessGroup] = None) -> ControlTree:
+    """The group's :class:`ControlTree` (made once, a collective: every rank of ``group`` calls)."""
+    key = group if group is not None else dist.group.WORLD
+    if key not in _TREES:
+        _TREES[key] = ControlTree(group)
+    return _TREES[key]
+
+
 def barrier(group: Optional[ProcessGroup] = None) -> None:
     """Wait for every rank of ``group`` (control plane)."""
     if is_dist():
@@ -259,7 +357,7 @@ def barrier(group: Optional[ProcessGroup] = None) -> None:
 
 
 class StoreTimeout(RuntimeError):
-    """Some ranks did not post to :func:`store_exchange` in time (``missing``: their ranks)."""
+    """Some ranks did not post to :func:`store_agree` in time (``missing``: their ranks)."""
 
     def __init__(self, missing: List[int], posted: Dict[int, Any]) -> None:
         super().__init__(f'ranks {missing} posted nothing')
@@ -272,28 +370,40 @@ def store() -> Any:
     return dist.distributed_c10d._get_default_store()
 
 
-def store_exchange(tag: str, value: Any, group: Optional[ProcessGroup] = None,
-                   timeout_s: float = 30.0) -> Dict[int, Any]:
-    """Every rank's ``value`` through the c10d store, or :class:`StoreTimeout` after ``timeout_s``.
+def store_agree(tag: str, value: Any, group: Optional[ProcessGroup] = None,
+                timeout_s: float = 30.0) -> Optional[Dict[int, Any]]:
+    """Whether every rank of ``group`` posts the same ``value`` to the c10d store: None when they
+    all do, else ``{global rank: value}``; :class:`StoreTimeout` after ``timeout_s``.
 
     For a rank that noticed something on its own (no collective runs every step to tell it that
     the others did too): a rank that posts waits at most ``timeout_s`` for the others, where a
-    collective would wait for ever on a rank that has nothing to say. ``tag`` must be new for every
-    exchange (the store keeps keys). Returns ``{global rank: value}`` over ``group``'s ranks.
+    collective would wait for ever on a rank that has nothing to say. Each rank makes the same
+    six store requests whatever the number of ranks (a count of each distinct value, a count of
+    arrivals, one wait); the ranks' values are read only when they differ or some are missing.
+    ``tag`` must be new for every exchange (the store keeps keys).
     """
     if not is_dist():
-        return {0: value}
-    kv = store()
-    ranks = group_ranks(group)
-    keys = {r: f'mmddp_hooks/{tag}/{r}' for r in ranks}
-    kv.set(keys[get_rank()], pickle.dumps(value))
+        return None
+    kv, ranks = store(), group_ranks(group)
+    base = f'mmddp_hooks/{tag}'
+    data = pickle.dumps(value)
+    same = f'{base}/value/{hashlib.sha1(data).hexdigest()}'
+    kv.set(f'{base}/{get_rank()}', data)
+    kv.add(same, 1)  # before the arrival: once every rank arrived, every value is counted
+    if kv.add(f'{base}/arrived', 1) == len(ranks):
+        kv.set(f'{base}/done', b'')
     try:
-        kv.wait(list(keys.values()), datetime.timedelta(seconds=timeout_s))
+        kv.wait([f'{base}/done'], datetime.timedelta(seconds=timeout_s))
     except Exception as e:  # DistStoreError (torch >= 2.2) or RuntimeError: a timeout
-        found = {r: store_get(kv, k) for r, k in keys.items()}
-        posted = {r: pickle.loads(v) for r, v in found.items() if v is not None}
+        posted = _posted(kv, base, ranks)
         raise StoreTimeout([r for r in ranks if r not in posted], posted) from e
-    return {r: pickle.loads(kv.get(k)) for r, k in keys.items()}
+    return None if kv.add(same, 0) == len(ranks) else _posted(kv, base, ranks)
+
+
+def _posted(kv: Any, base: str, ranks: List[int]) -> Dict[int, Any]:
+    """What each rank posted under ``base`` (the rare path: ``O(N)`` reads)."""
+    found = {r: store_get(kv, f'{base}/{r}') for r in ranks}
+    return {r: pickle.loads(v) for r, v in found.items() if v is not None}
 
 
 # --------------------------------------------------------------------------------------- data plane

@@ -6,37 +6,41 @@ wakes up, another switches off. The guard decides such changes by gradients, nev
 that runs but whose output is dropped, or a head called in a no-grad val loop, changes nothing), and
 fixes the step in which they happen, before the optimizer sees it. After each synchronising backward:
 
-1. zero-fill what the plan expects to be unused on this rank; if the reducer still did not finalise,
-   zero-fill every reducer parameter whose gradient did not arrive (the *rescue*): the missing
-   buckets complete, and each slot holds what ``True`` would have put there, zero for a locally
-   unused parameter;
-2. all-reduce, on the gloo control plane, one int per watched parameter (did it get a gradient on this
-   rank in this step?, read from ``.grad``, or from a hook for this backward where ``.grad`` was
-   already set before it) and the number of rescued parameters: a few hundred CPU
-   ints, started asynchronously at the end of backward, nothing read from a GPU. With those reads,
-   that is the guard's per-step cost;
-3. where no rank used a parameter, set its gradient back to ``None``, as ``True`` leaves it (a zero
-   would still move it through momentum and weight decay); where an ignored parameter got a gradient
-   on any rank, average it by hand on the DDP group (``g / world_size``, summed, as DDP's reducer
-   does), so a branch that wakes up trains from its first step.
+1. zero-fill what the plan expects to be unused on this rank and did not get a gradient;
+2. decide, from this rank alone, whether its step left the plan: DDP's reducer did not finalise (a
+   parameter it waits for got no gradient), a parameter outside the reducer (ignored) got one, or
+   ``requires_grad`` differs from when DDP was built. As planned, every reducer parameter got a
+   gradient on some rank and nothing else did, so the ranks need to agree on one bit only;
+3. agree on that bit: one int reduced over the control tree (:class:`mmddp_hooks.dist.ControlTree`,
+   gloo point-to-point messages up and down a tree of the ranks, nothing read from a GPU). That is
+   the guard's whole per-step exchange: the same few bytes per rank at any number of ranks, and a
+   latency that grows as ``log N``;
+4. only in a step some rank left the plan, on every rank: zero-fill every reducer parameter whose
+   gradient did not arrive (the *rescue*: each slot then holds what ``True`` would have put there),
+   sum one int per watched parameter over the tree (did it get a gradient on this rank in this
+   step?, read from ``.grad``, or from a hook for this backward where ``.grad`` was already set
+   before it), and fix the step: where no rank used a parameter, its gradient goes back to
+   ``None``, as ``True`` leaves it (a zero would still move it through momentum and weight decay);
+   where an ignored parameter got a gradient on any rank, it is averaged by hand on the DDP group
+   (``g / world_size``, summed, as DDP's reducer does), so a branch that wakes up trains from its
+   first step.
 
 Every rank sees the same sums, so all of them agree, at the same step, that usage changed and on the
 switch to a safer plan.
 
-The same exchange carries, in the same int per parameter, whether its ``requires_grad`` differs from
-when DDP was built (:mod:`mmddp_hooks.trainable`): a freeze or unfreeze is then fixed in the step
-where it shows (a newly trainable parameter averaged by hand, a newly frozen one back to ``None``)
-and is not a usage change; a change on some ranks only stops training in that step, on every rank,
-with the names.
+The same int per parameter carries whether its ``requires_grad`` differs from when DDP was built
+(:mod:`mmddp_hooks.trainable`): a freeze or unfreeze is then fixed in the step where it shows (a newly
+trainable parameter averaged by hand, a newly frozen one back to ``None``) and is not a usage change;
+a change on some ranks only stops training in that step, on every rank, with the names.
 """
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from operator import attrgetter
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.autograd import Variable
-from torch.distributed import ProcessGroup
+from torch.distributed import ProcessGroup, ReduceOp
 
 from . import dist as ddist
 from .explain import explain_unused_error
@@ -79,11 +83,15 @@ class PlanGuard:
         ignore: parameters the plan DDP-ignored.
         group: the DDP wrapper's process group (``None``: the default group).
         trainable: what DDP was built from (default: the module's flags now).
+        unclaimed: parameters the plan zero-fills on every rank (none that ``choose_plan`` makes):
+            a step where one gets no gradient here may have left it unused everywhere.
     """
+
+    recording = False  # the probe keeps every step's usage: it takes the full exchange each step
 
     def __init__(self, module: nn.Module, fill: List[str], ignore: List[str],
                  group: Optional[ProcessGroup] = None,
-                 trainable: Optional[TrainableSet] = None) -> None:
+                 trainable: Optional[TrainableSet] = None, unclaimed: Sequence[str] = ()) -> None:
         trainable = self.trainable = trainable or TrainableSet(module)
         built = dict(zip(map(id, trainable.params), trainable.built))
         named = dict(module.named_parameters())
@@ -95,36 +103,51 @@ class PlanGuard:
         off = [(n, p) for n, p in zip(trainable.names, trainable.params) if id(p) not in seen]
         self._watched = [rp.param for rp in self.params] + self.ignored + [p for _, p in off]
         self.names = [rp.name for rp in self.params] + self.ignore_names + [n for n, _ in off]
-        self._built = np.array([built[id(p)] for p in self._watched], dtype=bool)
+        self._built_flags = [built[id(p)] for p in self._watched]
+        self._built = np.array(self._built_flags, dtype=bool)
         self.trainable_change: Optional[TrainableChange] = None  # set by the step it shows in
-        fill_names = set(fill)
+        fill_names, unclaimed_names = set(fill), set(unclaimed)
         self._fill = np.array([rp.name in fill_names for rp in self.params], dtype=bool)
+        self._fill_at = [(i, self.params[i].param) for i in np.flatnonzero(self._fill)]
+        self._unclaimed = {i for i, rp in enumerate(self.params) if rp.name in unclaimed_names}
+        n = len(self.params)
         # which watched parameters got a gradient in this backward, recorded by hooks only where
         # .grad was already set before it (None: every .grad started as None)
         self._arrived: Optional[np.ndarray] = None
         self._handles: List[Any] = []
+        # a gradient outside the reducer (an ignored parameter, or one frozen at the build and
+        # trainable now) since the last synchronising backward: told by a hook on each, which
+        # costs nothing while none arrives (registered with requires_grad on for a moment where
+        # it is off; the hook outlives the flag)
+        self._off_got = False
+        self._off_handles = [_hook_off(p, self._got_off) for p in self._watched[n:]]
+        # what the scans after the last optimizer step found: every .grad None (no hooks needed
+        # in the next backward), and requires_grad changed since the build (the next step takes
+        # the full exchange, which names the change on every rank)
+        self._clean = False
+        self._flags_moved = False
         self.explain = True  # name what changed, rank by rank (a gather); off once it is known
-        self._fired = np.zeros(len(self._watched), dtype=bool)  # got a gradient in this backward
         self.group = group
+        self._alone = ddist.group_size(group) == 1
         # one int per watched parameter carries both facts: got a gradient (0/1) + base * its
         # requires_grad differs from the build (0/1); summed over the ranks, each stays readable
         self._base = ddist.group_size(group) + 1
-        self._pending: Optional[Tuple[np.ndarray, torch.Tensor, Any]] = None
+        self._left = torch.zeros(1, dtype=torch.int32)  # this step left the plan (0/1), reduced
 
     def close(self) -> None:
-        """Finish an outstanding flag exchange (every rank calls this)."""
-        self._drop_pending()
+        """Remove the guard's hooks."""
         self._unhook()
+        for handle in self._off_handles:
+            handle.remove()
+        self._off_handles = []
+
+    def _got_off(self, _: torch.Tensor) -> None:
+        self._off_got = True
 
     def _unhook(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-    def _drop_pending(self) -> None:
-        if self._pending is not None and self._pending[2] is not None:
-            self._pending[2].wait()
-        self._pending = None
 
     def before_backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """Call before ``loss.backward()`` (``sync``: DDP synchronises gradients in this one).
@@ -134,61 +157,87 @@ class PlanGuard:
         if its ``.grad`` is set. Where ``.grad`` is already set (accumulation, ``zero_grad(
         set_to_none=False)``) a post-accumulate hook per parameter tells, for this backward only:
         ``.grad`` versions cannot, since DDP's bucket-view gradients share one version counter per
-        bucket. One hook on the loss, which autograd runs first, queues the flag exchange for the
-        end of a synchronising backward.
+        bucket.
         """
-        self._drop_pending()
         self._unhook()
         self._arrived = None
-        if sync and any(p.grad is not None and p.requires_grad for p in self._watched):
-            arrived = self._arrived = np.zeros(len(self._watched), dtype=bool)
-            self._handles = [p.register_post_accumulate_grad_hook(partial(_arrive, arrived, i))
-                             for i, p in enumerate(self._watched) if p.requires_grad]
-        if sync and loss.requires_grad:
-            loss.register_hook(self._queue_launch)
+        clean, self._clean = self._clean, False
+        if not sync or clean:
+            return
+        grads = list(map(_GRAD, self._watched))
+        if grads.count(None) == len(grads) or not any(
+                g is not None and p.requires_grad for g, p in zip(grads, self._watched)):
+            return
+        arrived = self._arrived = np.zeros(len(self._watched), dtype=bool)
+        self._handles = [p.register_post_accumulate_grad_hook(partial(_arrive, arrived, i))
+                         for i, p in enumerate(self._watched) if p.requires_grad]
 
-    def _queue_launch(self, _: torch.Tensor) -> None:
-        Variable._execution_engine.queue_callback(self._launch)
+    def after_step(self) -> None:
+        """Call after the optimizer step and ``zero_grad``: two reads of every watched parameter,
+        where they are cheap (the optimizer just touched them; right after backward, each
+        ``.grad`` read wraps a new tensor). Whether every ``.grad`` is None spares the next
+        ``before_backward`` its own read; a ``requires_grad`` that differs from the build sends the
+        next step through the full exchange. A flag changed later, before the next backward, shows
+        there as it must: a reducer parameter frozen leaves the reducer waiting, one unfrozen
+        outside it gets a gradient (its hook)."""
+        grads = list(map(_GRAD, self._watched))
+        self._clean = grads.count(None) == len(grads)
+        self._flags_moved = list(map(_REQUIRES_GRAD, self._watched)) != self._built_flags
 
-    def _launch(self) -> None:
-        """End of the backward: every gradient of it has arrived, so the flags are final. Start
-        their exchange now, to run beside DDP's last bucket all-reduces and the fills below."""
+    def after_backward(self, reducer) -> Optional[str]:
+        """Fill, rescue, agree, and where some rank left the plan, fix. Returns why usage differs
+        from the plan (the same on every rank), or None.
+
+        The fills and the rescue come first, from this rank's own gradients: a zero fill can
+        complete DDP's last bucket, whose all-reduce waits for every rank's, so no rank may wait
+        in an exchange before its own buckets are complete.
+        """
+        self.trainable_change = None
+        self._unhook()  # the fills below are not arrivals
+        arrived = self._arrived
+        filled = [i for i, p in self._fill_at
+                  if (p.grad is None if arrived is None else not arrived[i])]
+        had = {i: self.params[i].param.grad is not None for i in filled}  # from earlier micro-steps
+        zero_fill([self.params[i].param for i in filled])
+        finalized = reducer_finalized(reducer)
+        if not finalized:  # a parameter the reducer waits for got no gradient: feed it zeros
+            fired = (map(_GRAD, (rp.param for rp in self.params)) if arrived is None else
+                     arrived[:len(self.params)])
+            rescued = [i for i, f in enumerate(fired)
+                       if (f is None if arrived is None else not f) and i not in had]
+            had.update({i: self.params[i].param.grad is not None for i in rescued})
+            zero_fill([self.params[i].param for i in rescued])
+        left = (not finalized or self._off_got or self._flags_moved
+                or not self._unclaimed.isdisjoint(filled))
+        self._off_got = self._flags_moved = False
+        if not self.recording:
+            if self._alone and not left:
+                return None
+            self._left[0] = left
+            if not ddist.all_reduce_flags(self._left, self.group, ReduceOp.MAX)[0]:
+                return None  # as planned on every rank
+        return self._fix(reducer, had, finalized)
+
+    def _fix(self, reducer, had: Dict[int, bool], finalized: bool) -> Optional[str]:
+        """The rare path, on every rank together: sum per-parameter flags over the ranks, fix.
+
+        ``had``: whether each reducer parameter this rank zero-filled had a ``.grad`` before."""
         n, w = len(self.params), len(self._watched)
-        local = np.array([p.grad is not None for p in self._watched], dtype=bool)
-        rg = np.array([p.requires_grad for p in self._watched], dtype=bool)
+        local = np.array([g is not None for g in map(_GRAD, self._watched)], dtype=bool)
+        local[list(had)] = list(had.values())  # as before the fills
+        rg = np.array(list(map(_REQUIRES_GRAD, self._watched)), dtype=bool)
         changed = rg != self._built
         # outside the reducer only what requires grad now counts: a stale .grad of a frozen
         # parameter is nothing to average
         local[n:] &= rg[n:]
-        self._fired = local if self._arrived is None else self._arrived
-        self._unhook()  # the fills below are not arrivals
+        fired = local if self._arrived is None else self._arrived
         flags = np.empty(w + 1, dtype=np.int32)
         flags[:w] = local + self._base * changed
-        # what the rescue will fill, other than parameters frozen since the build
-        flags[-1] = np.count_nonzero(~self._fired[:n] & ~self._fill & ~changed[:n])
-        flags = torch.from_numpy(flags)
-        self._pending = (local, flags, ddist.all_reduce_flags(flags, self.group, async_op=True))
-
-    def after_backward(self, reducer) -> Optional[str]:
-        """Fill, rescue, agree, fix. Returns why usage differs from the plan (same on every
-        rank), or None."""
-        n, w = len(self.params), len(self._watched)
-        self.trainable_change = None
-        if self._pending is None:  # not queued: no hook on the loss, or it needed no gradient
-            self._launch()
-        local, flags, work = self._pending
-        self._pending = None
-        fill = self._fill & ~self._fired[:n]
-        zero_fill([self.params[i].param for i in np.flatnonzero(fill)])
-        rescued: List[int] = []
-        if not reducer_finalized(reducer):
-            rescued = [int(i) for i in np.flatnonzero(~self._fired[:n] & ~fill)]
-            zero_fill([self.params[i].param for i in rescued])
-            if not reducer_finalized(reducer):
-                self._raise_unfinalized(reducer)
-        if work is not None:
-            work.wait()
-        counts = flags.numpy()
+        # what the rescue filled, other than parameters frozen since the build
+        flags[-1] = np.count_nonzero(~fired[:n] & ~self._fill & ~changed[:n])
+        counts = ddist.all_reduce_flags(torch.from_numpy(flags), self.group).numpy()
+        if not finalized and not reducer_finalized(reducer):  # after the exchange, which every
+            self._raise_unfinalized(reducer)                    # rank joins
         self.record(local[:n])
         if counts[:n].all() and (counts[:n] < self._base).all() and not counts[n:].any():
             return None  # as planned on every rank
@@ -197,7 +246,7 @@ class PlanGuard:
         if ((changed > 0) & (changed < size)).any():
             self._raise_rank_dependent()
         changed = changed == size  # the same change on every rank
-        now = np.array([p.requires_grad for p in self._watched], dtype=bool)
+        now = rg
         unused_everywhere = np.flatnonzero(got[:n] == 0)
         for i in unused_everywhere:  # None on every rank before the fills: True leaves it None
             self.params[i].param.grad = None
@@ -211,7 +260,7 @@ class PlanGuard:
                 frozen=[self.names[i] for i in np.flatnonzero(changed & ~now)])
         unused_everywhere = [i for i in unused_everywhere if not changed[i]]
         woke = [j for j in range(len(self.ignored)) if got[n + j] and not changed[n + j]]
-        rescued = [i for i in rescued if not changed[i]]
+        rescued = [i for i in np.flatnonzero(~fired[:n] & ~self._fill) if not changed[i]]
         if not unused_everywhere and not woke and not counts[-1]:  # a trainable change only
             return None
         if not self.explain:
@@ -273,8 +322,23 @@ def average_by_hand(params: List[torch.Tensor], group: Optional[ProcessGroup]) -
         p.grad = ddist.all_reduce_(grad.mul(1.0 / size), group)
 
 
+_GRAD, _REQUIRES_GRAD = attrgetter('grad'), attrgetter('requires_grad')  # read in C, per step
+
+
 def _arrive(arrived: np.ndarray, i: int, _: torch.Tensor) -> None:
     arrived[i] = True
+
+
+def _hook_off(p: torch.Tensor, hook: Any) -> Any:
+    """A post-accumulate hook on ``p`` even where it does not require grad now."""
+    frozen = not p.requires_grad
+    if frozen:
+        p.requires_grad_(True)
+    try:
+        return p.register_post_accumulate_grad_hook(hook)
+    finally:
+        if frozen:
+            p.requires_grad_(False)
 
 
 def _names(names: List[str], n: int = 8) -> str:

@@ -1,7 +1,7 @@
 """Build a config's model on CPU, as training would see it, without data or a process group."""
 import importlib
 import os
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
@@ -16,6 +16,39 @@ def config_dicts(node: Any) -> Iterator[dict]:
     if isinstance(node, (list, tuple)):
         for item in node:
             yield from config_dicts(item)
+
+
+def type_name(cfg: Any) -> Optional[str]:
+    """A config dict's ``type`` as a name without its scope: ``mmdet.DetDataPreprocessor`` is a
+    detector's too, and a new-style (lazy) config's class ``LoadImageFromFile`` is named so."""
+    kind = cfg.get('type') if isinstance(cfg, dict) else None
+    if isinstance(kind, type) or callable(kind):
+        return getattr(kind, '__name__', None)
+    return kind.rsplit('.', 1)[-1] if isinstance(kind, str) else None
+
+
+def innermost_datasets(dataset: dict, where: str) -> Iterator[Tuple[dict, str]]:
+    """The datasets that read files, under the wrappers (``dataset``/``datasets`` keys)."""
+    if isinstance(dataset.get('dataset'), dict):
+        yield from innermost_datasets(dataset['dataset'], f'{where}.dataset')
+    elif isinstance(dataset.get('datasets'), (list, tuple)):
+        for i, inner in enumerate(dataset['datasets']):
+            yield from innermost_datasets(inner, f'{where}.datasets[{i}]')
+    else:
+        yield dataset, where
+
+
+def take_subset(cfg: Config, subset: int) -> str:
+    """Train on the first ``subset`` samples of each innermost dataset (MMEngine's ``indices``);
+    what was done, said."""
+    loader = cfg.get('train_dataloader') or {}
+    if not isinstance(loader.get('dataset'), dict):
+        raise ValueError('--subset: the config has no train_dataloader.dataset')
+    done = []
+    for dataset, where in innermost_datasets(loader['dataset'], 'train_dataloader.dataset'):
+        dataset['indices'] = subset
+        done.append(f'{where} ({type_name(dataset)})')
+    return f"the first {subset} samples of {', '.join(done)}"
 
 
 def config_path(path: str) -> str:

@@ -18,9 +18,14 @@ The fastest correct setting, by what the probe saw:
   stays ``False`` and the guard completes each step as ``True`` would (see :mod:`mmddp_hooks.guard`).
 
 With gradient accumulation, anything unused gets ``find_unused_parameters=True`` (where it can run).
+
+Parameters kept alive by zero-weighted terms (``loss + p.sum() * 0.0``) are used as far as DDP can
+tell, and the plan is made for that. Every plan then also says what the terms change (a zero
+gradient is not ``None``: momentum and weight decay move an idle branch) and which plan the usage
+without them gets, the one that trains as ``find_unused_parameters=True`` would.
 """
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .report import DYNAMIC, NEVER, RANK_FIXED, UsageReport
 
@@ -82,7 +87,8 @@ def choose_plan(report: UsageReport,
                 asked_find_unused: bool = False,
                 asked_static_graph: bool = False,
                 policy: str = 'auto',
-                grad_accumulation: bool = False) -> DDPPlan:
+                grad_accumulation: bool = False,
+                zero_grad_effect: Optional[str] = None) -> DDPPlan:
     """The fastest DDP setting that is still correct for the measured usage.
 
     Args:
@@ -90,6 +96,8 @@ def choose_plan(report: UsageReport,
         asked_find_unused / asked_static_graph: what the config asked for.
         policy: 'auto' chooses; 'keep' keeps the config's settings and only explains.
         grad_accumulation: the optimizer wrapper accumulates gradients over several backwards.
+        zero_grad_effect: what this run's optimizer does with a zero gradient (see
+            :func:`zero_grad_effect`), for the note on zero-weighted terms.
     """
     check_policy(policy)
     where = report.where
@@ -99,11 +107,13 @@ def choose_plan(report: UsageReport,
     asked = f'the config asked find_unused_parameters={asked_find_unused}'
 
     auto = _auto_plan(report, never, rank_fixed, dynamic, where, grad_accumulation)
+    keepalive = _keepalive_reason(report, grad_accumulation, zero_grad_effect)
     if policy == 'auto':
         if asked_find_unused and not auto.find_unused_parameters:
             auto.reasons.insert(0, f'find_unused_parameters=True was not needed: '
                                    f'{_what_was_unused(never, rank_fixed, where)}')
         auto.reasons.insert(0, asked)
+        auto.reasons += keepalive
         return auto
 
     kept = DDPPlan(find_unused_parameters=asked_find_unused, static_graph=asked_static_graph,
@@ -117,7 +127,48 @@ def choose_plan(report: UsageReport,
         detail = (f' ({len(unused)} parameters did not receive a gradient {where}, e.g. '
                   f'{_examples(unused)})' if unused and not asked_find_unused else '')
         kept.reasons.append(f'the config as written crashes under DDP: {crash}{detail}')
+    kept.reasons += keepalive
     return kept
+
+
+def zero_grad_effect(optimizer: Any) -> str:
+    """What ``optimizer`` does to a parameter whose gradient is zero rather than ``None``."""
+    name = type(optimizer).__name__
+    groups = getattr(optimizer, 'param_groups', None) or [{}]
+    decay = max(float(g.get('weight_decay', 0) or 0) for g in groups)
+    momentum = max(float(g.get('momentum', 0) or 0) for g in groups)
+    if name == 'SGD' and not decay and not momentum:
+        return (f'{name} without momentum or weight decay does not move a parameter whose '
+                'gradient is zero, so here the terms cost time only')
+    what = [f'momentum {momentum:g}'] if momentum else []
+    if 'Adam' in name or 'betas' in groups[0]:
+        what.append('its running averages')
+    if decay:
+        what.append(f'weight decay {decay:g}')
+    return (f'{name} ({", ".join(what) or "its state"}) moves a parameter whose gradient is zero, '
+            'where a None gradient is skipped: the terms change training, not only speed')
+
+
+def _keepalive_reason(report: UsageReport, grad_accumulation: bool,
+                      effect: Optional[str]) -> List[str]:
+    """Kept-alive parameters: what the terms do, and the plan without them."""
+    kept, real = report.kept_alive, report.without_keepalive
+    if not kept or real is None:
+        return []
+    cells = report.n_ranks * report.n_iters
+    terms = sorted({t for p in kept for t in p.zero_terms})
+    where = f' ({terms[0]}{f" and {len(terms) - 1} more" if len(terms) > 1 else ""})' \
+        if terms else ''
+    plan = _auto_plan(real, real.names_of(NEVER), real.names_of(RANK_FIXED),
+                      real.names_of(DYNAMIC), real.where, grad_accumulation)
+    effect = effect or ('momentum and weight decay (SGD with momentum, Adam, AdamW) move a '
+                        'parameter whose gradient is zero, where a None gradient is skipped')
+    return [f'{len(kept)} parameters were kept alive by zero-weighted terms{where} in up to '
+            f'{max(p.kept_alive for p in kept)} of {cells} rank-iterations '
+            f'({_examples([p.name for p in kept])}): DDP counts them as used, but their gradient '
+            f'there is exactly zero, not None. {effect}. Delete the terms: DDPAutoTuneHook then '
+            f'plans the real usage ({real.summary_line()}): {plan.summary()}, and idle '
+            'branches get None gradients, as under find_unused_parameters=True']
 
 
 def crash_reason(report: UsageReport, find_unused: bool, static_graph: bool) -> Optional[str]:

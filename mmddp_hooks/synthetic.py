@@ -14,8 +14,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from mmengine.config import Config
 
-from .model_from_config import config_dicts, train_only
-from .synthetic_data import CLS, DET, SEG
+from .model_from_config import config_dicts, innermost_datasets, train_only, type_name
+from .synthetic_data import CLS, DET, GENERIC, KNOWN_KEYS, SEG, SyntheticDataUnsupported
 
 IMAGE_LOADERS = ('LoadImageFromFile', 'LoadImageFromNDArray')
 ANNOTATION_LOADERS = ('LoadAnnotations', 'LoadPanopticAnnotations')
@@ -24,28 +24,22 @@ SIZE_KEYS = ('scale', 'scales', 'img_scale', 'crop_size', 'size', 'random_size_r
 RESIZES = ('Resize', 'RandomResize', 'RandomChoiceResize', 'FixScaleResize')
 CLS_SIZES = ('RandomResizedCrop', 'CenterCrop', 'RandomCrop', 'ResizeEdge', 'Resize')
 CLS_PREPROCESSORS = ('ClsDataPreprocessor', 'SelfSupDataPreprocessor', 'TwoNormDataPreprocessor')
-DEFAULT_SIZE = {SEG: (512, 512), DET: (128, 128), CLS: (224, 224)}
-
-
-class SyntheticDataUnsupported(ValueError):
-    """The config cannot be fed synthetic data: train it on its own dataset instead."""
-
-
-def _type_name(cfg: Any) -> Optional[str]:
-    """A config dict's ``type`` without its scope: ``mmdet.DetDataPreprocessor`` is a detector's too."""
-    kind = cfg.get('type') if isinstance(cfg, dict) else None
-    return kind.rsplit('.', 1)[-1] if isinstance(kind, str) else kind
+DEFAULT_SIZE = {SEG: (512, 512), DET: (128, 128), CLS: (224, 224), GENERIC: (64, 64)}
+DISCOVERY_SAMPLES = 8  # samples run through an unknown pipeline to find the keys it reads
+__all__ = ['SyntheticDataUnsupported', 'use_synthetic', 'use_batch_builder', 'describe']
 
 
 def synthetic_task(cfg: Config) -> str:
-    """``'mmseg'``, ``'mmdet'`` or ``'mmpretrain'``: the raw data format that fits the config's model.
+    """``'mmseg'``, ``'mmdet'`` or ``'mmpretrain'``: the raw data format that fits the config's model,
+    else ``'generic'`` (a model the doctor does not know: its own dataset class is kept, see
+    :func:`use_synthetic`).
 
     Read from the config alone (no import, no model built), so a launcher can check it before it
-    starts ranks. Raises :class:`SyntheticDataUnsupported` for any other model.
+    starts ranks.
     """
     model = cfg.get('model') or {}
     # mmpretrain's configs keep it at the top level; the Runner puts it into the model
-    preprocessor = _type_name(model.get('data_preprocessor') or cfg.get('data_preprocessor'))
+    preprocessor = type_name(model.get('data_preprocessor') or cfg.get('data_preprocessor'))
     if preprocessor == 'SegDataPreProcessor' or model.get('decode_head') is not None:
         return SEG
     if preprocessor == 'DetDataPreprocessor' or any(
@@ -53,13 +47,7 @@ def synthetic_task(cfg: Config) -> str:
         return DET
     if preprocessor in CLS_PREPROCESSORS or cfg.get('default_scope') == CLS:
         return CLS
-    raise SyntheticDataUnsupported(
-        f'no synthetic data for this config: model type {_type_name(model)!r} with data '
-        f'preprocessor {preprocessor!r} is neither an mmseg segmentor (decode_head, '
-        'SegDataPreProcessor), an mmdet detector (bbox_head/roi_head/rpn_head, DetDataPreprocessor) '
-        "nor an mmpretrain model (default_scope='mmpretrain', ClsDataPreprocessor). Use the "
-        "config's own dataset: run the DDP doctor with --real-data, or tools/train.py without "
-        '--synthetic.')
+    return GENERIC
 
 
 def _hw(scale: Any, keep_ratio: bool) -> Tuple[int, int]:
@@ -74,7 +62,7 @@ def _first_resize(cfg: Config) -> Optional[Tuple[int, int]]:
     """(H, W) the train pipeline's first resize aims at (the largest of a random choice), or None."""
     for t in config_dicts(cfg.get('train_dataloader')):
         scales = t.get('scale') or t.get('scales')
-        if _type_name(t) in RESIZES and scales:
+        if type_name(t) in RESIZES and scales:
             # ``scales`` are choices (ints: short edges); a ``scale`` is one, or a range of two
             many = 'scales' in t or not isinstance(scales[0] if isinstance(scales, (list, tuple))
                                                    else scales, int)
@@ -89,12 +77,12 @@ def _det_size(cfg: Config) -> Optional[Tuple[int, int]]:
     size = _first_resize(cfg)
     if size:
         for t in config_dicts(cfg.get('train_dataloader')):
-            if _type_name(t) == 'RandomCrop' and t.get('crop_type', 'absolute') == 'absolute':
+            if type_name(t) == 'RandomCrop' and t.get('crop_type', 'absolute') == 'absolute':
                 size = min(size[0], t['crop_size'][1]), min(size[1], t['crop_size'][0])
         return size
     preprocessor = cfg.model.get('data_preprocessor') or {}
     for t in config_dicts(preprocessor.get('batch_augments')):
-        if _type_name(t) == 'BatchFixedSizePad':
+        if type_name(t) == 'BatchFixedSizePad':
             return tuple(t['size'])
     return None
 
@@ -102,7 +90,7 @@ def _det_size(cfg: Config) -> Optional[Tuple[int, int]]:
 def _cls_size(cfg: Config) -> Optional[Tuple[int, int]]:
     """A classifier's train crop (mmpretrain's sizes are an int or (h, w))."""
     for t in config_dicts(cfg.get('train_dataloader')):
-        value = t.get('crop_size', t.get('scale')) if _type_name(t) in CLS_SIZES else None
+        value = t.get('crop_size', t.get('scale')) if type_name(t) in CLS_SIZES else None
         if isinstance(value, int):
             return value, value
         if isinstance(value, (list, tuple)) and len(value) == 2 and \
@@ -147,31 +135,35 @@ def scale_sizes(node: Any, factor: float) -> None:
                 d[key] = _scaled(d[key], factor)
 
 
-def _loader(step: dict, where: str) -> dict:
-    """The synthetic stand-in of one loading step; an unknown loader is named, with the way out."""
-    name = _type_name(step)
+def _loader(step: dict, where: str, generic: bool) -> dict:
+    """The synthetic stand-in of one loading step. An unknown loader of a known task is named,
+    with the way out; of an unknown model's, it reads nothing (the sample brings what later
+    steps read)."""
+    name = type_name(step)
     if name in IMAGE_LOADERS:
-        return dict(step, type='SyntheticLoadImage', replaces=step['type'])
+        return dict(step, type='SyntheticLoadImage', replaces=name)
     if name in ANNOTATION_LOADERS:
         return dict(type='SyntheticLoadAnnotations', replaces=dict(step))
+    if generic:
+        return dict(type='SyntheticLoad', replaces=name)
     raise SyntheticDataUnsupported(
         f'{where} is {step["type"]!r}, a loading step the synthetic data cannot stand in for (it '
         "reads files the synthetic samples do not have). Run the DDP doctor with --real-data to use "
         "the config's own data, or replace the step with --cfg-options.")
 
 
-def replace_loaders(node: Any, where: str, replaced: List[str]) -> Any:
+def replace_loaders(node: Any, where: str, replaced: List[str], generic: bool = False) -> Any:
     """``node`` with every loading step (a transform whose type starts with ``Load``) replaced;
     ``replaced`` collects their types."""
     if isinstance(node, dict):
-        name = _type_name(node)
+        name = type_name(node)
         if isinstance(name, str) and name.startswith('Load'):
             replaced.append(name)
-            return _loader(node, where)
-        return type(node)({k: replace_loaders(v, f'{where}.{k}', replaced)
+            return _loader(node, where, generic)
+        return type(node)({k: replace_loaders(v, f'{where}.{k}', replaced, generic)
                            for k, v in node.items()})
     if isinstance(node, (list, tuple)):
-        return type(node)(replace_loaders(v, f'{where}[{i}]', replaced)
+        return type(node)(replace_loaders(v, f'{where}[{i}]', replaced, generic)
                           for i, v in enumerate(node))
     return node
 
@@ -179,17 +171,6 @@ def replace_loaders(node: Any, where: str, replaced: List[str]) -> Any:
 def _num_classes(node: Any) -> List[int]:
     """Every integer ``num_classes`` in a config tree (a cascade's heads are a list)."""
     return [d['num_classes'] for d in config_dicts(node) if isinstance(d.get('num_classes'), int)]
-
-
-def _innermost(dataset: dict, where: str) -> Iterator[Tuple[dict, str]]:
-    """The datasets that read files, under the wrappers (``dataset``/``datasets`` keys)."""
-    if isinstance(dataset.get('dataset'), dict):
-        yield from _innermost(dataset['dataset'], f'{where}.dataset')
-    elif isinstance(dataset.get('datasets'), (list, tuple)):
-        for i, inner in enumerate(dataset['datasets']):
-            yield from _innermost(inner, f'{where}.datasets[{i}]')
-    else:
-        yield dataset, where
 
 
 def use_synthetic(cfg: Config, img_size: Optional[Sequence[int]] = None,
@@ -222,35 +203,100 @@ def use_synthetic(cfg: Config, img_size: Optional[Sequence[int]] = None,
     train_only(cfg, max_iters)
     labels = max(_num_classes(cfg.model), default=None)
     datasets, steps = [], []
-    for dataset, where in list(_innermost(loader['dataset'], 'train_dataloader.dataset')):
-        if dataset.get('type') == 'SyntheticRawDataset':
+    generic = task == GENERIC
+    for dataset, where in list(innermost_datasets(loader['dataset'], 'train_dataloader.dataset')):
+        if type_name(dataset) in ('SyntheticRawDataset', 'SyntheticRawLike'):
             continue  # one dict in two wrappers (a config variable used twice): replaced already
-        new = dict(type='SyntheticRawDataset', task=task, num_samples=num_samples, img_size=raw,
-                   num_classes=labels, replaces=dataset.get('type'),
-                   metainfo=dataset.get('metainfo'), pipeline=list(dataset.get('pipeline') or []),
-                   reduce_zero_label=bool(dataset.get('reduce_zero_label', False)),
-                   filter_empty_gt=bool((dataset.get('filter_cfg') or {}).get('filter_empty_gt')))
-        datasets.append((where, dataset.get('type')))
+        if generic:  # its own class, pipeline and arguments; only its samples are synthetic
+            new = dict(type='SyntheticRawLike', replaces=dict(dataset), num_samples=num_samples,
+                       img_size=raw, num_classes=labels,
+                       values=dict((cfg.get('ddp_doctor') or {}).get('synthetic_values') or {}))
+        else:
+            new = dict(type='SyntheticRawDataset', task=task, num_samples=num_samples,
+                       img_size=raw, num_classes=labels, replaces=dataset.get('type'),
+                       metainfo=dataset.get('metainfo'),
+                       pipeline=list(dataset.get('pipeline') or []),
+                       reduce_zero_label=bool(dataset.get('reduce_zero_label', False)),
+                       filter_empty_gt=bool((dataset.get('filter_cfg') or {}).get(
+                           'filter_empty_gt')))
+        datasets.append((where, type_name(dataset)))
         dataset.clear()
         dataset.update(new)
-    loader['dataset'] = replace_loaders(loader['dataset'], 'train_dataloader.dataset', steps)
+    loader['dataset'] = replace_loaders(loader['dataset'], 'train_dataloader.dataset', steps,
+                                        generic)
     if cfg.get('custom_hooks'):  # e.g. RTMDet's PipelineSwitchHook carries a second pipeline
-        cfg.custom_hooks = replace_loaders(cfg.custom_hooks, 'custom_hooks', steps)
+        cfg.custom_hooks = replace_loaders(cfg.custom_hooks, 'custom_hooks', steps, generic)
     for node in (loader['dataset'], cfg.get('custom_hooks'), cfg.model.get('data_preprocessor'),
                  cfg.get('data_preprocessor')):
         scale_sizes(node, factor)
     loader.update(num_workers=0, persistent_workers=False)
     sampler = loader.get('sampler') or {}
-    if max_iters is not None and _type_name(sampler) == 'DefaultSampler':
+    if max_iters is not None and type_name(sampler) == 'DefaultSampler':
         # an iteration-based loop restarts a finite sampler, with MMEngine's 2 s pause each time
         loader['sampler'] = dict(sampler, type='InfiniteSampler')
+    keys = _discover_keys(cfg) if generic else []
     return dict(task=task, shipped_size=shipped, train_size=size, raw_size=raw, factor=factor,
-                datasets=datasets, steps=steps)
+                datasets=datasets, steps=steps, keys=keys)
+
+
+def _synthetic_parts(dataset: Any) -> Iterator[Any]:
+    """The :class:`~mmddp_hooks.synthetic_data.SyntheticRawLike` datasets under wrappers."""
+    from .synthetic_data import _RawLike
+
+    if isinstance(dataset, _RawLike):
+        yield dataset
+    for inner in [getattr(dataset, 'dataset', None)] + list(getattr(dataset, 'datasets', None) or []):
+        if inner is not None:
+            yield from _synthetic_parts(inner)
+
+
+def _discover_keys(cfg: Config) -> List[str]:
+    """Run the first samples through the (unknown) pipeline; each key a step reads that the
+    samples lack is made (:data:`~mmddp_hooks.synthetic_data.KNOWN_KEYS`) and the sample run
+    again. Written into the config's synthetic datasets; an unknown key is named, with its step."""
+    from mmengine.registry import DATASETS, DefaultScope
+
+    keys: List[str] = []
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope') or 'mmengine'):
+        dataset = DATASETS.build(copy.deepcopy(cfg.train_dataloader.dataset))
+    parts = list(_synthetic_parts(dataset))
+    for index in range(min(DISCOVERY_SAMPLES, len(dataset))):
+        while True:
+            try:
+                dataset[index]
+                break
+            except KeyError as err:
+                step, key = _pipeline_step(err.__traceback__), err.args[0] if err.args else None
+                if step is None or not isinstance(key, str):
+                    raise
+                if key not in KNOWN_KEYS or key in keys:
+                    raise SyntheticDataUnsupported(_unknown_key(step, key)) from None
+                keys.append(key)
+                for part in parts:
+                    part._synthetic['keys'].append(key)
+    for dataset_cfg in config_dicts(cfg.train_dataloader):
+        if type_name(dataset_cfg) == 'SyntheticRawLike':
+            dataset_cfg['keys'] = list(keys)
+    return keys
+
+
+def _unknown_key(step: str, key: str) -> str:
+    return (f'the train pipeline step {step} reads the key {key!r}, which the synthetic samples '
+            'do not have and cannot make (they make: ' + ', '.join(KNOWN_KEYS) + '). Give its '
+            f"values in the config, ddp_doctor = dict(synthetic_values=dict({key}=[...])) (taken "
+            "in turn, sample by sample), or use the config's own data (--real-data --subset K) "
+            "or your own batches (ddp_doctor = dict(synthetic_batch='my_pkg.make_batch'))")
 
 
 def describe(done: Dict[str, Any]) -> str:
     """One line on what :func:`use_synthetic` did, for logs and reports."""
     h, w = done['train_size']
+    if done['task'] == GENERIC:
+        kept = ', '.join(f'{where} ({kind}, its class and pipeline kept)'
+                         for where, kind in done['datasets'])
+        return (f"synthetic samples of {done['raw_size'][0]}x{done['raw_size'][1]} in {kept}; "
+                f"loading steps replaced: {', '.join(sorted(set(done['steps']))) or 'none'}; keys "
+                f"made for the later steps: {', '.join(done['keys']) or 'none'}")
     replaced = ', '.join(f'{where} ({kind})' for where, kind in done['datasets'])
     steps = ', '.join(sorted(set(done['steps']))) or 'none'
     scale = '' if done['factor'] == 1 else \
@@ -263,15 +309,18 @@ def describe(done: Dict[str, Any]) -> str:
 
 def _pipeline_step(tb: Any) -> Optional[str]:
     """The innermost data transform in a traceback (an mmcv ``BaseTransform``, the base of every
-    OpenMMLab transform and of users' own), or None."""
+    OpenMMLab transform and of most users' own, or any callable a ``Compose`` called), or None."""
+    from mmengine.dataset import Compose
     try:
         from mmcv.transforms import BaseTransform
-    except ImportError:  # no mmcv: no OpenMMLab pipeline either
-        return None
-    name = None
+    except ImportError:  # no mmcv: MMEngine's Compose still runs plain callables
+        BaseTransform = ()
+    name, composed = None, False
     while tb is not None:
-        if isinstance(tb.tb_frame.f_locals.get('self'), BaseTransform):
-            name = type(tb.tb_frame.f_locals['self']).__name__
+        owner = tb.tb_frame.f_locals.get('self')
+        if isinstance(owner, BaseTransform) or (composed and owner is not None):
+            name = type(owner).__name__
+        composed = isinstance(owner, Compose) and tb.tb_frame.f_code.co_name == '__call__'
         tb = tb.tb_next
     return name
 
@@ -281,21 +330,45 @@ class SyntheticPipelineError(RuntimeError):
 
 
 @contextlib.contextmanager
-def pipeline_errors_named() -> Iterator[None]:
-    """Re-raise a failure inside a data transform as :class:`SyntheticPipelineError` naming it."""
+def pipeline_errors_named(synthetic: bool = True) -> Iterator[None]:
+    """Re-raise a failure inside a data transform as :class:`SyntheticPipelineError` naming it
+    (and the data it failed on: the synthetic samples, or the config's own)."""
     try:
         yield
     except SyntheticPipelineError:
         raise
     except Exception as err:
         step = _pipeline_step(err.__traceback__)
-        if step is None:
+        if step is None or isinstance(err, (ImportError, OSError)):  # named by their own kind
             raise
-        raise SyntheticPipelineError(
-            f'the train pipeline step {step} failed on the synthetic data: '
-            f'{type(err).__name__}: {err}. Run the DDP doctor with --real-data to use the '
-            f"config's own data, or replace or drop {step} with --cfg-options "
-            '(train_dataloader.dataset...pipeline=[...]).') from err
+        if synthetic:
+            way = ("Run the DDP doctor with --real-data --subset K to use the config's own data, "
+                   f'or replace or drop {step} with --cfg-options '
+                   '(train_dataloader.dataset...pipeline=[...])')
+        else:
+            way = (f'Fix the data or {step}, or dry-run without --real-data (synthetic data '
+                   "through the config's pipeline)")
+        data = 'the synthetic data' if synthetic else "the config's own data"
+        raise SyntheticPipelineError(f'the train pipeline step {step} failed on {data}: '
+                                     f'{type(err).__name__}: {err}. {way}.') from err
+
+
+def use_batch_builder(cfg: Config, builder: Any, max_iters: Optional[int] = None) -> str:
+    """Train on the batches of the config's ``ddp_doctor.synthetic_batch`` function (see
+    :class:`~mmddp_hooks.synthetic_data.BuiltBatches`), at the loader's batch size; what was done."""
+    loader = cfg.get('train_dataloader')
+    if not isinstance(loader, dict):
+        raise SyntheticDataUnsupported('ddp_doctor.synthetic_batch: the config has no '
+                                       'train_dataloader to replace')
+    train_only(cfg, max_iters)
+    name = builder if isinstance(builder, str) else f'{builder.__module__}.{builder.__name__}'
+    batch_size = loader.get('batch_size', 2)
+    cfg.train_dataloader = dict(
+        batch_size=1, num_workers=0, persistent_workers=False, collate_fn=dict(type='unbatched'),
+        sampler=dict(type='InfiniteSampler', shuffle=True),
+        dataset=dict(type='BuiltBatches', builder=builder, batch_size=batch_size))
+    return (f"batches of {batch_size} from the config's ddp_doctor.synthetic_batch ({name}), "
+            'indices drawn at random on each rank')
 
 
 def local_usage(cfg: Config, steps: int = 1, backward: bool = True) -> Tuple[Set[str], Set[str]]:
@@ -319,7 +392,7 @@ def local_usage(cfg: Config, steps: int = 1, backward: bool = True) -> Tuple[Set
     dataset = DATASETS.build(copy.deepcopy(loader.dataset))
     collate = pseudo_collate
     if loader.get('collate_fn'):
-        collate = FUNCTIONS.get(_type_name(loader.collate_fn))
+        collate = FUNCTIONS.get(type_name(loader.collate_fn))
     batch_size = loader.get('batch_size', 2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     used: Set[str] = set()

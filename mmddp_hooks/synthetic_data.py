@@ -7,13 +7,15 @@ the config declares them, on data in the form the loading steps produce. Registe
 registries, so any ``default_scope`` builds them.
 """
 import copy
-from typing import Any, Dict, List, Optional, Sequence
+import importlib
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from mmengine.dataset import BaseDataset
-from mmengine.registry import DATASETS, TRANSFORMS
+from mmengine.registry import DATASETS, FUNCTIONS, TRANSFORMS
+from torch.utils.data import Dataset
 
-SEG, DET, CLS = 'mmseg', 'mmdet', 'mmpretrain'
+SEG, DET, CLS, GENERIC = 'mmseg', 'mmdet', 'mmpretrain', 'generic'
 PANOPTIC_KEYS = ('with_bbox', 'with_label', 'with_mask', 'with_seg', 'box_type', 'backend_args')
 PANOPTIC_DEFAULTS = dict(type='LoadAnnotations', with_bbox=True, with_label=True, with_mask=True,
                          with_seg=True)  # LoadPanopticAnnotations' own defaults
@@ -184,7 +186,8 @@ class SyntheticLoadAnnotations:
     def __init__(self, replaces: dict) -> None:
         self.replaces = dict(replaces)
         spec = copy.deepcopy(self.replaces)
-        if spec['type'].rsplit('.', 1)[-1] == 'LoadPanopticAnnotations':
+        kind = spec['type'] if isinstance(spec['type'], str) else spec['type'].__name__
+        if kind.rsplit('.', 1)[-1] == 'LoadPanopticAnnotations':
             # its __init__ needs panopticapi, for the PNG it reads: mmdet's LoadAnnotations with the
             # same options parses the instances alike, and the semantic map is synthetic anyway
             spec = dict(PANOPTIC_DEFAULTS, **{k: v for k, v in spec.items() if k in PANOPTIC_KEYS})
@@ -202,6 +205,178 @@ class SyntheticLoadAnnotations:
 
     def __call__(self, results: dict) -> Optional[dict]:
         return self.loader(results)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(replaces={self.replaces!r})'
+
+
+def import_function(name: Union[str, Callable]) -> Callable:
+    """``'my_pkg.data.make_batch'`` -> that function (a function is returned as it is)."""
+    if callable(name):
+        return name
+    module, _, attr = name.rpartition('.')
+    if not module:
+        raise ValueError(f'{name!r}: give the function with its module, e.g. my_pkg.make_batch')
+    return getattr(importlib.import_module(module), attr)
+
+
+@DATASETS.register_module()
+class BuiltBatches(Dataset):
+    """Whole batches made by the user's ``builder(index, batch_size)``: what the config's own
+    train loader would yield (the input of the model's data preprocessor). Loaded with batch size 1
+    and :func:`unbatched`, so each item is one batch; ``index`` comes from the loader's sampler,
+    different on each rank and iteration."""
+
+    def __init__(self, builder: Union[str, Callable], batch_size: int = 2,
+                 length: int = 1024) -> None:
+        self.builder, self.batch_size, self.length = builder, batch_size, length
+        self._build = import_function(builder)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return self._build(index, self.batch_size)
+
+
+@FUNCTIONS.register_module()
+def unbatched(items: Sequence[Any]) -> Any:
+    """The one item of a loader batch of size 1 (a whole batch from :class:`BuiltBatches`)."""
+    return items[0]
+
+
+# -------------------------------------------------------------- models the doctor does not know
+class SyntheticDataUnsupported(ValueError):
+    """The config cannot be fed synthetic data: train it on its own dataset instead."""
+
+
+FRAMES = 4  # "several frames": a clip's length
+N_PROMPTS = 3
+
+
+def _points(rng: np.random.RandomState, h: int, w: int) -> np.ndarray:
+    return np.stack([rng.uniform(0, w, N_PROMPTS), rng.uniform(0, h, N_PROMPTS)], 1).astype(
+        np.float32)
+
+
+def _boxes(rng: np.random.RandomState, h: int, w: int) -> np.ndarray:
+    xy = _points(rng, h // 2, w // 2)
+    return np.concatenate([xy, xy + np.array([w / 2, h / 2], np.float32)], 1)
+
+
+def _label_map(seed: int, h: int, w: int, n: int) -> np.ndarray:
+    return synthetic_label_map(seed, h, w, n)
+
+
+# what the later steps of an unknown pipeline may read, and how it is made: (seed, H, W, classes)
+KNOWN_KEYS: Dict[str, Callable[[int, int, int, int], Any]] = {
+    'img': lambda s, h, w, n: synthetic_image(s, h, w),
+    'frames': lambda s, h, w, n: [synthetic_image(s + t, h, w) for t in range(FRAMES)],
+    'imgs': lambda s, h, w, n: [synthetic_image(s + t, h, w) for t in range(FRAMES)],
+    'frame_inds': lambda s, h, w, n: np.arange(FRAMES),
+    'gt_seg_map': lambda s, h, w, n: _label_map(s, h, w, n),
+    'gt_panoptic_seg': lambda s, h, w, n: _label_map(s, h, w, n).astype(np.int32),
+    'gt_mask': lambda s, h, w, n: (_label_map(s, h, w, 2) > 0).astype(np.uint8),
+    'gt_masks': lambda s, h, w, n: np.stack([(_label_map(s + i, h, w, 2) > 0).astype(np.uint8)
+                                             for i in range(N_PROMPTS)]),
+    'gt_depth_map': lambda s, h, w, n: _rng(s).rand(h, w).astype(np.float32),
+    'gt_bboxes': lambda s, h, w, n: _boxes(_rng(s), h, w),
+    'gt_boxes': lambda s, h, w, n: _boxes(_rng(s), h, w),
+    'prompt_bboxes': lambda s, h, w, n: _boxes(_rng(s), h, w),
+    'gt_bboxes_labels': lambda s, h, w, n: _rng(s).randint(0, n, N_PROMPTS),
+    'gt_labels': lambda s, h, w, n: _rng(s).randint(0, n, N_PROMPTS),
+    'gt_ignore_flags': lambda s, h, w, n: np.zeros(N_PROMPTS, bool),
+    'gt_label': lambda s, h, w, n: int(_rng(s).randint(0, n)),
+    'points': lambda s, h, w, n: _points(_rng(s), h, w),
+    'point_coords': lambda s, h, w, n: _points(_rng(s), h, w),
+    'prompt_points': lambda s, h, w, n: _points(_rng(s), h, w),
+    'point_labels': lambda s, h, w, n: np.ones(N_PROMPTS, np.int64),
+    'text': lambda s, h, w, n: f'a synthetic caption {s % 7}',
+    'caption': lambda s, h, w, n: f'a synthetic caption {s % 7}',
+    'texts': lambda s, h, w, n: [f'class {i}' for i in range(n)],
+}
+
+
+class _RawLike:
+    """Mixed into the config's own dataset class: synthetic raw samples instead of its files,
+    with the keys the pipeline was found to read (``keys``), and the user's ``values``."""
+
+    def __init__(self, *args: Any, synthetic: dict, **kwargs: Any) -> None:
+        self._synthetic = synthetic
+        super().__init__(*args, **kwargs)
+
+    def load_data_list(self) -> List[dict]:
+        s = self._synthetic
+        h, w = s['img_size']
+        out = []
+        for i in range(s['num_samples']):
+            seed = s['seed'] * 100003 + i
+            rng = _rng(seed)
+            info = dict(img_path=f'synthetic_{i}.jpg', seg_map_path=f'synthetic_{i}.png',
+                        height=h, width=w, img_id=i, seg_fields=[], reduce_zero_label=False,
+                        gt_label=int(rng.randint(0, s['num_classes'])),
+                        synthetic=dict(seed=seed, num_classes=s['num_classes']))
+            info['instances'] = [_instance(rng, h, w, s['num_classes']) for _ in range(
+                rng.randint(1, 4))]
+            for key, choices in (s.get('values') or {}).items():  # the user's: data_tag=[...]
+                info[key] = choices[i % len(choices)] if isinstance(choices, (list, tuple)) \
+                    else choices
+            out.append(info)
+        return out
+
+    def get_data_info(self, idx: int) -> dict:
+        info = super().get_data_info(idx)
+        s = self._synthetic
+        h, w = s['img_size']
+        for key in s['keys']:
+            if key not in info:
+                info[key] = KNOWN_KEYS[key](info['synthetic']['seed'], h, w, s['num_classes'])
+        if 'img' in info:
+            info.setdefault('img_shape', (h, w))
+            info.setdefault('ori_shape', (h, w))
+        return info
+
+
+def _instance(rng: np.random.RandomState, h: int, w: int, n: int) -> dict:
+    (x1, y1, x2, y2) = _boxes(rng, h, w)[0].round().tolist()
+    return dict(bbox=[x1, y1, x2, y2], bbox_label=int(rng.randint(0, n)), ignore_flag=0,
+                mask=[[x1, y1, x2, y1, x2, y2, x1, y2]])
+
+
+@DATASETS.register_module()
+def SyntheticRawLike(replaces: dict, num_samples: int = 32, img_size: Sequence[int] = (64, 64),
+                     num_classes: Optional[int] = None, keys: Sequence[str] = (),
+                     values: Optional[dict] = None, seed: int = 0) -> BaseDataset:
+    """The config's own dataset (``replaces``, its class and arguments kept), its
+    ``load_data_list`` replaced by ``num_samples`` synthetic raw samples of ``img_size``: an image
+    path, 1-3 ``instances``, a ``gt_label``, the user's ``values`` (a key: a value or a list to
+    take in turn) and the ``keys`` of :data:`KNOWN_KEYS` that its pipeline reads."""
+    spec = dict(replaces)
+    cls = spec.pop('type')
+    if isinstance(cls, str):
+        with DATASETS.switch_scope_and_registry(None) as registry:
+            cls = registry.get(cls)
+    if not (isinstance(cls, type) and issubclass(cls, BaseDataset)):
+        raise SyntheticDataUnsupported(
+            f'{getattr(cls, "__name__", cls)} is not an MMEngine BaseDataset: the synthetic data '
+            'keeps a dataset class and replaces its load_data_list, which this class does not have')
+    keep = type(f'Synthetic{cls.__name__}', (_RawLike, cls), {})
+    spec.pop('lazy_init', None)
+    return keep(synthetic=dict(num_samples=num_samples, img_size=tuple(img_size), seed=seed,
+                               num_classes=int(num_classes or 2), keys=list(keys),
+                               values=values or {}), **spec)
+
+
+@TRANSFORMS.register_module()
+class SyntheticLoad:
+    """Stands in for a loading step the doctor does not know: reads nothing; what later steps
+    read comes with the sample (:class:`SyntheticRawLike`)."""
+
+    def __init__(self, replaces: Any = None, **_ignored: Any) -> None:
+        self.replaces = getattr(replaces, '__name__', replaces)
+
+    def __call__(self, results: dict) -> dict:
+        return results
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(replaces={self.replaces!r})'

@@ -205,12 +205,15 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.rebuild(plan.find_unused_parameters, plan.static_graph, plan.ignore)
         self.plan = plan
         if plan.guarded:
+            ranks = range(ddist.group_size(self.process_group))
             self.guard = PlanGuard(self.module,
                                    plan.fill.get(ddist.group_rank(self.process_group), []),
-                                   plan.ignore, group=self.process_group, trainable=self.trainable)
+                                   plan.ignore, group=self.process_group, trainable=self.trainable,
+                                   unclaimed=set.intersection(*(set(plan.fill.get(r, []))
+                                                                for r in ranks)))
 
     def close_guard(self) -> None:
-        """Finish the guard's outstanding flag exchange (every rank)."""
+        """Remove the guard's hooks and drop it."""
         if self.guard is not None:
             self.guard.close()
             self.guard = None
@@ -292,6 +295,9 @@ class ReconfigurableDDP(MMDistributedDataParallel):
                 self.apply_plan(self.plan)
             else:
                 self.refresh_buckets()
+        watcher = self._watcher()
+        if watcher is not None:
+            watcher.after_step()
 
     def _follow_unguarded(self) -> Optional[TrainableChange]:
         """Where no guard exchanges flags every step: a rank that sees its trainable set changed
@@ -300,24 +306,24 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         change = self.trainable.change()
         if not change:
             return None
-        named = dict(zip(self.trainable.names, self.trainable.params))
-        got = [n for n in change.unfrozen if named[n].grad is not None]
         try:
-            posted = ddist.store_exchange(f'{self._store_tag}/{self._store_exchanges}', (change, got),
-                                          self.process_group, self.trainable_change_timeout)
+            posted = ddist.store_agree(f'{self._store_tag}/{self._store_exchanges}', change,
+                                       self.process_group, self.trainable_change_timeout)
         except ddist.StoreTimeout as e:
             raise RuntimeError(rank_dependent_message(
-                {r: c for r, (c, _) in e.posted.items()}, e.missing,
-                self.trainable_change_timeout)) from None
+                e.posted, e.missing, self.trainable_change_timeout)) from None
         self._store_exchanges += 1
-        if any(c != change for c, _ in posted.values()):
-            raise RuntimeError(rank_dependent_message({r: c for r, (c, _) in posted.items()}))
+        if posted is not None:
+            raise RuntimeError(rank_dependent_message(posted))
+        named = dict(zip(self.trainable.names, self.trainable.params))
         averaged = self.trainable.averaged
         frozen_in_reducer = [named[n] for n in change.frozen if id(named[n]) in averaged]
         if frozen_in_reducer and not reducer_finalized(self.reducer):  # False: it waits for them
             zero_fill(frozen_in_reducer)
-        used = {n for _, g in posted.values() for n in g}
-        average_by_hand([named[n] for n in change.unfrozen if n in used], self.process_group)
+        # every rank is at this step (they agreed on the change): a collective is safe here
+        got = torch.tensor([named[n].grad is not None for n in change.unfrozen], dtype=torch.int32)
+        used = ddist.all_reduce_flags(got, self.process_group).tolist()
+        average_by_hand([named[n] for n, u in zip(change.unfrozen, used) if u], self.process_group)
         for n in change.frozen:
             named[n].grad = None
         return change

@@ -120,6 +120,6 @@ def store_beside_the_watcher(seconds: float = 3.0) -> Dict[str, Any]:
         assert kv.get(key) == str(rounds).encode() and kv.add('beside/count', 1) >= rounds
         # and Python between the calls, as training runs: the watcher's store calls run beside it
         assert sorted(str(i) for i in range(2000))[-1] == '999'
-    exchanged = ddist.store_exchange('beside_the_watcher', rounds)
+    exchanged = ddist.store_agree('beside_the_watcher', (dist.get_rank(), rounds))
     hook.stop()
     return dict(rounds=rounds, beats=hook.beats, exchanged=exchanged, reports=len(hook.reports))

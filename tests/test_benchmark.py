@@ -95,3 +95,16 @@ def test_real_models_leave_only_their_extra_head_unused(arch, head, kwargs):
     assert sorted(n for n, p in step.named_parameters() if p.grad is None) == [
         'unused_head.bias', 'unused_head.weight']
     assert step.unused_head.weight.shape == step.get_parameter(f'net.{head}.weight').shape
+
+
+def test_keep_alive_terms_are_measured_against_the_plan_without_them(tmp_path, capsys):
+    out_json = tmp_path / 'keepalive.json'
+    assert benchmark_ddp.main(['--keepalive', '--quick', '--json', str(out_json)]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith('| keep-alive terms + find_unused_parameters=False vs the plan')
+    res = json.loads(out_json.read_text())['keepalive']
+    assert res['plan'] == 'find_unused_parameters=True' and res['rounds'] == 6
+    assert res['step_ratio_min'] <= res['step_ratio'] <= res['step_ratio_max']
+    # the same buckets either way; find_unused_parameters=True adds its used-parameter map
+    assert res['bucket_bytes_ratio'] == 1.0 and res['used_map_bytes'] == 4 * 14
+    assert res['max_param_diff'] > 0  # zero gradients are not None: the two train differently

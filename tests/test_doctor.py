@@ -56,7 +56,7 @@ def test_a_zoo_run_tabulates_each_config_and_retries_a_too_small_size(monkeypatc
         return good
 
     monkeypatch.setattr(doctor, 'run_doctor', run_doctor)
-    monkeypatch.setattr(ddp_doctor, '_no_synthetic_data', lambda config, options: None)
+    monkeypatch.setattr(doctor, 'preflight', lambda *args: None)
     listed = tmp_path / 'zoo.txt'
     listed.write_text('a/ok.py  # a comment\n\na/small.py\n')
     argv = ['a/broken.py', '--list', str(listed), '--size', '64', '64', '--out',
@@ -73,5 +73,7 @@ def test_a_zoo_run_tabulates_each_config_and_retries_a_too_small_size(monkeypatc
     assert lines[4].startswith('| small (416x832: 64x64 too small) |')
 
     assert ddp_doctor.main(['a/ok.py', 'a/small.py', '--json', '--size', '64', '64']) == doctor.OK
-    rows = json.loads(capsys.readouterr().out)
+    found = json.loads(capsys.readouterr().out)  # one JSON object, its rows under 'configs'
+    rows = found['configs']
+    assert found['status'] == doctor.OK
     assert [r['status'] for r in rows] == ['CRASHES', 'CRASHES'] and rows[0]['never'] == 3

@@ -113,6 +113,7 @@ def test_doctor_prints_the_effective_settings_and_dropped_keys(monkeypatch, caps
                     auto=dict(reasons=[]), config_lines='<lines>', teardown_fault=None,
                     data='<data>', dropped_weights=[], cpu_notes=[], upstream_bugs=[])
     monkeypatch.setattr(doctor, 'run_doctor', lambda *a, **k: findings)
+    monkeypatch.setattr(doctor, 'preflight', lambda *a: None)  # no such config to load here
     assert ddp_doctor.main(['some_config.py']) == doctor.CRASHES
     out = capsys.readouterr().out
     assert ("config as written runs DDP with find_unused_parameters=False (model_wrapper_cfg, not "

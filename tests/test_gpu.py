@@ -21,8 +21,8 @@ import hang_cases
 import pytest
 import torch
 
-from mmddp_hooks.hooks.hang_watchdog_hook import ABORT_EXIT_CODE
 from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.watchdog import ABORT_EXIT_CODE
 
 import contract_cases
 import launch

@@ -2,6 +2,7 @@
 named with its line, the others with what they wait in, and every rank ends (action='abort');
 a run that is slow but progressing is never called a hang."""
 import inspect
+import os
 import re
 import signal
 import sys
@@ -11,8 +12,8 @@ import hang_cases
 import pytest
 
 from mmddp_hooks.doctor import HANGS
-from mmddp_hooks.hooks.hang_watchdog_hook import ABORT_EXIT_CODE, describe_hang
 from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.watchdog import ABORT_EXIT_CODE, describe_hang
 
 import launch
 
@@ -93,7 +94,9 @@ def test_the_doctor_gives_a_hanging_config_its_own_verdict():
     start = time.monotonic()
     code, out = launch.run([sys.executable, 'tools/ddp_doctor.py', str(HANG_CONFIG), '--real-data',
                             '--iters', '8', '--hang-timeout', '4'], timeout=120,
-                           PYTHONPATH=str(launch.ROOT / 'tests'))
+                           # this checkout's package, not an installed one's: tools/ then
+                           # runs the package it ships with
+                           PYTHONPATH=os.pathsep.join([str(launch.ROOT), str(launch.ROOT / 'tests')]))
     assert code == HANGS, out[-3000:]
     assert time.monotonic() - start < 90
     assert 'hang_net.py HANGS under DDP:' in out and 'no progress for 4 s on 2 ranks' in out
@@ -118,4 +121,4 @@ def test_the_watcher_and_training_code_use_the_store_at_once_without_harm():
     for r in rows:
         # a beat every 5 ms; on torch 2.1 each also waits 100 ms to learn there is no alarm
         assert r['rounds'] > 50 and r['beats'] >= 10 and r['reports'] == 0, r
-        assert r['exchanged'] == {0: rows[0]['rounds'], 1: rows[1]['rounds']}
+        assert r['exchanged'] == {0: (0, rows[0]['rounds']), 1: (1, rows[1]['rounds'])}

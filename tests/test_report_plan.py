@@ -162,3 +162,130 @@ def test_crash_reason_is_plain_ddp_on_the_measured_usage():
     assert crash_reason(reentrant, find_unused=False, static_graph=False) is None
     kept = choose_plan(reentrant, asked_find_unused=True, policy='keep')
     assert any('crashes under DDP' in r and 'ready twice' in r for r in kept.reasons)
+
+
+# ------------------------------------------------------------- zero-weighted terms, batch kinds
+KINDS = [['det', 'sam', 'det', 'sam'], ['sam', 'det', 'sam', 'det']]  # per rank, per iteration
+
+
+def _two_kinds(keep_alive: bool) -> Usage:
+    """trunk always; det_head in 'det' batches, sam_head in 'sam' ones; caption never. With the
+    keep-alive terms every parameter arrives, the idle ones with an exactly-zero gradient."""
+    names = ['trunk.w', 'det_head.w', 'sam_head.w', 'caption.w']
+    real = np.zeros((2, 4, 4), bool)
+    real[:, :, 0] = True
+    for r, kinds in enumerate(KINDS):
+        for i, kind in enumerate(kinds):
+            real[r, i, 1 if kind == 'det' else 2] = True
+    batch = [[{'data_tag': (k,)} for k in kinds] for kinds in KINDS]
+    if not keep_alive:
+        return Usage(names, [1] * 4, real, batch=batch)
+    return Usage(names, [1] * 4, np.ones_like(real), zero=~real, zero_weighted=np.ones_like(real),
+                 zero_terms={n: ['model.py:9: loss = loss + 0.0 * idle'] for n in names},
+                 batch=batch)
+
+
+def test_usage_without_keep_alive_terms_is_explained_by_the_batch_kind():
+    report = build_report(_two_kinds(keep_alive=False))
+    by_name = {p.name: p for p in report.params}
+    assert by_name['det_head.w'].kind == DYNAMIC and by_name['caption.w'].kind == NEVER
+    assert by_name['det_head.w'].explained_by == "data_tag='det'"
+    assert by_name['sam_head.w'].explained_by == "data_tag='sam'"
+    assert by_name['trunk.w'].explained_by is None and by_name['caption.w'].explained_by is None
+    assert (by_name['det_head.w'].observed, by_name['det_head.w'].used_count) == (8, 4)
+    assert report.batch_kinds == {'data_tag': {'det': 4, 'sam': 4}}
+    table = report.table()
+    assert "dynamic (used in 50% of rank-iterations, only in batches with data_tag='det')" in table
+    assert "batch kinds seen (rank-iterations): data_tag: 'det' 4, 'sam' 4" in table
+    assert 'never used means no gradient in any of 8 rank-iterations' in table  # a small sample
+    assert not report.kept_alive and report.without_keepalive is None
+
+
+def test_keep_alive_terms_are_named_and_the_plan_says_what_they_change():
+    report = build_report(_two_kinds(keep_alive=True))
+    assert report.counts == {ALWAYS: 4, NEVER: 0, RANK_FIXED: 0, DYNAMIC: 0}
+    assert [(p.name, p.kept_alive) for p in report.kept_alive] == [
+        ('det_head.w', 4), ('sam_head.w', 4), ('caption.w', 8)]
+    real = report.without_keepalive
+    assert real.names_of(NEVER) == ['caption.w'] and real.names_of(DYNAMIC) == ['det_head.w',
+                                                                               'sam_head.w']
+    table = report.table()
+    assert 'kept alive by zero-weighted terms: 3 params' in table
+    assert '  caption        1        1         8 of 8  model.py:9: loss = loss + 0.0 * idle' in table
+    assert "only in batches with data_tag='sam'" in table  # the usage without the terms
+    plan = choose_plan(report, zero_grad_effect='SGD (momentum 0.9) moves a parameter')
+    assert not plan.find_unused_parameters  # DDP sees every parameter used: the config runs
+    assert plan.reasons[-1].startswith('3 parameters were kept alive by zero-weighted terms '
+                                       '(model.py:9: loss = loss + 0.0 * idle) in up to 8 of 8')
+    assert 'SGD (momentum 0.9) moves a parameter. Delete the terms: DDPAutoTuneHook then plans ' \
+           'the real usage (1 always used, 1 never used, 0 used on some ranks only, 2 dynamic): ' \
+           'find_unused_parameters=True' in plan.reasons[-1]
+    kept = choose_plan(report, policy='keep')
+    assert 'kept alive by zero-weighted terms' in kept.reasons[-1]
+
+
+def test_keep_alive_terms_of_installed_libraries_are_one_line_and_no_advice():
+    """mmdet's RoI extractor multiplies every parameter by 0 for a batch without boxes, on
+    purpose: named, but not the user's to delete, and not a plan of its own."""
+    usage = _two_kinds(keep_alive=True)
+    where = '.venv/lib/python3.11/site-packages/mmdet/models/roi_extractor.py:118: x * 0.'
+    usage.zero_terms = {n: [where] for n in usage.names}
+    report = build_report(usage)
+    assert not report.kept_alive and report.without_keepalive is None
+    assert [p.name for p in report.kept_alive_by_libraries] == ['det_head.w', 'sam_head.w',
+                                                              'caption.w']
+    assert ('kept alive by zero-weighted terms of installed libraries: 3 params in up to 8 of 8 '
+            'rank-iterations (mmdet/models/roi_extractor.py:118)') in report.table()
+    assert not any('zero-weighted' in r for r in choose_plan(report).reasons)
+
+
+def test_an_exactly_zero_gradient_without_a_zero_weighted_term_counts_as_used():
+    usage = _two_kinds(keep_alive=True)
+    usage.zero_weighted[:] = False  # e.g. a ReLU that was dead for that batch
+    report = build_report(usage)
+    assert not report.kept_alive and report.without_keepalive is None
+
+
+def test_what_an_optimizer_does_with_a_zero_gradient():
+    import torch
+
+    from mmddp_hooks.plan import zero_grad_effect
+
+    p = [torch.nn.Parameter(torch.ones(1))]
+    assert 'does not move' in zero_grad_effect(torch.optim.SGD(p, lr=0.1))
+    assert zero_grad_effect(torch.optim.SGD(p, lr=0.1, momentum=0.9)).startswith(
+        'SGD (momentum 0.9) moves a parameter whose gradient is zero')
+    assert zero_grad_effect(torch.optim.AdamW(p, weight_decay=0.05)).startswith(
+        'AdamW (its running averages, weight decay 0.05) moves')
+
+
+def test_batch_attributes_come_from_the_samples_metainfo_and_dicts():
+    from mmengine.structures import BaseDataElement
+
+    from mmddp_hooks.batch_kinds import batch_attributes
+
+    samples = [BaseDataElement(metainfo=dict(data_tag='sam', img_path='a.jpg')),
+               BaseDataElement(metainfo=dict(data_tag='det'))]
+    assert batch_attributes(dict(inputs=None, data_samples=samples)) == {'data_tag': ('det', 'sam')}
+    assert batch_attributes([dict(task='seg'), dict(task='seg')]) == {'task': ('seg',)}
+    assert batch_attributes(dict(inputs=None, dataset=['coco', 'sa1b'])) == {
+        'dataset': ('coco', 'sa1b')}
+
+
+def test_the_probe_goes_on_while_a_batch_kind_is_rarely_seen():
+    from mmddp_hooks.batch_kinds import explain, probe_more
+
+    one = [[{'data_tag': ('sam',)}] * 4, [{'data_tag': ('sam',)}] * 3 + [{'data_tag': ('det',)}]]
+    assert probe_more(one, 4, min_seen=3, max_iters=32) == (8, (
+        "batch kinds vary and some were seen in fewer than 3 rank-iterations (data_tag='det' in "
+        '1): probing on to 8 iterations (at most 32)'))
+    assert probe_more(one, 32, 3, 32) == (32, None)  # the bound
+    assert probe_more([[{'data_tag': ('sam',)}] * 4] * 2, 4, 3, 32) == (4, None)  # one kind only
+    ids = [[{'data_tag': (str(i),)} for i in range(20)]]  # an identifier, not a kind
+    assert probe_more(ids, 20, 3, 32) == (20, None)
+    # a mixed batch holds both kinds: used exactly where the batch holds 'det'
+    mixed = [[{'data_tag': ('det', 'sam')}, {'data_tag': ('sam',)}, {'data_tag': ('det',)}]]
+    used = np.array([[[True, True], [False, True], [True, False]]])
+    assert explain(used, mixed) == ["data_tag='det'", "data_tag='sam'"]
+    used[0, 1, 1] = False  # no set of values decides it now
+    assert explain(used, mixed) == ["data_tag='det'", None]

@@ -17,6 +17,7 @@ from mmddp_hooks.model_from_config import drop_remote_weights, train_only
 from mmddp_hooks.synthetic import (
     SyntheticDataUnsupported,
     SyntheticPipelineError,
+    describe,
     local_usage,
     pipeline_errors_named,
     use_synthetic,
@@ -246,13 +247,62 @@ def test_one_training_step_on_the_repos_detectors(name):
         assert any(n.startswith('roi_head.mask_head') for n in used)
 
 
-def test_unsupported_config_names_the_way_out():
-    cfg = Config(dict(model=dict(type='ToyClassifier',
-                                 data_preprocessor=dict(type='BaseDataPreprocessor'))))
+def test_an_unknown_models_dataset_class_and_pipeline_are_kept_and_what_it_reads_made():
+    """A research model (configs/examples/two_kinds): its dataset class, with only the samples
+    synthetic; its loading steps replaced, a custom one too; the keys its later steps read made
+    (boxes for 'det' samples, points and a mask for 'sam' ones); the user's values taken in turn."""
+    from projects.two_kinds import PromptedImages
+
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'examples', 'two_kinds', 'no_keep_alive.py'))
+    cfg.ddp_doctor = dict(synthetic_values=dict(data_tag=['det', 'sam']))
+    done = use_synthetic(cfg, max_iters=2)
+    assert done['task'] == 'generic' and done['steps'] == ['LoadImageFromFile', 'LoadPrompts']
+    assert done['keys'] == ['gt_boxes', 'points', 'gt_mask']
+    assert 'PromptedImages, its class and pipeline kept' in describe(done)
+    ds = DATASETS.build(cfg.train_dataloader.dataset)
+    assert isinstance(ds, PromptedImages) and ds.metainfo['kinds'] == ('det', 'sam')
+    det, sam = ds[0]['data_samples'], ds[1]['data_samples']
+    assert det.data_tag == 'det' and det.gt_boxes.shape == (3, 4)
+    assert sam.data_tag == 'sam' and sam.points.shape == (3, 2) and sam.gt_mask.shape == (64, 64)
+
+
+def test_an_unknown_key_is_named_with_its_step_and_the_ways_out():
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'examples', 'two_kinds', 'no_keep_alive.py'))
     with pytest.raises(SyntheticDataUnsupported) as err:
-        use_synthetic(cfg)
-    for word in ('ToyClassifier', 'BaseDataPreprocessor', '--real-data', 'without --synthetic'):
+        use_synthetic(cfg, max_iters=2)
+    for word in ("the train pipeline step PackPromptInputs reads the key 'data_tag'",
+                 'synthetic_values=dict(data_tag=[...])', '--real-data --subset K',
+                 "synthetic_batch='my_pkg.make_batch'"):
         assert word in str(err.value)
+
+
+def test_several_frames_for_a_clip_pipeline():
+    from mmengine.dataset import BaseDataset
+    from mmengine.registry import TRANSFORMS
+
+    @TRANSFORMS.register_module(force=True)
+    class LoadClipFrames:  # reads a video file: replaced
+        def __call__(self, results):
+            raise AssertionError('not replaced')
+
+    @TRANSFORMS.register_module(force=True)
+    class StackClip:  # what a video model's pipeline does with the frames
+        def __call__(self, results):
+            return dict(inputs=torch.as_tensor(np.stack(results['frames'])),
+                        label=results['gt_label'])
+
+    @DATASETS.register_module(force=True)
+    class ClipDataset(BaseDataset):
+        def load_data_list(self):
+            raise FileNotFoundError(self.ann_file)
+
+    cfg = Config(dict(model=dict(type='VideoNet'), train_dataloader=dict(
+        batch_size=2, dataset=dict(type='ClipDataset', ann_file='clips.json', pipeline=[
+            dict(type='LoadClipFrames'), dict(type='StackClip')]))))
+    done = use_synthetic(cfg, max_iters=1)
+    assert done['keys'] == ['frames'] and done['steps'] == ['LoadClipFrames']
+    sample = DATASETS.build(cfg.train_dataloader.dataset)[0]
+    assert sample['inputs'].shape == (4, 64, 64, 3) and isinstance(sample['label'], int)
 
 
 def test_mmseg_class_weight_bug_is_worked_around_and_named():

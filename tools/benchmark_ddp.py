@@ -4,6 +4,7 @@
     python tools/benchmark_ddp.py [--nproc 2] [--rounds 200] [--quick] [--json out.json] [--plot out.png]
     python tools/benchmark_ddp.py --device cuda [--rounds 200] [--json out.json] [--plot out.png]
     python tools/benchmark_ddp.py --rebuild-memory [--json out.json]
+    python tools/benchmark_ddp.py --keepalive [--rounds 200] [--quick] [--json out.json]
 
 Prints a markdown table: per scenario and setting, the median step time of the slowest rank and the
 median (min-max) of per-round ratios against the best valid hand-picked setting; invalid settings
@@ -20,6 +21,10 @@ runs the same code on gloo with a ResNet-18 and a one-block ViT on 32 x 32 image
 ``--rebuild-memory`` measures instead the peak memory of a plan change (DDP rebuilt in place) plus two
 steps against two ordinary steps, on one rank, for a 109 M parameter model, with gradients copied out
 of DDP's buckets and as views of them (``mmddp_hooks.benchmark.rebuild_memory``).
+
+``--keepalive`` measures what zero-weighted keep-alive terms (``loss + 0.0 * idle parameters``, under
+find_unused_parameters=False) cost against DDPAutoTuneHook's plan for the model without them: the
+ratio of step times, interleaved, and of the bytes all-reduced, and how far their training parts.
 """
 # isort: off
 import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
@@ -57,10 +62,27 @@ def main(argv=None) -> int:
                    help="the hook's heartbeat interval (its default: 1 s)")
     p.add_argument('--rebuild-memory', action='store_true',
                    help='measure the peak memory of a rebuild instead (see above)')
+    p.add_argument('--keepalive', action='store_true',
+                   help='only: keep-alive terms against the plan without them')
     args = p.parse_args(argv)
     from mmddp_hooks import benchmark as bench
     from mmddp_hooks.testing import run_on_ranks
 
+    if args.keepalive:
+        shape = dict(depth=2, width=8) if args.quick else {}
+        run = run_on_ranks(bench.run_keepalive, args.nproc or 2,
+                           args=(min(args.rounds, 6) if args.quick else args.rounds,
+                                 6 if args.quick else args.warmup), kwargs=shape,
+                           timeout=args.timeout)
+        if not run.ok:
+            print(f'keep-alive benchmark failed:\n{run.describe()}', file=sys.stderr)
+            return 1
+        result = bench.summarise_keepalive(run.ranks[0].value)
+        print(bench.format_keepalive(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(nproc=args.nproc or 2, keepalive=result),
+                                                   indent=2))
+        return 0
     if args.rebuild_memory:
         return rebuild_memory(args)
     real = (args.models or ('real' if args.device == 'cuda' else 'toy')) == 'real'

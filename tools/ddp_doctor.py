@@ -1,28 +1,37 @@
 #!/usr/bin/env python
 """Dry-run a config's DDP behaviour on CPU before queueing for GPUs.
 
-    python tools/ddp_doctor.py CONFIG [--nproc 2] [--iters 4] [--size H W] [--cfg-options k=v]
-                                      [--real-data] [--pretrained] [--json] [--trust-checkpoint FILE]
+    python tools/ddp_doctor.py CONFIG [--nproc 2] [--iters 4] [--size H W] [--batch-size 2]
+                                      [--cfg-options k=v] [--real-data [--subset K]] [--pretrained]
+                                      [--json] [--debug] [--trust-checkpoint FILE]
     python tools/ddp_doctor.py CONFIG CONFIG ... | FOLDER | --list FILE   [same options]
 
 Trains a few iterations on gloo CPU ranks and probes which parameters get gradients. The data is
 synthetic, fed through the config's own train pipeline and dataset wrappers: only the innermost dataset
-and the loading steps are replaced (or the config's own data with --real-data). --size H W scales the
-pipeline's pixel sizes so the train size fits in HxW. Pretrained weights that are not on this machine
-are not loaded (usage does not depend on them) unless --pretrained. Prints the usage report, whether
-the config as written crashes under DDP (judged on the settings MMEngine applies: a top-level key
-MMEngine ignores is printed as a warning, not used), the plan DDPAutoTuneHook would choose and the
-config lines to paste.
+and the loading steps are replaced; or the batches of the config's own builder
+(ddp_doctor = dict(synthetic_batch='my_pkg.make_batch')); or the config's own data with --real-data
+(--subset K: its first K samples). --size H W scales the pipeline's pixel sizes so the train size fits
+in HxW. Each rank takes a batch of --batch-size (2; 0 keeps the config's). Pretrained weights that are
+not on this machine are not loaded (usage does not depend on them) unless --pretrained. The current
+folder is put on sys.path, as tools/dist_train.sh puts the repository root on PYTHONPATH. Prints the
+usage report (with the batch kinds seen and the zero-weighted terms that keep parameters "used"),
+whether the config as written crashes under DDP (judged on the settings MMEngine applies: a
+top-level key MMEngine ignores is printed as a warning, not used), the plan DDPAutoTuneHook would
+choose and the config lines to paste.
 
 Exit codes: 0 the config as written trains under DDP; 1 it would crash with DDP's unused-parameter
-error; 2 the doctor could not run it (the error of every rank is printed; where the model cannot
-train at --size, the smallest size that does); 3 its ranks hang: one made no progress for
---hang-timeout seconds (default: 20x the slowest step, at least 120 s), and the report says which
-rank is stuck at which line and what the others wait in. A rank that finished and reported, then
-died while exiting, is printed as a teardown fault and leaves the verdict as it is.
+error; 2 the doctor stopped before a verdict: one paragraph names the stage (loading the config,
+building the model, building the data, running), the cause and what to do (where the model cannot
+train at --size, the smallest size that does); --debug adds every rank's traceback; 3 its ranks
+hang: one made no progress for --hang-timeout seconds (default: 20x the slowest step, at least
+120 s), and the report says which rank is stuck at which line and what the others wait in. A rank
+that finished and reported, then died while exiting, is printed as a teardown fault and leaves the
+verdict as it is. --json prints one JSON object, whatever happens (``status``: the exit code;
+``stage`` and ``error`` when it stopped).
 
 Several configs (or a folder, searched recursively, or a --list file of config paths) make a zoo run:
-each is diagnosed in turn and one summary table is printed (a JSON list with --json); a config that
+each is diagnosed in turn and one summary table is printed (with --json, an object whose ``configs``
+are the rows); a config that
 cannot train at --size is run again at the smallest size that does; --out FILE writes the table
 there too, clear of the logs. Exit code 0 when every config was diagnosed, 2 when one could not run.
 """
@@ -30,18 +39,20 @@ there too, clear of the logs. Exit code 0 when every config was diagnosed, 2 whe
 import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
 # isort: on
 import argparse
+import contextlib
 import glob
 import json
 import os
-import re
 import sys
 import time
-from typing import List, Optional
+import traceback
+from typing import Iterator, List, Optional
 
 from mmengine.config import DictAction
 
 from mmddp_hooks import doctor
-from mmddp_hooks.doctor import CRASHES, FAILED, HANGS, OK
+from mmddp_hooks.doctor import CRASHES, FAILED, HANGS, OK, VERDICTS
+from mmddp_hooks.doctor_failure import cause_line, classify, paragraph
 from mmddp_hooks.model_from_config import config_path
 from mmddp_hooks.report import DYNAMIC, NEVER, RANK_FIXED
 
@@ -55,24 +66,6 @@ def _effective(settings: dict) -> str:
     return text
 
 
-def _no_synthetic_data(config: str, cfg_options: Optional[dict]) -> Optional[str]:
-    """Why the config cannot take synthetic data (its task, or a loading step without a stand-in),
-    or None: checked once, here, before the ranks start, as each rank would fail on it. A config
-    that does not load is left to the ranks, whose errors the doctor reports."""
-    from mmddp_hooks.model_from_config import load_config
-    from mmddp_hooks.synthetic import SyntheticDataUnsupported, use_synthetic
-
-    try:
-        cfg = load_config(config, cfg_options)
-    except Exception:
-        return None
-    try:
-        use_synthetic(cfg, max_iters=1)
-    except SyntheticDataUnsupported as err:
-        return str(err)
-    return None
-
-
 def _verdict(out: dict) -> str:
     if out['status'] == CRASHES:
         return f"CRASHES under DDP: {out['crash_reason']}"
@@ -81,16 +74,18 @@ def _verdict(out: dict) -> str:
     return 'trains under DDP as written'
 
 
-def _print_one(config: str, out: dict) -> None:
+def _print_one(config: str, out: dict, debug: bool = False) -> None:
     if out['status'] == HANGS:
         print(f"ddp_doctor: {config} HANGS under DDP:\n{out['hang_report']}")
         return
     if out['status'] == FAILED:
-        hint = out.get('size_hint')
-        print(f"ddp_doctor: could not run {config}:\n"
-              + (f"{hint['message']}\n" if hint else '') + out['error'], file=sys.stderr)
+        print(out['error'], file=sys.stderr)
+        if debug and out.get('details'):
+            print(f"--- every rank's output (--debug):\n{out['details']}", file=sys.stderr)
         return
     print(f"data: {out['data']}")
+    if out.get('batch'):
+        print(f"batch: {out['batch']}")
     if out['dropped_weights']:
         print('pretrained weights not on this machine, not loaded (parameter usage does not depend '
               f"on them; --pretrained loads them): {', '.join(out['dropped_weights'])}")
@@ -98,6 +93,8 @@ def _print_one(config: str, out: dict) -> None:
         print(f'cpu dry run: {note}')
     for bug in out['upstream_bugs']:
         print(f'known upstream bug, worked around in the dry run: {bug}')
+    for why in out.get('probe_log', []):
+        print(f'probe: {why}')
     print(out['table'])
     print(f'config as written runs DDP with {_effective(out["settings"])}: {_verdict(out)}')
     for note in out['dropped']:
@@ -110,6 +107,12 @@ def _print_one(config: str, out: dict) -> None:
         print('ddp_doctor: the verdict stands (every rank finished and reported), but a rank died '
               f"while exiting afterwards (a teardown fault, not the config's):\n"
               f"{out['teardown_fault']}", file=sys.stderr)
+
+
+def _stopped(failure: dict, details: str = '') -> dict:
+    """The doctor's answer for a run that stopped before a verdict."""
+    return dict(status=FAILED, verdict=VERDICTS[FAILED], stage=failure['stage'], failure=failure,
+                error=paragraph(failure), details=details)
 
 
 def _configs(paths: List[str], listed: Optional[str]) -> List[str]:
@@ -132,25 +135,14 @@ def _configs(paths: List[str], listed: Optional[str]) -> List[str]:
 STATUS = {OK: 'OK', CRASHES: 'CRASHES', FAILED: 'could not run', HANGS: 'HANGS'}
 
 
-EXCEPTION = re.compile(r'^[\w.]*(Error|Exception|Interrupt|StopIteration)\b')
-# what the other ranks say when one died: never the cause
-PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'stopped watching')
-
-
-def _cause(error: str) -> str:
-    """The first exception line of the ranks' output that is not a lost peer, else the last one."""
-    found = [line.strip() for line in error.splitlines() if EXCEPTION.match(line.strip())]
-    own = [line for line in found if not any(p in line for p in PEER_LOST)]
-    return ((own or found or [error.strip().splitlines()[-1] if error.strip() else 'no output'])
-            [0])[:400]
-
-
 def _row(config: str, out: dict, seconds: float, note: str) -> dict:
     """One zoo table row: what the doctor found, or why it could not run."""
     row = dict(config=config, status=STATUS[out['status']], seconds=round(seconds, 1), size=note)
     if out['status'] == FAILED:
         hint = out.get('size_hint')
-        row['why'] = hint['message'] if hint else _cause(out['error'])
+        failure = out.get('failure')
+        row['why'] = hint['message'] if hint else (
+            f"{failure['stage']}: {failure['cause']}" if failure else cause_line(out['error']))
         return row
     if out['status'] == HANGS:
         row['why'] = out['hang_report'].splitlines()[0]
@@ -183,9 +175,9 @@ def _zoo(configs: List[str], args, run) -> int:
     for config in configs:
         start, note = time.monotonic(), ''
         try:
-            unsupported = None if args.real_data else _no_synthetic_data(config, args.cfg_options)
-            if unsupported:
-                out = dict(status=FAILED, error=unsupported)
+            stop = doctor.preflight(config, args.cfg_options, not args.real_data, args.subset)
+            if stop:
+                out = _stopped(stop)
             else:
                 out = run(config, args.size)
                 hint = out.get('size_hint')
@@ -193,64 +185,117 @@ def _zoo(configs: List[str], args, run) -> int:
                     note = (f"{hint['smallest'][0]}x{hint['smallest'][1]}: "
                             f"{args.size[0]}x{args.size[1]} too small")
                     out = run(config, hint['smallest'])
-        except Exception as err:  # a config that does not even load: its row says why
-            out = dict(status=FAILED, error=f'{type(err).__name__}: {err}')
+        except Exception as err:  # what the doctor did not expect: its row says why
+            out = _stopped(classify(err, doctor.RUNNING, config))
         rows.append(_row(config, out, time.monotonic() - start, note))
         print(f"ddp_doctor: {config}: {rows[-1]['status']} ({rows[-1]['seconds']} s)",
               file=sys.stderr, flush=True)
-    text = json.dumps(rows, indent=2) if args.json else _table(rows)
-    print(text)
+    status = FAILED if any(r['status'] == STATUS[FAILED] for r in rows) else OK
+    text = json.dumps(dict(status=status, configs=rows), indent=2) if args.json else _table(rows)
     if args.out:
         with open(args.out, 'w') as f:
             f.write(text + '\n')
-    return FAILED if any(r['status'] == STATUS[FAILED] for r in rows) else OK
+    return status, text
 
 
-def main(argv=None) -> int:
+@contextlib.contextmanager
+def _stdout_to_stderr(on: bool) -> Iterator[None]:
+    """With --json, everything but the JSON object (logs of the in-process checks, native prints)
+    goes to stderr, so stdout holds one JSON object."""
+    if not on:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _on_path_here() -> None:
+    """The current folder on sys.path (and so on the ranks' PYTHONPATH), as ``python -m`` and
+    tools/dist_train.sh (the repository root) have it: a config's own packages import from it."""
+    here = os.getcwd()
+    if here not in (os.path.abspath(p or '.') for p in sys.path):
+        sys.path.insert(0, here)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('config', nargs='*', help='a config; several, or a folder: a zoo run')
     p.add_argument('--list', metavar='FILE', help='a file of config paths, one a line: a zoo run')
     p.add_argument('--nproc', type=int, default=2, help='CPU ranks (gloo)')
-    p.add_argument('--iters', type=int, default=4, help='iterations to probe')
+    p.add_argument('--iters', type=int, default=4,
+                   help='iterations to probe (more while batch kinds are rarely seen)')
     p.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
                    help="scale the train pipeline's pixel sizes so the train size fits in HxW")
+    p.add_argument('--batch-size', type=int, default=doctor.BATCH_SIZE, metavar='N',
+                   help="per-rank batch (default 2 on CPU; 0 keeps the config's own)")
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None)
     p.add_argument('--real-data', action='store_true', help="use the config's own dataloader")
+    p.add_argument('--subset', type=int, metavar='K',
+                   help="with --real-data: the first K samples of the config's own dataset")
     p.add_argument('--pretrained', action='store_true',
                    help='load pretrained weights that are not on this machine (downloads)')
     p.add_argument('--timeout', type=float, default=600.0, help='seconds before the ranks are killed')
     p.add_argument('--hang-timeout', type=float, metavar='SECONDS',
                    help='seconds without progress on a rank that make the verdict HANGS '
                         '(default, or 0: 20x the slowest step, at least 120 s)')
-    p.add_argument('--json', action='store_true')
+    p.add_argument('--json', action='store_true', help='print one JSON object, whatever happens')
+    p.add_argument('--debug', action='store_true',
+                   help="on a failure, also print every rank's traceback and output")
     p.add_argument('--out', metavar='FILE',
                    help='zoo run: also write the table (or the JSON) to FILE, without the logs')
     p.add_argument('--trust-checkpoint', action='append', default=[], metavar='FILE',
                    help='load this one checkpoint (e.g. init_cfg pretrained weights) with full '
                         'unpickling; every other checkpoint is loaded weights-only')
+    return p
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     configs = _configs(args.config, args.list)
     if not configs:
         p.error('give a config, several, a folder or --list FILE')
+    _on_path_here()
+    with _stdout_to_stderr(args.json):
+        try:
+            out = _diagnose(configs, args)
+        except Exception as err:  # the doctor's own failure: still one paragraph, exit 2
+            out = _stopped(classify(err, doctor.RUNNING, configs[0]), traceback.format_exc())
+    if isinstance(out, tuple):  # a zoo run: its table or JSON, already written to --out
+        print(out[1])
+        return out[0]
+    if out['status'] == FAILED and not args.debug:
+        out.pop('details', None)  # tracebacks are for --debug
+    if args.json:
+        out.setdefault('verdict', VERDICTS[out['status']])
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        _print_one(configs[0], out, args.debug)
+    return out['status']
 
+
+def _diagnose(configs: List[str], args):
     def run(config: str, size: Optional[List[int]]) -> dict:
         return doctor.run_doctor(config, args.nproc, args.iters, size, args.cfg_options,
                                  synthetic=not args.real_data, timeout=args.timeout,
                                  trusted=args.trust_checkpoint, hang_timeout=args.hang_timeout,
-                                 pretrained=args.pretrained)
+                                 pretrained=args.pretrained, batch_size=args.batch_size or None,
+                                 subset=args.subset)
 
     if len(configs) > 1 or args.list or os.path.isdir(args.config[0]):
         return _zoo(configs, args, run)
-    unsupported = None if args.real_data else _no_synthetic_data(configs[0], args.cfg_options)
-    if unsupported:
-        print(f'ddp_doctor: {unsupported}', file=sys.stderr)
-        return FAILED
-    out = run(configs[0], args.size)
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        _print_one(configs[0], out)
-    return out['status']
+    stop = doctor.preflight(configs[0], args.cfg_options, not args.real_data, args.subset)
+    if stop:
+        return _stopped(stop)
+    return run(configs[0], args.size)
 
 
 if __name__ == '__main__':

@@ -2,16 +2,18 @@
 import json
 import os.path as osp
 from dataclasses import asdict
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import batch_kinds
 from .. import dist as ddist
 from ..branches import CONFIG_KEY, Branch, parse_branches, resolve_branches, standard_settings
-from ..plan import DDPPlan, check_policy, choose_plan
+from ..plan import DDPPlan, check_policy, choose_plan, zero_grad_effect
+from ..probe import ZeroTermTracer
 from ..report import NEVER, UsageReport, build_report
 from ..trainable import optimizer_params, where_now
 from ..wrapper import ReconfigurableDDP
@@ -42,17 +44,35 @@ class DDPAutoTuneHook(Hook):
             config's top-level ``ddp_branches``. Branches whose flag is off are frozen before the
             probe; branches whose flag is on but that never get a gradient are reported.
         strict: raise, instead of warning, when an enabled branch never reaches the loss.
+        probe_max_iters: while a batch attribute (``batch_attributes``: the samples' ``data_tag``,
+            dataset or task) varies and one of its values was seen in fewer than
+            ``probe_min_seen`` rank-iterations, the probe goes on, doubling, up to this many
+            iterations (default: 8x ``probe_iters``). The report names the attribute that explains
+            iteration-dependent usage.
+        trace_zero_terms: record the source line of each zero-weighted term (``x * 0.0``) during
+            the probe (a Python hook on every torch call in the probe's forwards: the DDP doctor
+            turns it on). Kept-alive parameters are found without it, named by module.
     """
 
     priority = 'VERY_HIGH'
 
     def __init__(self, probe_iters: int = 4, policy: str = 'auto',
                  report_file: str = 'ddp_usage_report.json', branches: Optional[dict] = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, probe_max_iters: Optional[int] = None,
+                 probe_min_seen: int = 3,
+                 batch_attributes: Sequence[str] = batch_kinds.ATTRIBUTES,
+                 trace_zero_terms: bool = False) -> None:
         if probe_iters < 1:
             raise ValueError(f'DDPAutoTuneHook: probe_iters must be >= 1, got {probe_iters}')
         check_policy(policy)
         self.probe_iters = probe_iters
+        self.probe_max_iters = max(probe_iters, probe_max_iters or 8 * probe_iters)
+        self.probe_min_seen = probe_min_seen
+        self.batch_attributes = tuple(batch_attributes)
+        self.trace_zero_terms = trace_zero_terms
+        self._probe_until = probe_iters
+        self._probing = None  # the probe _probe_until belongs to
+        self.probe_log: List[str] = []  # why the probe went on
         self.policy = policy
         self.report_file = report_file
         self.branches_declared = branches
@@ -142,13 +162,29 @@ class DDPAutoTuneHook(Hook):
                            'iterations (each trained as find_unused_parameters=True would)')
         model.start_probe()
 
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        model = self._wrapper(runner)
+        if self.trace_zero_terms and model is not None and model.probe is not None:
+            model.probe.tracer = ZeroTermTracer()
+            model.probe.tracer.__enter__()
+
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         model = self._wrapper(runner)
+        probe = model.probe if model is not None else None
+        if probe is not None and probe.tracer is not None:
+            probe.tracer.__exit__(None, None, None)
+            probe.tracer = None
         if model is not None and len(model.trainable_changes) > self._changes_seen:
             self._check_optimizer_holds(runner, model)
-        if model is None or model.probe is None or len(model.probe.steps) < self.probe_iters:
+        probe = model.probe if model is not None else None  # a trainable change restarts it
+        if probe is None:
             return
-        report = build_report(model.finish_probe())
+        if probe is not self._probing:
+            self._probing, self._probe_until = probe, self.probe_iters
+        probe.note_batch(data_batch, self.batch_attributes)
+        if len(probe.steps) < self._probe_until or self._probe_on(runner, probe):
+            return
+        report = build_report(model.finish_probe(), self.probe_min_seen)
         plan = self.choose(runner, report)
         branch_notes = self._check_enabled_branches(report)
         plan.reasons.extend(branch_notes)
@@ -162,11 +198,26 @@ class DDPAutoTuneHook(Hook):
             with open(self.report_path, 'w') as f:
                 json.dump({'iteration': runner.iter + 1, 'report': report.to_dict(),
                            'plan': plan.to_dict(), 'config': standard_settings(runner.cfg),
+                           'probe_log': self.probe_log,
                            'branches': [asdict(b) for b in self.branches]}, f, indent=2)
         for note in branch_notes:
             if self.strict:
                 raise RuntimeError(f'[mmddp_hooks] strict: {note}')
             runner.logger.warning(f'[mmddp_hooks] {note}')
+
+    def _probe_on(self, runner, probe) -> bool:
+        """Every rank, same iteration: go on probing while a batch kind is rarely seen."""
+        if self._probe_until >= self.probe_max_iters:
+            return False
+        every = ddist.all_gather_object(probe.batch, probe.group)
+        until, why = batch_kinds.probe_more(every, len(probe.steps), self.probe_min_seen,
+                                            self.probe_max_iters)
+        if until <= len(probe.steps):
+            return False
+        self._probe_until = until
+        self.probe_log.append(why)
+        runner.logger.info(f'[mmddp_hooks] {why}')
+        return True
 
     def _check_optimizer_holds(self, runner, model: ReconfigurableDDP) -> None:
         """An unfrozen parameter the optimizer does not hold would be averaged but never updated:
@@ -196,12 +247,14 @@ class DDPAutoTuneHook(Hook):
         ``tools/ddp_doctor.py`` both make, so the doctor prints the plan the hook applies."""
         model = self._wrapper(runner)
         asked = model.config_kwargs
+        optimizer = getattr(runner.optim_wrapper, 'optimizer', None)
         return choose_plan(report,
                            asked_find_unused=bool(asked.get('find_unused_parameters', False)),
                            asked_static_graph=bool(asked.get('static_graph', False)),
                            policy=policy or self.policy,
                            grad_accumulation=getattr(runner.optim_wrapper, '_accumulative_counts',
-                                                     1) > 1)
+                                                     1) > 1,
+                           zero_grad_effect=zero_grad_effect(optimizer) if optimizer else None)
 
     def _check_enabled_branches(self, report: UsageReport) -> List[str]:
         """Enabled branches none of whose parameters got a gradient: likely bugs."""
