@@ -14,19 +14,29 @@ replica (SGD with momentum and weight decay, so a zero gradient where ``True`` l
 ``static_graph=True`` is not run where the probe saw usage change between iterations: DDP raises
 inside backward there, which would hang the peers. The guard stays live in the timed rounds, and
 the times ``auto`` left its plan are reported.
+
+Real models (:func:`real_scenarios`: torchvision ResNet-50 and ViT-B/16 with a head that never
+reaches the loss, and an mmseg FCN) run on a GPU under NCCL with bf16 autocast, one rank per GPU,
+against a fixed baseline: plain DDP with ``find_unused_parameters=False`` and the unused head
+DDP-ignored, the best a user could pick by hand (``REAL_SETTINGS``).
+
+:func:`rebuild_memory` measures something else: the peak memory of a rebuild against that of
+ordinary steps.
 """
+import contextlib
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist as ddist
 from .guard import reducer_finalized, zero_fill
-from .plan import choose_plan
+from .plan import DDPPlan, choose_plan
 from .reducer_params import ignore_keys_for
 from .report import DYNAMIC, NEVER, build_report
 from .wrapper import ReconfigurableDDP
@@ -34,6 +44,8 @@ from .wrapper import ReconfigurableDDP
 PARAM_TOLERANCE = 1e-6
 SETTINGS = ('find_unused=False', 'find_unused=True', 'find_unused=True+bucket_view',
             'static_graph', 'ignore_unused', 'freeze_unused', 'auto')
+# the real models' settings: the baseline first, then plain True, the wrapper rebuilt as True, auto
+REAL_SETTINGS = ('ignore_unused', 'find_unused=True', 'reconfigurable_true', 'auto')
 
 
 class Blocks(nn.Module):
@@ -92,10 +104,17 @@ QUICK = {'no_unused': dict(depth=3, width=8, branch=_always),
          'wakes_up': dict(depth=3, width=8, branch=_late)}
 
 
-class MMSegStep(nn.Module):
-    """A real mmseg FCN ResNet-18 (``configs/mmseg/fcn_r18_stage4-unused.py``) on 64x64 inputs."""
+def _autocast(device: str) -> Any:
+    """bf16 autocast on a GPU, as the real models train there; nothing on CPU."""
+    return torch.autocast('cuda', dtype=torch.bfloat16) if device == 'cuda' else \
+        contextlib.nullcontext()
 
-    def __init__(self, config: str) -> None:
+
+class MMSegStep(nn.Module):
+    """A real mmseg FCN ResNet-18 (``configs/mmseg/fcn_r18_stage4-unused.py``) on ``batch`` inputs
+    of ``size`` x ``size``, on ``device``."""
+
+    def __init__(self, config: str, size: int = 64, batch: int = 2, device: str = 'cpu') -> None:
         super().__init__()
         from mmengine.config import Config
         from mmengine.model import revert_sync_batchnorm
@@ -104,9 +123,10 @@ class MMSegStep(nn.Module):
         from .synthetic import use_synthetic
 
         cfg = Config.fromfile(config)
-        use_synthetic(cfg, img_size=(64, 64), max_iters=1)
+        use_synthetic(cfg, img_size=(size, size), max_iters=1)
         torch.manual_seed(0)
-        self.model = revert_sync_batchnorm(build_model(cfg))
+        self.model = revert_sync_batchnorm(build_model(cfg)).to(device)
+        self.device = device
         from mmengine.registry import DATASETS
         from mmengine.runner import set_random_seed
 
@@ -114,19 +134,71 @@ class MMSegStep(nn.Module):
         # the pipeline's random crops and flips draw from numpy and random: every setting's
         # replica must see the same batch, or none of them trains like find_unused=True's
         set_random_seed(ddist.get_rank())
-        batch = [dataset[i] for i in range(2)]
+        samples = [dataset[i] for i in range(batch)]
         self.data = self.model.data_preprocessor(
-            dict(inputs=[b['inputs'] for b in batch], data_samples=[b['data_samples'] for b in batch]),
-            training=True)
+            dict(inputs=[b['inputs'] for b in samples],
+                 data_samples=[b['data_samples'] for b in samples]), training=True)
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        losses = self.model(**self.data, mode='loss')
+        with _autocast(self.device):
+            losses = self.model(**self.data, mode='loss')
         return self.model.parse_losses(losses)[0]
 
 
+class TorchvisionStep(nn.Module):
+    """A torchvision classifier (``arch``: a builder or class of ``torchvision.models``, with
+    ``kwargs``) and a second head, shaped like its last layer, that never reaches the loss: the
+    unused head users report. One fixed batch of random images and labels on ``device``."""
+
+    def __init__(self, arch: str, batch: int, image: int, device: str = 'cpu',
+                 **kwargs: Any) -> None:
+        super().__init__()
+        import torchvision
+
+        torch.manual_seed(0)
+        self.net = getattr(torchvision.models, arch)(**kwargs)
+        last = [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1]
+        self.unused_head = nn.Linear(last.in_features, last.out_features)
+        self.to(device)
+        self.device = device
+        g = torch.Generator().manual_seed(ddist.get_rank())
+        self.images = torch.randn(batch, 3, image, image, generator=g).to(device)
+        self.labels = torch.randint(last.out_features, (batch,), generator=g).to(device)
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        with _autocast(self.device):
+            logits = self.net(self.images)
+        return F.cross_entropy(logits.float(), self.labels)
+
+
+def real_scenarios(device: str = 'cuda', quick: bool = False,
+                   mmseg_config: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """ResNet-50 and ViT-B/16 at batch 16 and 64 (224 x 224), and the mmseg FCN (8 x 512 x 512)
+    where ``mmseg_config`` is given, timed in ``REAL_SETTINGS`` against plain DDP with the unused
+    head ignored. ``quick``: a ResNet-18 and a one-block ViT on 32 x 32 images, batch 2, for a
+    check on CPU."""
+    common = dict(device=device, settings=REAL_SETTINGS, baseline='ignore_unused')
+    if quick:
+        tiny_vit = dict(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32,
+                        mlp_dim=64, num_classes=10)
+        return {'resnet18_b2': dict(arch='resnet18', batch=2, image=32, **common),
+                'tiny_vit_b2': dict(arch='VisionTransformer', batch=2, image=32,
+                                    kwargs=tiny_vit, **common)}
+    out = {f'{arch}_b{batch}': dict(arch=arch, batch=batch, image=224, **common)
+           for arch in ('resnet50', 'vit_b_16') for batch in (16, 64)}
+    if mmseg_config:
+        out['mmseg_fcn_r18_b8'] = dict(config=mmseg_config, size=512, batch=8, **common)
+    return out
+
+
 def _make(scenario: Dict[str, Any]) -> nn.Module:
+    device = scenario.get('device', 'cpu')
     if 'config' in scenario:
-        return MMSegStep(scenario['config'])
+        return MMSegStep(scenario['config'], scenario.get('size', 64), scenario.get('batch', 2),
+                         device)
+    if 'arch' in scenario:
+        return TorchvisionStep(scenario['arch'], scenario['batch'], scenario['image'], device,
+                               **scenario.get('kwargs', {}))
     return Blocks(scenario['depth'], scenario['width'], scenario['branch'],
                   scenario.get('frozen', 0))
 
@@ -173,6 +245,9 @@ class _Runner:
         if name == 'auto':
             self.ddp: nn.Module = ReconfigurableDDP(module)
             self.ddp.start_probe()
+        elif name == 'reconfigurable_true':  # what auto costs where its plan is True
+            self.ddp = ReconfigurableDDP(module)
+            self.ddp.apply_plan(DDPPlan(True))
         else:
             self.ddp = DistributedDataParallel(
                 module, find_unused_parameters=name.startswith('find_unused=True'),
@@ -224,10 +299,13 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int, probe_iters
     then, with ``watchdog`` (``pairs``, ``block_s``, ``interval``), what HangWatchdogHook adds to
     auto's step."""
     torch.set_num_threads(1)
+    # a GPU step is timed to its end: every setting's kernels, not only their launch
+    sync = torch.cuda.synchronize if scenario.get('device') == 'cuda' else _no_sync
     x = torch.randn(4, scenario.get('width', 1))
     report = _probe_usage(scenario, probe_iters, x)
     dynamic = bool(report.names_of(DYNAMIC))
-    runners = {name: _Runner(name, scenario, report) for name in SETTINGS
+    settings = scenario.get('settings', SETTINGS)
+    runners = {name: _Runner(name, scenario, report) for name in settings
                if not (name == 'static_graph' and dynamic)}
     invalid = {'static_graph': 'usage changes between iterations (measured): static_graph=True '
                                'raises inside backward'} if dynamic else {}
@@ -236,9 +314,11 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int, probe_iters
     probe_time = []
     for _ in range(max(warmup, probe_iters + 2)):
         for name, r in runners.items():
+            sync()
             t0 = time.perf_counter()
             r.step(x, step, check=True)
             if name == 'auto' and auto.ddp.probe is not None:
+                sync()
                 probe_time.append(time.perf_counter() - t0)
         if auto.ddp.probe is not None and len(auto.ddp.probe.steps) >= probe_iters:
             t0 = time.perf_counter()
@@ -262,8 +342,10 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int, probe_iters
         order = timed[rnd % len(timed):] + timed[:rnd % len(timed)]
         for name in order:
             ddist.barrier()
+            sync()
             t0 = time.perf_counter()
             runners[name].step(x, step, check=False)
+            sync()
             times[name].append(time.perf_counter() - t0)
         step += 1
     gathered = ddist.all_gather_object(times)
@@ -274,9 +356,14 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int, probe_iters
         cost = _watchdog_cost(auto, x, step + 1, int(watchdog['pairs']), per_block,
                               watchdog['interval'])
     return dict(slowest=slowest, invalid=invalid, plan=auto.ddp.plan.summary(),
+                settings=list(settings), baseline=scenario.get('baseline'),
                 switches=list(auto.ddp.switch_log),
                 probe_iters=probe_iters, probe_step_s=statistics.median(probe_time),
                 rebuild_s=rebuild_time, tracking=_tracking_cost(auto.ddp, rounds), watchdog=cost)
+
+
+def _no_sync() -> None:
+    """A CPU step has ended when it returns."""
 
 
 def _watchdog_cost(auto: '_Runner', x: torch.Tensor, step: int, pairs: int, per_block: int,
@@ -339,13 +426,14 @@ def _tracking_cost(wrapper: ReconfigurableDDP, rounds: int) -> Dict[str, float]:
 
 
 def summarise(name: str, raw: Dict[str, Any]) -> Dict[str, Any]:
-    """Medians, per-round ratios against the best valid hand-picked setting, spreads."""
+    """Medians, per-round ratios against the best valid hand-picked setting (or the scenario's
+    baseline, where it is valid), spreads."""
     slowest = raw['slowest']
     medians = {n: statistics.median(v) for n, v in slowest.items()}
     hand = [n for n in medians if n != 'auto']
-    best = min(hand, key=medians.get)
+    best = raw.get('baseline') if raw.get('baseline') in medians else min(hand, key=medians.get)
     rows = []
-    for n in SETTINGS:
+    for n in raw.get('settings', SETTINGS):
         if n in raw['invalid']:
             rows.append(dict(setting=n, valid=False, error=raw['invalid'][n]))
             continue
@@ -360,7 +448,8 @@ def summarise(name: str, raw: Dict[str, Any]) -> Dict[str, Any]:
         auto_ms = medians['auto']
         overhead = raw['probe_iters'] * (raw['probe_step_s'] - auto_ms) + raw['rebuild_s']
         amortised = max(overhead, 0.0) / (1000 * auto_ms)
-    return dict(scenario=name, best=best, plan=raw['plan'], switches=raw['switches'], rows=rows,
+    return dict(scenario=name, best=best, baseline=raw.get('baseline'), plan=raw['plan'],
+                switches=raw['switches'], rows=rows,
                 probe_amortised_1000=amortised, tracking=raw.get('tracking'),
                 watchdog=raw.get('watchdog'),
                 auto_ms=1e3 * medians['auto'] if 'auto' in medians else None)
@@ -375,7 +464,8 @@ def format_table(results: List[Dict[str, Any]]) -> str:
                 lines.append(f"| {res['scenario']} | {row['setting']} | error | "
                              f"{row['error']} |")
                 continue
-            mark = ' (best)' if row['setting'] == res['best'] else ''
+            mark = '' if row['setting'] != res['best'] else \
+                ' (baseline)' if res.get('baseline') == res['best'] else ' (best)'
             lines.append(f"| {res['scenario']} | {row['setting']}{mark} | "
                          f"{row['median_ms']:.2f} ms | {row['ratio']:.3f} "
                          f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) |")
@@ -422,6 +512,69 @@ def plot(results: List[Dict[str, Any]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------- memory across a rebuild
+def rebuild_memory(depth: int = 24, width: int = 2048, rounds: int = 4, bucket_view: bool = False,
+                   batch: int = 8) -> Dict[str, Any]:
+    """Peak memory (MB) of two ordinary steps, and of a rebuild (the plan switched between
+    ``find_unused_parameters=True`` and ``False`` with the unused head ignored, both ways) followed
+    by two steps, interleaved ``rounds`` times; SGD with momentum, on this rank's device.
+
+    The default model has 109 M parameters (``depth`` blocks of ``width``, and an unused head of
+    two). World size 1 is enough: a rebuild allocates the same on every rank. On a GPU the peak is
+    ``torch.cuda.max_memory_allocated``; on CPU it is the process's peak RSS (``VmHWM``, reset by
+    ``/proc/self/clear_refs``), which counts live tensors only where freed ones go back to the
+    system: run it with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc otherwise keeps freed memory, and
+    RSS shows what it held before)."""
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    module = Blocks(depth, width, _never)
+    ddp = ReconfigurableDDP(module.cuda() if cuda else module, gradient_as_bucket_view=bucket_view,
+                            **(dict(device_ids=[torch.cuda.current_device()]) if cuda else {}))
+    unused = [n for n, _ in module.named_parameters() if n.startswith('extra.')]
+    plans = [DDPPlan(False, ignore=unused), DDPPlan(True)]
+    ddp.apply_plan(plans[0])
+    opt = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-2)
+    x = torch.randn(batch, width, device='cuda' if cuda else 'cpu')
+
+    def steps() -> None:
+        for step in range(2):
+            _wrapped_step(ddp, x, step, opt)
+
+    steps()
+    rows = []
+    for r in range(rounds):
+        _reset_peak(cuda)
+        steps()
+        steady = _peak_mb(cuda)
+        _reset_peak(cuda)
+        ddp.apply_plan(plans[(r + 1) % 2])
+        rebuild = _peak_mb(cuda)
+        steps()
+        rows.append(dict(steady_mb=steady, rebuild_mb=rebuild, rebuild_and_steps_mb=_peak_mb(cuda),
+                         plan=plans[(r + 1) % 2].summary()))
+    ddp.close_guard()
+    return dict(params_m=sum(p.numel() for p in module.parameters()) / 1e6, bucket_view=bucket_view,
+                peak='torch.cuda.max_memory_allocated' if cuda else 'VmHWM (peak RSS)', rounds=rows,
+                ratio=max(r['rebuild_and_steps_mb'] for r in rows) / max(r['steady_mb'] for r in rows))
+
+
+def _reset_peak(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+
+
+def _peak_mb(cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmHWM:'))
 
 
 # ----------------------------------------------------------------------- zero-weighted keep-alive

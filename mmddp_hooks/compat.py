@@ -28,6 +28,15 @@ def check_torch(version: str = torch.__version__) -> None:
                           f'<{TORCH_MAX[0]}.{TORCH_MAX[1] + 1}")')
 
 
+def never_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run eagerly, with everything it calls, even when called from code that
+    ``torch.compile`` traces (MMEngine's ``compile=True`` compiles the wrapper's ``train_step``):
+    dynamo breaks the graph at the call instead of tracing ``fn``'s collectives, hooks and rebuilds.
+    ``torch._disable_dynamo`` (torch >= 2.0, what torch's own DDP and optimizers use) imports
+    ``torch._dynamo`` at the first call only, so ``import mmddp_hooks`` does not pay for it."""
+    return torch._disable_dynamo(fn, recursive=True)
+
+
 def detail_segfaults_on_gloo(version: str = torch.__version__) -> bool:
     """TORCH_DISTRIBUTED_DEBUG=DETAIL wraps gloo in a collective-checking layer that segfaults while
     DDP is built, seen on torch 2.13 (not on 2.1)."""

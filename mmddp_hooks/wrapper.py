@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist as ddist
+from .compat import never_compiled
 from .explain import UNUSED_MARKER, explain_unused_error
 from .guard import PlanGuard, average_by_hand, reducer_finalized, zero_fill
 from .plan import DDPPlan
@@ -42,6 +43,16 @@ _FIXED_USAGE_ONLY = ('skip_all_reduce_unused_params',)
 
 
 _WRAPPERS = itertools.count()
+
+
+def _release_reducer(ddp: DistributedDataParallel) -> None:
+    """Unhook DDP's reducer and let it go, with its buckets, before a new one is built: DDP drops
+    it only when it assigns the next, so both sets of buckets (the gradients' size again) would be
+    alive at once. DDP's logger holds it too. Gradients that are views of its buckets
+    (``gradient_as_bucket_view=True`` with ``.grad`` set) keep their bucket until the new reducer
+    has copied them into its own."""
+    ddp.reducer._remove_autograd_hooks()
+    ddp.reducer = ddp.logger = None
 
 
 def _on_cpu(module: nn.Module) -> bool:
@@ -128,8 +139,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
     @classmethod
     def from_ddp(cls, ddp: DistributedDataParallel) -> 'ReconfigurableDDP':
         """Re-wrap a model that a runner already wrapped in (MM)DistributedDataParallel."""
-        ddp.reducer._remove_autograd_hooks()
-        ddp.reducer = None  # the old wrapper drives nothing any more (DoubleWrapCheckHook skips it)
+        _release_reducer(ddp)  # the old wrapper drives nothing any more (DoubleWrapCheckHook skips it)
         kwargs = dict(find_unused_parameters=ddp.find_unused_parameters,
                       broadcast_buffers=ddp.broadcast_buffers,
                       bucket_cap_mb=ddp.bucket_bytes_cap / (1024 * 1024),
@@ -144,7 +154,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
                 ignore: Union[List[str], None] = None) -> None:
         """Rebuild DDP on this object with new settings. A collective: call on every rank."""
         module = self.module
-        self.reducer._remove_autograd_hooks()
+        _release_reducer(self)
         keys = ignore_keys_for(module, ignore or [])
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             module, self._user_ignored + [k for k in keys if k not in self._user_ignored])
@@ -245,12 +255,14 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self._syncs_backward = self.require_backward_grad_sync  # False inside no_sync()
         return super().forward(*inputs, **kwargs)
 
+    @never_compiled
     def before_backward(self, loss: torch.Tensor) -> None:
         """Call before each ``loss.backward()`` (the guard tells what arrives in this one)."""
         watcher = self._watcher()
         if watcher is not None:
             watcher.before_backward(loss, sync=self._syncs_backward)
 
+    @never_compiled
     def after_backward(self) -> Optional[str]:
         """Call after a synchronising backward, before the optimizer step: the step is completed
         as ``find_unused_parameters=True`` would. Returns why usage left the plan, or None."""
@@ -262,6 +274,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self._trainable_change = watcher.trainable_change
         return change if watcher is self.guard else None
 
+    @never_compiled
     def after_step(self, change: Optional[str]) -> None:
         """Call after the optimizer step with what ``after_backward`` returned (every rank)."""
         trainable, self._trainable_change = self._trainable_change, None
@@ -315,6 +328,16 @@ class ReconfigurableDDP(MMDistributedDataParallel):
             named[n].grad = None
         return change
 
+    @never_compiled
+    def _backward(self, loss: torch.Tensor, scaled: torch.Tensor,
+                  optim_wrapper: OptimWrapper) -> None:
+        """``before_backward(loss)``, then the backward of ``scaled``, both eager under
+        ``compile=True``: the hooks the probe and guard put on the loss and the parameters run
+        inside the backward, and would otherwise be traced as frames of the compiled step (the
+        model's backward graph itself stays compiled)."""
+        self.before_backward(loss)
+        optim_wrapper.backward(scaled)
+
     def train_step(self, data: Union[dict, tuple, list],
                    optim_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
         """``MMDistributedDataParallel.train_step`` with the probe/guard between backward and step."""
@@ -322,8 +345,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
             data = self.module.data_preprocessor(data, training=True)
             losses = self._run_forward(data, mode='loss')
         parsed_loss, log_vars = self.module.parse_losses(losses)
-        self.before_backward(parsed_loss)
-        optim_wrapper.backward(optim_wrapper.scale_loss(parsed_loss))
+        self._backward(parsed_loss, optim_wrapper.scale_loss(parsed_loss), optim_wrapper)
         change = None
         if optim_wrapper.should_update():
             change = self.after_backward()

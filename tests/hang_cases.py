@@ -8,7 +8,7 @@ import os
 import signal
 import tempfile
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch.distributed as dist
 from mmengine.registry import DATASETS, MODELS
@@ -85,10 +85,13 @@ MODELS.register_module(module=SleepsInForward)
 DATASETS.register_module(name='HangCaseVectors', module=scenarios.RandomVectors)
 
 
-def hang(model: str = 'AllUsed', stuck_data: bool = False) -> Dict[str, Any]:
-    """Train until rank 1 hangs at iteration HANG; the watchdog aborts every rank."""
+def hang(model: str = 'AllUsed', stuck_data: bool = False,
+         work_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Train until rank 1 hangs at iteration HANG; the watchdog aborts every rank. ``work_dir``:
+    where the report (and an NCCL dump) go; by default a folder that goes with the run."""
     return scenarios.train_plain(model, iters=12, extra_hooks=[WATCH], log_level='INFO',
-                                 dataset=StuckDataset(64) if stuck_data else None)
+                                 dataset=StuckDataset(64) if stuck_data else None,
+                                 work_dir=work_dir)
 
 
 def slow_but_progressing() -> Dict[str, Any]:

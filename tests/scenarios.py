@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from mmengine.config import Config
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
-from mmengine.model import BaseModel, MMDistributedDataParallel
+from mmengine.model import BaseModel, MMDistributedDataParallel, convert_sync_batchnorm
 from mmengine.registry import METRICS
 from mmengine.runner import Runner
 from torch import nn
@@ -227,10 +227,50 @@ class ReentrantCheckpoint(ScenarioModel):
         return h + torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=True)
 
 
+class NormedLate(LateModule):
+    """LateModule with a BatchNorm in its trunk (a SyncBatchNorm under ``sync_bn='torch'``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(DIM, DIM), nn.BatchNorm1d(DIM), nn.ReLU(),
+                                   nn.Linear(DIM, DIM))
+
+
+class SwitchedOn(BaseModel):
+    """LateModule for ``compile=True``: its forward reads no counter (each new value of an int
+    attribute is a recompile, and past torch's recompile limit the forward runs uncompiled);
+    :class:`SwitchOn` turns the distillation branch on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(DIM, DIM), nn.ReLU(), nn.Linear(DIM, DIM))
+        self.distill = nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, 1)
+        self.distill_on = False
+
+    def forward(self, inputs, target=None, index=None, mode='loss'):
+        h = self.trunk(inputs)
+        out = self.head(h + self.distill(h) if self.distill_on else h)
+        return dict(loss=((out - target) ** 2).mean()) if mode == 'loss' else out
+
+
+class SwitchOn(Hook):
+    """Set the model's ``distill_on`` before training iteration ``at`` (0-based), every rank."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
+        if runner.iter == self.at:
+            module = runner.model.module if hasattr(runner.model, 'module') else runner.model
+            module.distill_on = True
+
+
 MODELS = {cls.__name__: cls for cls in (AllUsed, DisabledDistill, RankOneBranch, ModalityDropout,
                                         GoalEncoders, TiedFrozenRoot, WakesUpOnRank1,
                                         FallsAsleepOnRank0, CalledButUnused, PredictOnlyHead,
-                                        LateModule, LateParam, SwitchedOff, ReentrantCheckpoint)}
+                                        LateModule, LateParam, SwitchedOff, ReentrantCheckpoint,
+                                        SwitchedOn, NormedLate)}
 
 
 @METRICS.register_module(force=True)
@@ -273,14 +313,18 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
           optim_wrapper: Optional[dict] = None, val_interval: int = 0,
           log_interval: int = 1, frozen: Sequence[str] = (), extra_hooks: Sequence[Any] = (),
           wrapper: Optional[dict] = None, dataset: Optional[Dataset] = None,
-          ddp_ignore: Sequence[str] = ()) -> Dict[str, Any]:
+          ddp_ignore: Sequence[str] = (), compile: Any = None,
+          sync_bn: Optional[str] = None) -> Dict[str, Any]:
     """Train one scenario on this rank through a real Runner; return what the tests compare.
 
     ``optim_wrapper``: extra optimizer-wrapper keys (type, clip_grad, dtype, paramwise_cfg, ...);
     ``val_interval``: run a val loop every that many iterations; ``frozen``: globs of parameters
     that do not require grad when the model is wrapped; ``extra_hooks``: more custom hooks;
     ``wrapper``: more ``model_wrapper_cfg`` keys; ``dataset``: the training set; ``ddp_ignore``:
-    what the user tells DDP to ignore.
+    what the user tells DDP to ignore; ``compile``: the config's ``compile`` (MMEngine compiles
+    the wrapper's ``train_step`` with it); ``sync_bn``: the config's ``sync_bn`` (a model wrapped
+    by hand is converted as MMEngine would, on a GPU only: SyncBatchNorm cannot run on CPU, where
+    ReconfigurableDDP reverts it).
     """
     torch.manual_seed(0)
     model = MODELS[model_name]()
@@ -305,6 +349,8 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
     if prewrap:  # the user wrapped the model by hand: the runner leaves it alone (and on its device)
         devices = dict(device_ids=[torch.cuda.current_device()]) if torch.cuda.is_available() else {}
         model = model.cuda() if devices else model
+        if sync_bn and devices:
+            model = convert_sync_batchnorm(model, sync_bn)
         model = MMDistributedDataParallel(model, find_unused_parameters=find_unused, **devices)
         wrapper_cfg = None
     optim_cfg = dict(optimizer=optimizer or dict(type='SGD', lr=0.05, momentum=0.9),
@@ -322,7 +368,8 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         optim_wrapper=optim_cfg,
         **_val_loop(val_interval),
         # as Runner.from_cfg has; logged and dumped without yapf
-        cfg=unformatted(Config(dict(model_wrapper_cfg=wrapper_cfg, optim_wrapper=optim_cfg))),
+        cfg=unformatted(Config(dict(model_wrapper_cfg=wrapper_cfg, optim_wrapper=optim_cfg,
+                                    compile=compile, sync_bn=sync_bn))),
         custom_hooks=hooks,
         default_hooks=default_hooks,
         launcher='pytorch',
@@ -354,6 +401,7 @@ def train(model_name: str, *, hook: Optional[dict] = None, find_unused: bool = F
         report=_read_json(tune.report_path) if tune is not None and tune.report_path else None,
         work_dir=work_dir,
         optimized=_optimized(runner.optim_wrapper, wrapper.module),
+        layers=sorted({type(m).__name__ for m in wrapper.module.modules()}),
     )
 
 

@@ -61,6 +61,42 @@ def test_every_setting_s_mmseg_replica_trains_on_the_same_batch():
 
 
 @pytest.mark.dist
+def test_real_models_path_runs_on_cpu(tmp_path, capsys):
+    """What --device cuda runs (real models, the four settings against the baseline, interleaved),
+    with --models real --quick on gloo: a ResNet-18 and a one-block ViT, each with an unused head."""
+    from mmddp_hooks.benchmark import REAL_SETTINGS
+
+    out_json, out_png = tmp_path / 'real.json', tmp_path / 'real.png'
+    assert benchmark_ddp.main(['--device', 'cpu', '--models', 'real', '--quick',
+                               '--json', str(out_json), '--plot', str(out_png)]) == 0
+    assert '| resnet18_b2 | ignore_unused (baseline) |' in capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    assert data['device'] == 'cpu' and data['nproc'] == 1 and data['torchvision']
+    assert [r['scenario'] for r in data['results']] == ['resnet18_b2', 'tiny_vit_b2']
+    for res in data['results']:
+        assert res['best'] == res['baseline'] == 'ignore_unused'
+        assert res['plan'] == 'find_unused_parameters=False, ignore 2 never-used params'
+        rows = {r['setting']: r for r in res['rows']}
+        assert list(rows) == list(REAL_SETTINGS) and all(r['valid'] for r in rows.values()), rows
+        assert rows['ignore_unused']['ratio'] == 1.0 and rows['auto']['median_ms'] > 0
+    assert out_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('arch, head, kwargs', [('resnet50', 'fc', {}),
+                                                ('vit_b_16', 'heads.head', dict(image_size=32))])
+def test_real_models_leave_only_their_extra_head_unused(arch, head, kwargs):
+    """The GPU benchmark's torchvision models, full width and depth, on 32 x 32 images on CPU: one
+    backward reaches every parameter but the extra head's, which is shaped like the real one."""
+    from mmddp_hooks.benchmark import TorchvisionStep, real_scenarios
+
+    assert {s['arch'] for s in real_scenarios().values() if 'arch' in s} == {'resnet50', 'vit_b_16'}
+    step = TorchvisionStep(arch, batch=2, image=32, **kwargs)
+    step(None, 0).backward()
+    assert sorted(n for n, p in step.named_parameters() if p.grad is None) == [
+        'unused_head.bias', 'unused_head.weight']
+    assert step.unused_head.weight.shape == step.get_parameter(f'net.{head}.weight').shape
+
+
 def test_keep_alive_terms_are_measured_against_the_plan_without_them(tmp_path, capsys):
     out_json = tmp_path / 'keepalive.json'
     assert benchmark_ddp.main(['--keepalive', '--quick', '--json', str(out_json)]) == 0

@@ -64,3 +64,47 @@ def test_reentrant_checkpointing_crashes_plain_find_unused_true():
                           kwargs=dict(find_unused=True, iters=3), timeout=120, failure_grace=3)
     assert not result.ok
     assert 'marked as ready twice' in '\n'.join(r.error or '' for r in result.ranks)
+
+
+def test_compiled_train_step_trains_as_plain_ddp_through_a_wake_up_and_two_freezes():
+    """MMEngine's compile=True compiles the wrapper's train_step: the model's forward and backward
+    are compiled, the probe, guard, plan switch, trainable-set following and their collectives
+    never are (#37: traced, mmengine.dist.all_gather_object crashed both ranks at the wake-up)."""
+    rows = run_distributed(contract_cases.run_compiled, 2, timeout=300)
+    scenarios.assert_trains_alike(rows, 2, ITERS, 0.0)
+    for row in rows:
+        assert row['model'] == ['SwitchedOn.forward'], row['model']
+        assert set(row['ours']) <= contract_cases.TRACED, row['ours']
+        assert len(row['switch_log']) == 1 and LATE in row['switch_log'][0], row['switch_log']
+        assert [x.split(': ', 1)[1] for x in row['trainable_log']] == [
+            'froze 2 params (trunk.0.weight, trunk.0.bias)',
+            'froze 2 params (trunk.2.weight, trunk.2.bias)'], row['trainable_log']
+        assert row['current']['find_unused'] is True
+
+
+def test_sync_bn_config_trains_as_plain_ddp():
+    """sync_bn='torch' through the Runner, with a BatchNorm model whose branch wakes up after the
+    probe. SyncBatchNorm runs on a GPU only: here the wrapper reverts it, as the plain reference's
+    model never had it (tests/test_gpu.py runs it synchronised, on two ranks sharing the GPU)."""
+    rows = run_distributed(contract_cases.run_sync_bn, 2, timeout=300)
+    for row in rows:  # each rank's running statistics are its own, as under plain DDP
+        assert row['bit_equal'] and row['loss_diff'] == 0.0 and row['losses'] == ITERS, row
+        # the Runner converted to SyncBatchNorm, the wrapper reverted it (MMEngine's _BatchNormXd)
+        assert '_BatchNormXd' in row['layers'] and 'SyncBatchNorm' not in row['layers'], row
+        assert 'BatchNorm1d' in row['reference_layers'], row
+        assert len(row['switch_log']) == 1 and LATE in row['switch_log'][0], row['switch_log']
+
+
+def test_amp_accumulation_through_train_step_with_the_guard_live():
+    """AmpOptimWrapper with accumulative_counts=3, driven through train_step by hand: the guard
+    runs on every window's synchronising backward (read by hooks: .grad is already set there) until
+    the branch wakes up inside a window; equal to plain DDP bit for bit. CPU autocast: bf16 (MMEngine
+    refuses fp16 there), without GradScaler (it needs CUDA); tests/test_gpu.py runs fp16 with it."""
+    rows = run_distributed(contract_cases.amp_accumulation, 2, args=('bfloat16',), timeout=120)
+    assert len({r['digest'] for r in rows}) == 1, 'replicas diverged'
+    for r in rows:
+        assert r['losses'] == r['plain_losses'] and r['bit_equal'], r
+        # armed until the window holding the wake-up synchronises (iteration AMP_WAKE + 1)
+        assert r['guarded'] == list(range(contract_cases.AMP_WAKE + 1)), r['guarded']
+        assert len(r['switch_log']) == 1 and LATE in r['switch_log'][0], r['switch_log']
+        assert r['scale'] == r['plain_scale'] == 1.0

@@ -7,7 +7,12 @@ c. the mmseg launcher on the GPU;
 d. GlobalInBatchInfoNCE on CUDA under fp16/bf16 autocast, with host syncs turned into errors;
 e. trainable-set changes (freeze/unfreeze) against their reference, NCCL world size 1 and 2 gloo
    ranks sharing the GPU;
-f. a hang under NCCL, reported with the flight-recorder dump the watchdog wrote.
+f. a hang under NCCL, reported with the flight-recorder dump the watchdog wrote;
+g. what users switch on with it, against plain DDP: SyncBN (``sync_bn='torch'``), fp16
+   AmpOptimWrapper (GradScaler) with accumulation, ``compile=True`` (inductor) through a usage
+   change; and the peak GPU memory of a rebuild. The same case functions run on CPU in
+   tests/test_contract.py and tests/test_rebuild_memory.py (BatchNorm reverted, bf16 without
+   GradScaler, the aot_eager backend, peak RSS).
 """
 import pickle
 import re
@@ -19,9 +24,11 @@ import torch
 from mmddp_hooks.testing import run_distributed, run_on_ranks
 from mmddp_hooks.watchdog import ABORT_EXIT_CODE
 
+import contract_cases
 import launch
 import scenarios
 import trainable_cases
+from contract_cases import ITERS, LATE
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
@@ -171,19 +178,77 @@ def test_infonce_on_cuda_under_autocast_without_host_sync(dtype):
 
 
 @pytest.mark.dist
-def test_a_hang_under_nccl_is_reported_with_the_flight_recorder_dump():
+def test_a_hang_under_nccl_is_reported_with_the_flight_recorder_dump(tmp_path):
     """NCCL world size 1, rank 0 sleeps in forward at iteration 6: the watchdog's report names the
     line and the flight-recorder dump it wrote (TORCH_NCCL_TRACE_BUFFER_SIZE set, as
-    tools/train.py --hang-timeout does), which holds the run's NCCL collectives."""
+    tools/train.py --hang-timeout does), which holds the run's NCCL collectives. The run's
+    work_dir is this test's folder: the run's own temporary folder is gone when it returns."""
     result = run_on_ranks(hang_cases.hang, 1, args=('SleepsInForwardAlone',), backend='nccl',
-                          timeout=TIMEOUT, failure_grace=30, local_devices=1,
-                          env=dict(TORCH_NCCL_TRACE_BUFFER_SIZE='2000'))
+                          kwargs=dict(work_dir=str(tmp_path)), timeout=TIMEOUT, failure_grace=30,
+                          local_devices=1, env=dict(TORCH_NCCL_TRACE_BUFFER_SIZE='2000'))
     assert not result.timed_out and result.ranks[0].exitcode == ABORT_EXIT_CODE, result.describe()
     out = result.ranks[0].output
     assert re.search(r'STRAGGLER: rank 0 is in train_step \(iteration 6\) at \S*hang_cases.py:\d+ '
                      r'in branch', out), out[-3000:]
     dump = re.search(r'NCCL flight recorder .*?: rank 0: (\S+\.pkl)', out)
-    assert dump, out[-3000:]
+    assert dump and dump.group(1).startswith(str(tmp_path)), out[-3000:]
     with open(dump.group(1), 'rb') as f:
         trace = pickle.load(f)
     assert trace.get('entries'), trace.keys()  # DDP's collectives of iterations 1 to 5
+
+
+@pytest.mark.dist
+def test_sync_bn_under_the_product_trains_as_plain_ddp():
+    """sync_bn='torch' through the Runner on two ranks sharing the GPU over gloo (world size 1
+    would skip SyncBatchNorm's all-gather), a branch waking up after the probe: SyncBatchNorm
+    trains in both runs, and the replicas' running statistics stay identical."""
+    rows = run_distributed(contract_cases.run_sync_bn, 2, backend='gloo', timeout=TIMEOUT,
+                           local_devices=torch.cuda.device_count())
+    assert len({r['digest'] for r in rows}) == 1, 'replicas diverged'
+    for r in rows:
+        assert r['losses'] == ITERS and r['loss_diff'] <= 1e-5 and r['param_diff'] <= 1e-5, r
+        assert 'SyncBatchNorm' in r['layers'] and 'SyncBatchNorm' in r['reference_layers'], r
+        assert len(r['switch_log']) == 1 and LATE in r['switch_log'][0], r['switch_log']
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize('world_size, backend', [(1, 'nccl'), (2, 'gloo')])
+def test_fp16_amp_accumulation_through_train_step_with_the_guard_live(world_size, backend):
+    """AmpOptimWrapper(dtype='float16', accumulative_counts=3) driven through
+    ReconfigurableDDP.train_step by hand, as MMEngine's own wrapper test does, the plan's guard
+    armed until the branch wakes up inside a window: as plain DDP, GradScaler on."""
+    rows = run_distributed(contract_cases.amp_accumulation, world_size, backend=backend,
+                           args=('float16',), timeout=TIMEOUT,
+                           local_devices=torch.cuda.device_count())
+    assert len({r['digest'] for r in rows}) == 1, 'replicas diverged'
+    for r in rows:
+        assert r['losses'] == pytest.approx(r['plain_losses'], rel=1e-5, abs=1e-6), r
+        assert r['param_diff'] <= 1e-5, r
+        assert r['guarded'] == list(range(contract_cases.AMP_WAKE + 1)), r['guarded']
+        assert len(r['switch_log']) == 1 and LATE in r['switch_log'][0], r['switch_log']
+        assert r['scale'] == r['plain_scale'] > 1.0, r  # GradScaler was on, and agreed
+
+
+@pytest.mark.dist
+def test_compile_true_through_a_usage_change_trains_as_plain_ddp():
+    """compile=True (inductor) under NCCL world size 1, a branch waking up after the probe and two
+    freezes: bit for bit as plain MMDistributedDataParallel(find_unused_parameters=True) with
+    compile=True, and no control function of the package compiled."""
+    rows = run_distributed(contract_cases.run_compiled, 1, backend='nccl',
+                           kwargs=dict(compile=True), timeout=TIMEOUT)
+    scenarios.assert_trains_alike(rows, 1, ITERS, 0.0)
+    r = rows[0]
+    assert r['model'] == ['SwitchedOn.forward'] and set(r['ours']) <= contract_cases.TRACED, r
+    assert len(r['switch_log']) == 1 and LATE in r['switch_log'][0], r['switch_log']
+    assert len(r['trainable_log']) == 2 and r['current']['find_unused'] is True, r
+
+
+@pytest.mark.dist
+def test_a_rebuild_peaks_within_5_percent_of_steady_training_on_the_gpu():
+    """torch.cuda.max_memory_allocated across plan changes of a 109 M parameter model, gradients as
+    bucket views, NCCL world size 1 (tests/test_rebuild_memory.py measures RSS on CPU)."""
+    from mmddp_hooks.benchmark import rebuild_memory
+
+    out = run_distributed(rebuild_memory, 1, backend='nccl', kwargs=dict(bucket_view=True),
+                          timeout=TIMEOUT)[0]
+    assert out['peak'] == 'torch.cuda.max_memory_allocated' and out['ratio'] <= 1.05, out
