@@ -122,10 +122,8 @@ class PlanGuard:
         self._off_got = False
         self._off_handles = [h for h in (_hook_off(p, self._got_off) for p in self._watched[n:])
                              if h is not None]
-        # every .grad was None after the last optimizer step (no hooks needed in the next
-        # backward); requires_grad differs from the build before this backward (the step takes
-        # the full exchange, which names the change on every rank)
-        self._clean = False
+        # requires_grad differs from the build before this backward (the step takes the full
+        # exchange, which names the change on every rank)
         self._flags_moved = False
         self.explain = True  # name what changed, rank by rank (a gather); off once it is known
         self.group = group
@@ -162,27 +160,19 @@ class PlanGuard:
         """
         self._unhook()
         self._arrived = None
-        clean, self._clean = self._clean, False
         if not sync:
             return
-        # every hook before this backward has run: a flag moved since the build, whatever it
-        # does to this step's gradients, sends the step through the full exchange
-        self._flags_moved = list(map(_REQUIRES_GRAD, self._watched)) != self._built_flags
-        if clean:
-            return
+        # after every hook of this iteration: a flag moved since the build, whatever it does to
+        # this step's gradients, sends the step through the full exchange (the second read of
+        # each parameter is the cheap one: the first brought it into the cache)
         grads = list(map(_GRAD, self._watched))
+        self._flags_moved = list(map(_REQUIRES_GRAD, self._watched)) != self._built_flags
         if not any(map(_IS_SET, grads)) or not any(
                 g is not None and p.requires_grad for g, p in zip(grads, self._watched)):
             return
         arrived = self._arrived = np.zeros(len(self._watched), dtype=bool)
         self._handles = [p.register_post_accumulate_grad_hook(partial(_arrive, arrived, i))
                          for i, p in enumerate(self._watched) if p.requires_grad]
-
-    def after_step(self) -> None:
-        """Call after the optimizer step and ``zero_grad``: whether every watched ``.grad`` is None
-        now, read here, where it is cheap (right after backward each ``.grad`` read wraps a new
-        tensor), spares the next ``before_backward`` its own read of them."""
-        self._clean = not any(map(_IS_SET, map(_GRAD, self._watched)))
 
     def after_backward(self, reducer) -> Optional[str]:
         """Fill, rescue, agree, and where some rank left the plan, fix. Returns why usage differs

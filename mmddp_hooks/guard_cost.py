@@ -52,9 +52,12 @@ def models() -> Dict[str, Callable[[], nn.Module]]:
         linears300=lambda: _WithUnusedHead(_Linears(), lambda: torch.randn(2, 8)))
 
 
-def measure(name: str, steps: int = 100, warmup: int = 10) -> Dict[str, Any]:
+def measure(name: str, steps: int = 100, warmup: int = 10,
+            set_to_none: bool = True) -> Dict[str, Any]:
     """Time the guard's parts on this rank for ``steps`` steps of model ``name`` (every rank
-    calls: the plan is applied on each, and the exchange is a collective)."""
+    calls: the plan is applied on each, and the exchange is a collective). ``set_to_none=False``:
+    ``zero_grad`` leaves zero gradients, so every backward starts with them set, as under
+    accumulation (the guard then hooks each parameter for that backward)."""
     torch.manual_seed(0)
     wrapper = ReconfigurableDDP(models()[name]())
     wrapper.apply_plan(DDPPlan(find_unused_parameters=False, ignore=[
@@ -75,7 +78,7 @@ def measure(name: str, steps: int = 100, warmup: int = 10) -> Dict[str, Any]:
             change = wrapper.after_backward()
             t3 = time.perf_counter()
             optimizer.step()
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=set_to_none)
             t4 = time.perf_counter()
             wrapper.after_step(change)
             t5 = time.perf_counter()
@@ -91,7 +94,7 @@ def measure(name: str, steps: int = 100, warmup: int = 10) -> Dict[str, Any]:
     medians = {k: 1e6 * statistics.median(v) for k, v in parts.items()}
     medians['host'] = medians['before_backward'] + medians['after_backward'] + medians['after_step']
     return dict(model=name, ranks=ddist.get_world_size(), watched=watched, steps=steps,
-                median_us=medians)
+                zero_grad='set_to_none' if set_to_none else 'zeros', median_us=medians)
 
 
 class _ExchangeClock:
@@ -117,22 +120,25 @@ class _ExchangeClock:
 
 
 def measure_all(names: List[str], steps: int = 100) -> List[Dict[str, Any]]:
-    """:func:`measure` for each model, then every rank's medians gathered: the slowest rank's."""
+    """:func:`measure` for each model, gradients set to None and to zeros after each step; every
+    rank's medians gathered: the slowest rank's."""
     rows = []
     for name in names:
-        mine = measure(name, steps)
-        everyone = ddist.all_gather_object(mine['median_us'])
-        mine['median_us'] = {k: max(m[k] for m in everyone) for k in mine['median_us']}
-        rows.append(mine)
+        for set_to_none in (True, False):
+            mine = measure(name, steps, set_to_none=set_to_none)
+            everyone = ddist.all_gather_object(mine['median_us'])
+            mine['median_us'] = {k: max(m[k] for m in everyone) for k in mine['median_us']}
+            rows.append(mine)
     return rows
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
-    lines = ['| model | ranks | watched tensors | before_backward | after_backward | after_step | '
-             'host, total | exchange |', '|---|---|---|---|---|---|---|---|']
+    lines = ['| model | ranks | watched tensors | gradients after zero_grad | before_backward | '
+             'after_backward | after_step | host, total | exchange |',
+             '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         m = r['median_us']
-        lines.append(f"| {r['model']} | {r['ranks']} | {r['watched']} | "
+        lines.append(f"| {r['model']} | {r['ranks']} | {r['watched']} | {r['zero_grad']} | "
                      f"{m['before_backward']:.0f} us | {m['after_backward']:.0f} us | "
                      f"{m['after_step']:.0f} us | **{m['host']:.0f} us** | "
                      f"{m['exchange']:.0f} us |")

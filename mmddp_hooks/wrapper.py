@@ -295,9 +295,6 @@ class ReconfigurableDDP(MMDistributedDataParallel):
                 self.apply_plan(self.plan)
             else:
                 self.refresh_buckets()
-        watcher = self._watcher()
-        if watcher is not None:
-            watcher.after_step()
 
     def _follow_unguarded(self) -> Optional[TrainableChange]:
         """Where no guard exchanges flags every step: a rank that sees its trainable set changed

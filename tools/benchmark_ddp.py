@@ -5,6 +5,7 @@
     python tools/benchmark_ddp.py --device cuda [--rounds 200] [--json out.json] [--plot out.png]
     python tools/benchmark_ddp.py --rebuild-memory [--json out.json]
     python tools/benchmark_ddp.py --keepalive [--rounds 200] [--quick] [--json out.json]
+    python tools/benchmark_ddp.py --guard-cost [--nproc 1] [--rounds 100] [--json out.json]
 
 Prints a markdown table: per scenario and setting, the median step time of the slowest rank and the
 median (min-max) of per-round ratios against the best valid hand-picked setting; invalid settings
@@ -25,6 +26,10 @@ of DDP's buckets and as views of them (``mmddp_hooks.benchmark.rebuild_memory``)
 ``--keepalive`` measures what zero-weighted keep-alive terms (``loss + 0.0 * idle parameters``, under
 find_unused_parameters=False) cost against DDPAutoTuneHook's plan for the model without them: the
 ratio of step times, interleaved, and of the bytes all-reduced, and how far their training parts.
+
+``--guard-cost`` times the guard's host work per step on its own, in microseconds: before_backward,
+after_backward without its exchange, the exchange, and after_step, for torchvision ResNet-50 and
+ViT-B/16 with an unused head and a 300-tensor stack (``mmddp_hooks.guard_cost``).
 """
 # isort: off
 import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
@@ -64,6 +69,9 @@ def main(argv=None) -> int:
                    help='measure the peak memory of a rebuild instead (see above)')
     p.add_argument('--keepalive', action='store_true',
                    help='only: keep-alive terms against the plan without them')
+    p.add_argument('--guard-cost', action='store_true',
+                   help="only: the guard's host work per step (see above)")
+    p.add_argument('--guard-models', nargs='+', default=['resnet50', 'vit_b_16', 'linears300'])
     args = p.parse_args(argv)
     from mmddp_hooks import benchmark as bench
     from mmddp_hooks.testing import run_on_ranks
@@ -85,6 +93,8 @@ def main(argv=None) -> int:
         return 0
     if args.rebuild_memory:
         return rebuild_memory(args)
+    if args.guard_cost:
+        return guard_cost(args)
     real = (args.models or ('real' if args.device == 'cuda' else 'toy')) == 'real'
     if args.device == 'cuda' and not real:
         p.error('--device cuda times the real models (--models real)')
@@ -130,6 +140,23 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(out, indent=2))
     if args.plot:
         bench.plot(results, args.plot)
+    return 0
+
+
+def guard_cost(args) -> int:
+    from mmddp_hooks import guard_cost as cost
+    from mmddp_hooks.testing import run_on_ranks
+
+    nproc = args.nproc or 1
+    run = run_on_ranks(cost.measure_all, nproc, args=(args.guard_models, args.rounds),
+                       timeout=args.timeout)
+    if not run.ok:
+        print(f'guard cost failed:\n{run.describe()}', file=sys.stderr)
+        return 1
+    rows = run.ranks[0].value
+    print(cost.format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(nproc=nproc, rows=rows), indent=2))
     return 0
 
 
