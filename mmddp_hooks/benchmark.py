@@ -413,8 +413,9 @@ def _watchdog_cost(auto: '_Runner', x: torch.Tensor, step: int, pairs: int, per_
 def _tracking_cost(wrapper: ReconfigurableDDP, rounds: int) -> Dict[str, float]:
     """What following the trainable set adds to a step in which nothing changes, timed apart (it
     is too small to show in a step's time): reading every parameter's ``requires_grad`` against the
-    build, an upper bound of both paths (the guard reads the parameters it watches; its flag
-    exchange keeps one int per parameter, which carries both facts). Slowest rank, median."""
+    build, an upper bound of both paths (the guard reads the parameters it watches before
+    backward; a moved flag sends that step through its per-parameter sums). Slowest rank,
+    median."""
     reads = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -476,7 +477,7 @@ def format_table(results: List[Dict[str, Any]]) -> str:
         t = res.get('tracking')
         if t and res['auto_ms']:
             cost = 1e6 * t['reads_s']
-            how = ('in the flag exchange the guard already makes' if t['guarded'] else
+            how = ("a moved flag rides the guard's per-step int" if t['guarded'] else
                    'no exchange while nothing changes (find_unused_parameters=True)')
             lines.append(f"| {res['scenario']} | auto: trainable-set tracking | {cost:.0f} us per "
                          f"step ({100 * cost / (1e3 * res['auto_ms']):.2f}% of auto's step) | "
