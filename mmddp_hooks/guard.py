@@ -33,8 +33,7 @@ The same int per parameter carries whether its ``requires_grad`` differs from wh
 trainable parameter averaged by hand, a newly frozen one back to ``None``) and is not a usage change;
 a change on some ranks only stops training in that step, on every rank, with the names.
 """
-from functools import partial
-from operator import attrgetter, is_not
+from operator import attrgetter
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -43,6 +42,7 @@ from torch import nn
 from torch.distributed import ProcessGroup, ReduceOp
 
 from . import dist as ddist
+from .arrival import GradArrival
 from .explain import explain_unused_error
 from .reducer_params import ReducerParam, reducer_params
 from .trainable import TrainableChange, TrainableSet, rank_dependent_message
@@ -85,13 +85,14 @@ class PlanGuard:
         trainable: what DDP was built from (default: the module's flags now).
         unclaimed: parameters the plan zero-fills on every rank (none that ``choose_plan`` makes):
             a step where one gets no gradient here may have left it unused everywhere.
+        arrival: the wrapper's record of gradient arrival (default: one of the guard's own,
+            removed by :meth:`close`).
     """
-
-    recording = False  # the probe keeps every step's usage: it takes the full exchange each step
 
     def __init__(self, module: nn.Module, fill: List[str], ignore: List[str],
                  group: Optional[ProcessGroup] = None,
-                 trainable: Optional[TrainableSet] = None, unclaimed: Sequence[str] = ()) -> None:
+                 trainable: Optional[TrainableSet] = None, unclaimed: Sequence[str] = (),
+                 arrival: Optional[GradArrival] = None) -> None:
         trainable = self.trainable = trainable or TrainableSet(module)
         built = dict(zip(map(id, trainable.params), trainable.built))
         named = dict(module.named_parameters())
@@ -104,171 +105,147 @@ class PlanGuard:
         self._watched = [rp.param for rp in self.params] + self.ignored + [p for _, p in off]
         self.names = [rp.name for rp in self.params] + self.ignore_names + [n for n, _ in off]
         self._built_flags = [built[id(p)] for p in self._watched]
-        self._built = np.array(self._built_flags, dtype=bool)
+        self._owns_arrival = arrival is None
+        self.arrival = arrival if arrival is not None else GradArrival(self._watched)
+        self._at = self.arrival.indices(self._watched)  # watched -> the record's positions
         self.trainable_change: Optional[TrainableChange] = None  # set by the step it shows in
         fill_names, unclaimed_names = set(fill), set(unclaimed)
         self._fill = np.array([rp.name in fill_names for rp in self.params], dtype=bool)
         self._fill_at = [(i, self.params[i].param) for i in np.flatnonzero(self._fill)]
         self._unclaimed = {i for i, rp in enumerate(self.params) if rp.name in unclaimed_names}
-        n = len(self.params)
-        # which watched parameters got a gradient in this backward, recorded by hooks only where
-        # .grad was already set before it (None: every .grad started as None)
-        self._arrived: Optional[np.ndarray] = None
-        self._handles: List[Any] = []
-        # a gradient outside the reducer (an ignored parameter, or one frozen at the build and
-        # trainable now) since the last synchronising backward: told by a hook on each, which
-        # costs nothing while none arrives (registered with requires_grad on for a moment where
-        # it is off; the hook outlives the flag)
-        self._off_got = False
-        self._off_handles = [h for h in (_hook_off(p, self._got_off) for p in self._watched[n:])
-                             if h is not None]
         # requires_grad differs from the build before this backward (the step takes the full
         # exchange, which names the change on every rank)
         self._flags_moved = False
         self.explain = True  # name what changed, rank by rank (a gather); off once it is known
         self.group = group
-        self._alone = ddist.group_size(group) == 1
+        size = ddist.group_size(group)
+        self._alone = size == 1
         # one int per watched parameter carries both facts: got a gradient (0/1) + base * its
         # requires_grad differs from the build (0/1); summed over the ranks, each stays readable
-        self._base = ddist.group_size(group) + 1
+        self._base = size + 1
         self._left = torch.zeros(1, dtype=torch.int32)  # this step left the plan (0/1), reduced
 
     def close(self) -> None:
-        """Remove the guard's hooks."""
-        self._unhook()
-        for handle in self._off_handles:
-            handle.remove()
-        self._off_handles = []
-
-    def _got_off(self, _: torch.Tensor) -> None:
-        self._off_got = True
-
-    def _unhook(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Remove the guard's hooks (those of its own record)."""
+        if self._owns_arrival:
+            self.arrival.close()
 
     def before_backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """Call before ``loss.backward()`` (``sync``: DDP synchronises gradients in this one).
 
-        Gradients are read, not hooked, when every ``.grad`` starts as ``None`` (``zero_grad()``,
-        MMEngine's default): then a parameter got one in this backward, and in this optimizer step,
-        if its ``.grad`` is set. Where ``.grad`` is already set (accumulation, ``zero_grad(
-        set_to_none=False)``) a post-accumulate hook per parameter tells, for this backward only:
-        ``.grad`` versions cannot, since DDP's bucket-view gradients share one version counter per
-        bucket.
+        Opens the record of this backward's arrivals; before a synchronising one, also reads
+        ``requires_grad`` after every hook of this iteration: a flag moved since the build,
+        whatever it does to this step's gradients, sends the step through the full exchange.
         """
-        self._unhook()
-        self._arrived = None
-        if not sync:
-            return
-        # after every hook of this iteration: a flag moved since the build, whatever it does to
-        # this step's gradients, sends the step through the full exchange (the second read of
-        # each parameter is the cheap one: the first brought it into the cache)
-        grads = list(map(_GRAD, self._watched))
-        self._flags_moved = list(map(_REQUIRES_GRAD, self._watched)) != self._built_flags
-        if not any(map(_IS_SET, grads)) or not any(
-                g is not None and p.requires_grad for g, p in zip(grads, self._watched)):
-            return
-        arrived = self._arrived = np.zeros(len(self._watched), dtype=bool)
-        self._handles = [p.register_post_accumulate_grad_hook(partial(_arrive, arrived, i))
-                         for i, p in enumerate(self._watched) if p.requires_grad]
+        self.arrival.open()
+        if sync:
+            self._flags_moved = list(map(_REQUIRES_GRAD, self._watched)) != self._built_flags
 
-    def after_backward(self, reducer) -> Optional[str]:
+    def after_backward(self, reducer, exchange: bool = False) -> Optional[str]:
         """Fill, rescue, agree, and where some rank left the plan, fix. Returns why usage differs
-        from the plan (the same on every rank), or None.
+        from the plan (the same on every rank), or None. ``exchange``: take the full exchange
+        even where no rank left the plan (every rank passes the same).
 
-        The fills and the rescue come first, from this rank's own gradients: a zero fill can
+        The fills and the rescue come first, from this rank's own record: a zero fill can
         complete DDP's last bucket, whose all-reduce waits for every rank's, so no rank may wait
-        in an exchange before its own buckets are complete.
+        in an exchange before its own buckets are complete. Only a parameter the engine did not
+        reach is filled: one reached with no gradient (a custom Function's ``None``) was marked
+        ready by DDP already, with a zero in its bucket slot.
         """
         self.trainable_change = None
-        self._unhook()  # the fills below are not arrivals
-        arrived = self._arrived
-        filled = [i for i, p in self._fill_at
-                  if (p.grad is None if arrived is None else not arrived[i])]
-        had = {i: self.params[i].param.grad is not None for i in filled}  # from earlier micro-steps
+        record = self.arrival
+        record.close_backward()
+        record.end_window()  # read below; the next backward opens a new one
+        n = len(self.params)
+        reached = record.reached[self._at[:n]]
+        filled = [i for i, _ in self._fill_at if not reached[i]]
+        rescued: List[int] = []
+        # whether .grad was None before this backward, where this step may have to restore it
+        was_none = {i: self.params[i].param.grad is None for i in filled}
         zero_fill([self.params[i].param for i in filled])
         finalized = reducer_finalized(reducer)
-        if not finalized:  # a parameter the reducer waits for got no gradient: feed it zeros
-            fired = (map(_GRAD, (rp.param for rp in self.params)) if arrived is None else
-                     arrived[:len(self.params)])
-            rescued = [i for i, f in enumerate(fired)
-                       if (f is None if arrived is None else not f) and i not in had]
-            had.update({i: self.params[i].param.grad is not None for i in rescued})
+        if not finalized:  # a parameter the reducer waits for was not reached: feed it zeros
+            rescued = [i for i in np.flatnonzero(~reached) if i not in was_none]
+            was_none.update({i: self.params[i].param.grad is None for i in rescued})
             zero_fill([self.params[i].param for i in rescued])
-        left = (not finalized or self._off_got or self._flags_moved
-                or not self._unclaimed.isdisjoint(filled))
-        self._off_got = self._flags_moved = False
-        if not self.recording:
+        if record.was_none:  # reached with no gradient: read by the record
+            back = {int(j): i for i, j in enumerate(self._at[:n])}
+            was_none.update({back[j]: v for j, v in record.was_none.items() if j in back})
+        window = record.window[self._at]
+        missed = ~window[:n] & ~self._fill  # the plan counted on them here: no gradient came
+        left = bool(not finalized or self._flags_moved or missed.any() or window[n:].any()
+                    or not self._unclaimed.isdisjoint(filled))
+        self._flags_moved = False
+        if not exchange:
             if self._alone and not left:
                 return None
             self._left[0] = left
             if not ddist.all_reduce_flags(self._left, self.group, ReduceOp.MAX)[0]:
                 return None  # as planned on every rank
-        return self._fix(reducer, had, finalized)
+        return self._fix(reducer, window, missed, was_none)
 
-    def _fix(self, reducer, had: Dict[int, bool], finalized: bool) -> Optional[str]:
+    def _fix(self, reducer, window: np.ndarray, missed: np.ndarray,
+             was_none: Dict[int, bool]) -> Optional[str]:
         """The rare path, on every rank together: sum per-parameter flags over the ranks, fix.
 
-        ``had``: whether each reducer parameter this rank zero-filled had a ``.grad`` before."""
+        ``window``: defined arrivals since the last optimizer step, per watched parameter;
+        ``missed``: reducer parameters the plan counted on here that got none; ``was_none``:
+        whether ``.grad`` was None before this backward, for those DDP or the fills wrote."""
         n, w = len(self.params), len(self._watched)
-        local = np.array([g is not None for g in map(_GRAD, self._watched)], dtype=bool)
-        local[list(had)] = list(had.values())  # as before the fills
         rg = np.array(list(map(_REQUIRES_GRAD, self._watched)), dtype=bool)
-        changed = rg != self._built
-        # outside the reducer only what requires grad now counts: a stale .grad of a frozen
-        # parameter is nothing to average
+        changed = rg != np.array(self._built_flags, dtype=bool)
+        # outside the reducer only what requires grad now counts
+        local = window.copy()
         local[n:] &= rg[n:]
-        fired = local if self._arrived is None else self._arrived
-        flags = np.empty(w + 1, dtype=np.int32)
+        flags = np.empty(w + 2, dtype=np.int32)
         flags[:w] = local + self._base * changed
-        # what the rescue filled, other than parameters frozen since the build
-        flags[-1] = np.count_nonzero(~fired[:n] & ~self._fill & ~changed[:n])
+        flags[w] = np.count_nonzero(missed & ~changed[:n])  # completed with zeros here
+        flags[w + 1] = not reducer_finalized(reducer)  # even after the rescue: every rank stops
         counts = ddist.all_reduce_flags(torch.from_numpy(flags), self.group).numpy()
-        if not finalized and not reducer_finalized(reducer):  # after the exchange, which every
-            self._raise_unfinalized(reducer)                    # rank joins
-        self.record(local[:n])
-        if counts[:n].all() and (counts[:n] < self._base).all() and not counts[n:].any():
+        if counts[w + 1]:
+            self._raise_unfinalized(reducer, int(counts[w + 1]))
+        if counts[:n].all() and (counts[:n] < self._base).all() and not counts[n:w].any():
             return None  # as planned on every rank
         got, changed = counts[:w] % self._base, counts[:w] // self._base
         size = self._base - 1
         if ((changed > 0) & (changed < size)).any():
             self._raise_rank_dependent()
         changed = changed == size  # the same change on every rank
-        now = rg
         unused_everywhere = np.flatnonzero(got[:n] == 0)
-        for i in unused_everywhere:  # None on every rank before the fills: True leaves it None
-            self.params[i].param.grad = None
+        for i in unused_everywhere:  # True leaves .grad as it was before the step
+            if was_none.get(i, True):
+                self.params[i].param.grad = None
         if got[n:].any():  # ignored, or frozen at the build and trainable now
-            self._average_off_reducer(got[n:])
+            self._average_off_reducer(got[n:w])
         if changed.any():
-            for i in np.flatnonzero(changed & ~now):  # frozen in this step: None, as if frozen
+            for i in np.flatnonzero(changed & ~rg):  # frozen in this step: None, as if frozen
                 self._watched[i].grad = None          # before it (gradients of the window too)
             self.trainable_change = TrainableChange(
-                unfrozen=[self.names[i] for i in np.flatnonzero(changed & now)],
-                frozen=[self.names[i] for i in np.flatnonzero(changed & ~now)])
+                unfrozen=[self.names[i] for i in np.flatnonzero(changed & rg)],
+                frozen=[self.names[i] for i in np.flatnonzero(changed & ~rg)])
         unused_everywhere = [i for i in unused_everywhere if not changed[i]]
         woke = [j for j in range(len(self.ignored)) if got[n + j] and not changed[n + j]]
-        rescued = [i for i in np.flatnonzero(~fired[:n] & ~self._fill) if not changed[i]]
-        if not unused_everywhere and not woke and not counts[-1]:  # a trainable change only
+        if not unused_everywhere and not woke and not counts[w]:  # a trainable change only
             return None
         if not self.explain:
             return 'usage differs from the plan'
-        return self._describe([self.params[i].name for i in rescued],
+        completed = [i for i in np.flatnonzero(missed) if not changed[i]]
+        return self._describe([self.params[i].name for i in completed],
                               [self.params[i].name for i in unused_everywhere],
                               [self.ignore_names[j] for j in woke if local[n + j]])
 
-    def record(self, used: np.ndarray) -> None:
-        """What this rank used in one optimizer step (the probe keeps it)."""
-
-    def _raise_unfinalized(self, reducer) -> None:
+    def _raise_unfinalized(self, reducer, ranks: int) -> None:
+        """Every rank, same step (the count came through the exchange): none waits in a later
+        collective for one that raised."""
         try:
             reducer._check_reducer_finalized()
         except RuntimeError as e:
             raise type(e)(explain_unused_error(str(e), self.params) + (
                 '\n[mmddp_hooks] the guard could not complete this iteration although it fed '
                 'zeros to every parameter whose gradient did not arrive')) from e
+        raise RuntimeError(f'[mmddp_hooks] {ranks} other rank(s) could not complete this '
+                           "iteration's gradient reduction (their error names the parameters); "
+                           'every rank stops here')
 
     def _describe(self, rescued: List[str], unused_everywhere: List[str],
                   woke: List[str]) -> str:
@@ -312,28 +289,8 @@ def average_by_hand(params: List[torch.Tensor], group: Optional[ProcessGroup]) -
         p.grad = ddist.all_reduce_(grad.mul(1.0 / size), group)
 
 
-# read in C, per step (``is not``: comparing a tensor with None runs Tensor.__eq__)
-_GRAD, _REQUIRES_GRAD = attrgetter('grad'), attrgetter('requires_grad')
-_IS_SET = partial(is_not, None)
-
-
-def _arrive(arrived: np.ndarray, i: int, _: torch.Tensor) -> None:
-    arrived[i] = True
-
-
-def _hook_off(p: torch.Tensor, hook: Any) -> Any:
-    """A post-accumulate hook on ``p`` even where it does not require grad now (None for an
-    integer parameter, which never gets a gradient)."""
-    if not (p.is_floating_point() or p.is_complex()):
-        return None
-    frozen = not p.requires_grad
-    if frozen:
-        p.requires_grad_(True)
-    try:
-        return p.register_post_accumulate_grad_hook(hook)
-    finally:
-        if frozen:
-            p.requires_grad_(False)
+# read in C, per step
+_REQUIRES_GRAD = attrgetter('requires_grad')
 
 
 def _names(names: List[str], n: int = 8) -> str:

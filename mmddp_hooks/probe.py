@@ -25,9 +25,10 @@ from torch.overrides import TorchFunctionMode
 
 from . import batch_kinds
 from . import dist as ddist
+from .arrival import GradArrival
 from .guard import PlanGuard
 from .report import Usage
-from .trainable import TrainableSet
+from .trainable import TrainableChange, TrainableSet
 
 REENTRANT_NODE = 'CheckpointFunctionBackward'
 MUL_NODES = ('MulBackward0', 'MulBackward1')
@@ -131,15 +132,21 @@ class ZeroTermTracer(TorchFunctionMode):
         return out
 
 
-class UsageProbe(PlanGuard):
-    """The guard of the empty plan, keeping each step's local usage for the report."""
-
-    recording = True
+class UsageProbe:
+    """What each rank used in each optimizer step, read from the record of gradient arrival,
+    while a guard of the empty plan completes every step as ``find_unused_parameters=True``
+    would (the probe uses the guard; the guard knows nothing of the probe)."""
 
     def __init__(self, module: nn.Module, group: Optional[ProcessGroup] = None,
-                 trainable: Optional[TrainableSet] = None) -> None:
-        super().__init__(module, fill=[], ignore=[], group=group, trainable=trainable)
-        self.explain = False  # unused parameters are what the probe is there to find
+                 trainable: Optional[TrainableSet] = None,
+                 arrival: Optional[GradArrival] = None) -> None:
+        self.guard = PlanGuard(module, fill=[], ignore=[], group=group, trainable=trainable,
+                               arrival=arrival)
+        self.guard.explain = False  # unused parameters are what the probe is there to find
+        self.params = self.guard.params
+        self.group = group
+        self.arrival = self.guard.arrival
+        self._at = self.arrival.indices([rp.param for rp in self.params])
         self.steps: List[np.ndarray] = []
         self.reentrant_checkpoint = False
         # per step: which reducer parameters a zero-weighted term reached, and which local
@@ -150,23 +157,36 @@ class UsageProbe(PlanGuard):
         self.batch: List[batch_kinds.Cell] = []  # the batch's kind per step
         self.tracer: Optional[ZeroTermTracer] = None
         self._index = {id(rp.param): i for i, rp in enumerate(self.params)}
+        self._by_record = {int(j): i for i, j in enumerate(self._at)}
         self._reached = np.zeros(len(self.params), dtype=bool)
         self._flags: Dict[int, torch.Tensor] = {}
-        self._zero_handles: List[Any] = []
         self._batches: List[batch_kinds.Cell] = []
 
-    def record(self, used: np.ndarray) -> None:
-        self.steps.append(used)
-        self._record_zeros()
+    @property
+    def trainable_change(self) -> Optional[TrainableChange]:
+        return self.guard.trainable_change
 
     def before_backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """The guard's, and a look for reentrant checkpointing and zero-weighted terms in this
-        step's graph, and a hook per parameter that tells whether its local gradient is zero."""
+        step's graph; each local gradient that arrives is checked for being all zero."""
         if not self.reentrant_checkpoint and loss.grad_fn is not None:
             self.reentrant_checkpoint = uses_reentrant_checkpoint(loss)
         if loss.grad_fn is not None:
             self._look_for_zero_terms(loss)
-        super().before_backward(loss, sync)
+        self.guard.before_backward(loss, sync)
+        self.arrival.on_defined = self._flag
+
+    def after_backward(self, reducer) -> Optional[str]:
+        """The guard's step, exchanged on every rank; then this step's local usage is kept."""
+        self.arrival.on_defined = None  # the guard's fills are not this backward's gradients
+        change = self.guard.after_backward(reducer, exchange=True)
+        self.steps.append(self.arrival.window[self._at])
+        self._record_zeros()
+        return change
+
+    def close(self) -> None:
+        self.arrival.on_defined = None
+        self.guard.close()
 
     # ------------------------------------------------------------------- zero-weighted terms
     def _look_for_zero_terms(self, loss: torch.Tensor) -> None:
@@ -178,27 +198,14 @@ class UsageProbe(PlanGuard):
                 self.zero_terms.setdefault(self.params[i].name, set()).update(where)
         if self.tracer is not None:
             self.tracer.lines.clear()
-        self._remove_zero_hooks()
-        self._zero_handles = [rp.param.register_hook(lambda g, i=i: self._flag(i, g))
-                              for i, rp in enumerate(self.params) if rp.param.requires_grad]
 
-    def _flag(self, i: int, grad: torch.Tensor) -> None:
-        """This backward's local gradient of parameter ``i`` (before DDP averages it)."""
+    def _flag(self, j: int, grad: torch.Tensor) -> None:
+        """A local gradient of the record's parameter ``j`` (before DDP averages it)."""
+        i = self._by_record.get(j)
+        if i is None:
+            return
         nonzero = grad.ne(0).any() if grad.layout == torch.strided else torch.tensor(True)
         self._flags[i] = nonzero if i not in self._flags else self._flags[i] | nonzero
-
-    def _remove_zero_hooks(self) -> None:
-        for handle in self._zero_handles:
-            handle.remove()
-        self._zero_handles = []
-
-    def after_backward(self, reducer) -> Optional[str]:
-        self._remove_zero_hooks()  # the guard's fills are not this backward's gradients
-        return super().after_backward(reducer)
-
-    def close(self) -> None:
-        self._remove_zero_hooks()
-        super().close()
 
     def _record_zeros(self) -> None:
         by_device: Dict[torch.device, List[int]] = {}

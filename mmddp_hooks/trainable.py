@@ -14,7 +14,7 @@ import numpy as np
 from mmengine.logging import MessageHub
 from torch import nn
 
-from .reducer_params import reducer_params
+from .reducer_params import param_aliases, reducer_params
 
 
 @dataclass
@@ -43,8 +43,9 @@ class TrainableSet:
 
     def __init__(self, module: nn.Module, user_ignored: Sequence[str] = ()) -> None:
         keys = set(user_ignored)
-        mine = {id(p) for mn, m in module.named_modules()
-                for pn, p in m.named_parameters(recurse=False) if f'{mn}.{pn}' in keys}
+        # DDP ignores a tied parameter only where every alias is ignored
+        mine = {i for i, pairs in param_aliases(module).items()
+                if all(f'{mn}.{pn}' in keys for mn, pn in pairs)}
         named = [(n, p) for n, p in module.named_parameters() if id(p) not in mine]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]

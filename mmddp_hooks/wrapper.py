@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import dist as ddist
+from .arrival import GradArrival
 from .compat import never_compiled
 from .explain import UNUSED_MARKER, explain_unused_error
 from .guard import PlanGuard, average_by_hand, reducer_finalized, zero_fill
@@ -109,6 +110,9 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.guard: Optional[PlanGuard] = None
         self.switch_log: List[str] = []  # why the plan was left, one entry per change
         self.trainable = TrainableSet(self.module, self._user_ignored)  # what DDP averages now
+        # which parameters got a defined gradient, backward by backward: what the probe, the
+        # guard and trainable-set following read (never .grad)
+        self.arrival = GradArrival(list(self.module.parameters()))
         self.trainable_changes: List[TrainableChange] = []  # each change of the trainable set
         self.trainable_log: List[str] = []  # and how it was logged
         self.trainable_change_timeout = trainable_change_timeout
@@ -161,12 +165,13 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         kwargs = dict(self.config_kwargs, find_unused_parameters=find_unused_parameters,
                       static_graph=static_graph)
         training = self.training
+        module.train(training)  # before the build: a model's train() may change requires_grad
         hooks = {k: getattr(self, k) for k in _MODULE_HOOK_DICTS if hasattr(self, k)}
         comm_hooks, self._comm_hook_record = self._comm_hook_record, None
         MMDistributedDataParallel.__init__(self, module, self.detect_anomalous_params, **kwargs)
         for k, v in hooks.items():
             setattr(self, k, v)
-        self.train(training)
+        self.training = training
         self._comm_hook_record = []
         for state, hook in comm_hooks:
             self.register_comm_hook(state, hook)
@@ -186,7 +191,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         if self.probe is not None:
             self.probe.close()
         self.rebuild(find_unused_parameters=False)
-        self.probe = UsageProbe(self.module, self.process_group, self.trainable)
+        self.probe = UsageProbe(self.module, self.process_group, self.trainable, self.arrival)
 
     def finish_probe(self) -> Usage:
         """Stop recording and combine every rank's usage (a collective)."""
@@ -210,7 +215,8 @@ class ReconfigurableDDP(MMDistributedDataParallel):
                                    plan.fill.get(ddist.group_rank(self.process_group), []),
                                    plan.ignore, group=self.process_group, trainable=self.trainable,
                                    unclaimed=set.intersection(*(set(plan.fill.get(r, []))
-                                                                for r in ranks)))
+                                                                for r in ranks)),
+                                   arrival=self.arrival)
 
     def close_guard(self) -> None:
         """Remove the guard's hooks and drop it."""
@@ -261,6 +267,8 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         watcher = self._watcher()
         if watcher is not None:
             watcher.before_backward(loss, sync=self._syncs_backward)
+        else:
+            self.arrival.open()
 
     @never_compiled
     def after_backward(self) -> Optional[str]:
@@ -268,6 +276,8 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         as ``find_unused_parameters=True`` would. Returns why usage left the plan, or None."""
         watcher = self._watcher()
         if watcher is None:
+            self.arrival.close_backward()
+            self.arrival.end_window()
             self._trainable_change = self._follow_unguarded()
             return None
         change = watcher.after_backward(self.reducer)
@@ -314,11 +324,14 @@ class ReconfigurableDDP(MMDistributedDataParallel):
             raise RuntimeError(rank_dependent_message(posted))
         named = dict(zip(self.trainable.names, self.trainable.params))
         averaged = self.trainable.averaged
-        frozen_in_reducer = [named[n] for n in change.frozen if id(named[n]) in averaged]
+        reached, window, index = self.arrival.reached, self.arrival.window, self.arrival.index
+        frozen_in_reducer = [named[n] for n in change.frozen
+                             if id(named[n]) in averaged and not reached[index[id(named[n])]]]
         if frozen_in_reducer and not reducer_finalized(self.reducer):  # False: it waits for them
             zero_fill(frozen_in_reducer)
         # every rank is at this step (they agreed on the change): a collective is safe here
-        got = torch.tensor([named[n].grad is not None for n in change.unfrozen], dtype=torch.int32)
+        got = torch.tensor([window[index[id(named[n])]] for n in change.unfrozen],
+                           dtype=torch.int32)
         used = ddist.all_reduce_flags(got, self.process_group).tolist()
         average_by_hand([named[n] for n, u in zip(change.unfrozen, used) if u], self.process_group)
         for n in change.frozen:
