@@ -204,7 +204,7 @@ class PlanGuard:
         counts = ddist.all_reduce_flags(torch.from_numpy(flags), self.group).numpy()
         if counts[w + 1]:
             self._raise_unfinalized(reducer, int(counts[w + 1]))
-        if counts[:n].all() and (counts[:n] < self._base).all() and not counts[n:w].any():
+        if counts[:n].all() and (counts[:n] < self._base).all() and not counts[n:w + 1].any():
             return None  # as planned on every rank
         got, changed = counts[:w] % self._base, counts[:w] // self._base
         size = self._base - 1

@@ -330,7 +330,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         if frozen_in_reducer and not reducer_finalized(self.reducer):  # False: it waits for them
             zero_fill(frozen_in_reducer)
         # every rank is at this step (they agreed on the change): a collective is safe here
-        got = torch.tensor([window[index[id(named[n])]] for n in change.unfrozen],
+        got = torch.tensor([bool(window[index[id(named[n])]]) for n in change.unfrozen],
                            dtype=torch.int32)
         used = ddist.all_reduce_flags(got, self.process_group).tolist()
         average_by_hand([named[n] for n, u in zip(change.unfrozen, used) if u], self.process_group)
