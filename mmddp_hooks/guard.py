@@ -229,7 +229,7 @@ class PlanGuard:
             return None
         if not self.explain:
             return 'usage differs from the plan'
-        completed = [i for i in np.flatnonzero(missed) if not changed[i]]
+        completed = [i for i in np.flatnonzero(missed) if not changed[i] and got[i]]  # used elsewhere
         return self._describe([self.params[i].name for i in completed],
                               [self.params[i].name for i in unused_everywhere],
                               [self.ignore_names[j] for j in woke if local[n + j]])
