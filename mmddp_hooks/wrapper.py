@@ -28,6 +28,7 @@ from .probe import UsageProbe
 from .reducer_params import ignore_keys_for, reducer_params
 from .report import Usage
 from .trainable import TrainableChange, TrainableSet, rank_dependent_message, where_now
+from .wrap_time import WrapTimeWatch, registered
 
 _MODULE_HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called',
                       '_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_backward_hooks',
@@ -109,6 +110,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.guard: Optional[PlanGuard] = None
         self.switch_log: List[str] = []  # why the plan was left, one entry per change
         self.trainable = TrainableSet(self.module, self._user_ignored)  # what DDP averages now
+        self.wrap_time: Optional[WrapTimeWatch] = WrapTimeWatch(self.trainable)  # until training
         self.trainable_changes: List[TrainableChange] = []  # each change of the trainable set
         self.trainable_log: List[str] = []  # and how it was logged
         self.trainable_change_timeout = trainable_change_timeout
@@ -139,6 +141,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
     @classmethod
     def from_ddp(cls, ddp: DistributedDataParallel) -> 'ReconfigurableDDP':
         """Re-wrap a model that a runner already wrapped in (MM)DistributedDataParallel."""
+        reducer = registered(ddp)
         _release_reducer(ddp)  # the old wrapper drives nothing any more (DoubleWrapCheckHook skips it)
         kwargs = dict(find_unused_parameters=ddp.find_unused_parameters,
                       broadcast_buffers=ddp.broadcast_buffers,
@@ -147,7 +150,9 @@ class ReconfigurableDDP(MMDistributedDataParallel):
                       static_graph=ddp.static_graph, process_group=ddp.process_group)
         if ddp.device_ids:
             kwargs['device_ids'] = ddp.device_ids
-        return cls(ddp.module, getattr(ddp, 'detect_anomalous_params', False), **kwargs)
+        wrapper = cls(ddp.module, getattr(ddp, 'detect_anomalous_params', False), **kwargs)
+        wrapper.wrap_time = WrapTimeWatch(wrapper.trainable, reducer)  # as ddp registered them
+        return wrapper
 
     # ----------------------------------------------------------------------------------- rebuild
     def rebuild(self, find_unused_parameters: bool, static_graph: bool = False,
@@ -161,12 +166,13 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         kwargs = dict(self.config_kwargs, find_unused_parameters=find_unused_parameters,
                       static_graph=static_graph)
         training = self.training
+        module.train(training)  # before the build: a model's train() may change requires_grad
         hooks = {k: getattr(self, k) for k in _MODULE_HOOK_DICTS if hasattr(self, k)}
         comm_hooks, self._comm_hook_record = self._comm_hook_record, None
         MMDistributedDataParallel.__init__(self, module, self.detect_anomalous_params, **kwargs)
         for k, v in hooks.items():
             setattr(self, k, v)
-        self.train(training)
+        self.training = training
         self._comm_hook_record = []
         for state, hook in comm_hooks:
             self.register_comm_hook(state, hook)
