@@ -98,21 +98,28 @@ def describe(name: str, values: Sequence[str]) -> str:
     return f'{name} in ({", ".join(repr(v) for v in values)})'
 
 
-def explain(used: np.ndarray, batch: Optional[Sequence[Sequence[Cell]]]) -> List[Optional[str]]:
+def explain(used: np.ndarray, batch: Optional[Sequence[Sequence[Cell]]],
+            counted: Optional[np.ndarray] = None) -> List[Optional[str]]:
     """Per parameter, the batch attribute whose values decide its use, or None.
 
-    ``used`` is (ranks, iterations, params). A parameter is explained by an attribute when some set
-    of its values S makes it used exactly in the rank-iterations whose batch holds a value of S (a
-    mixed batch holds several). Parameters used always, or never, need no explanation.
+    ``used`` is (ranks, iterations, params), of which the rank-iterations ``counted`` (default all)
+    count. A parameter is explained by an attribute when some set of its values S makes it used
+    exactly in the rank-iterations whose batch holds a value of S (a mixed batch holds several).
+    Parameters used always, or never, need no explanation.
     """
     out: List[Optional[str]] = [None] * used.shape[2]
     if not batch or not used.size:
         return out
-    counts = value_counts(batch)
     cells = [cell for rank in batch for cell in rank]
     flat = used.reshape(-1, used.shape[2])
     if len(cells) != flat.shape[0]:
         return out
+    if counted is not None:
+        keep = counted.reshape(-1)
+        cells, flat = [c for c, k in zip(cells, keep) if k], flat[keep]
+        if not cells:
+            return out
+    counts = value_counts([cells])
     for name in counts:
         held = [set(cell[name]) for cell in cells]
         for i in range(flat.shape[1]):

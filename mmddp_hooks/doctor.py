@@ -30,7 +30,6 @@ from .doctor_failure import (
 from .doctor_failure import paragraph as failure_paragraph
 from .model_from_config import (
     amp_off_on_cpu,
-    config_path,
     drop_remote_weights,
     load_config,
     take_subset,
@@ -40,6 +39,7 @@ from .model_from_config import (
 from .plan import crash_reason
 from .report import UsageReport
 from .upstream_fixes import dry_run_fixes
+from .wrap_time import is_lazy, wrapper_lines
 
 OK, CRASHES, FAILED, HANGS = 0, 1, 2, 3
 VERDICTS = {OK: 'trains under DDP', CRASHES: 'crashes under DDP', FAILED: 'could not run',
@@ -200,8 +200,14 @@ def _doctor_rank(state: Dict[str, Any], config: str, cfg_options: Optional[dict]
     report: UsageReport = tune.report
     kept = tune.choose(runner, report, policy='keep')
     auto = tune.choose(runner, report, policy='auto')
-    crash = crash_reason(report, find_unused, static_graph)
-    return dict(table=report.table(), report=report.to_dict(), asked_find_unused=find_unused,
+    late = tune.wrap_time  # plain DDP registers the flags of the wrap: judged on those first
+    crash = (late.crash_reason(find_unused, static_graph) if late else None) or \
+        crash_reason(report, find_unused, static_graph)
+    if late:
+        auto.reasons = late.qualify(auto.reasons)
+    return dict(wrap_time=late.to_dict() if late else None,
+                wrap_time_text='\n'.join(late.lines()) if late else None, table=report.table(),
+                report=report.to_dict(), asked_find_unused=find_unused,
                 settings=settings, dropped=settings['dropped'], has_hook=has_hook,
                 crash_reason=crash, crashes=crash is not None and not has_hook,
                 crashes_without_hook=crash is not None, probe_log=list(tune.probe_log),
@@ -211,16 +217,7 @@ def _doctor_rank(state: Dict[str, Any], config: str, cfg_options: Optional[dict]
 
 def config_lines(findings: Dict[str, Any], lazy: bool = False) -> str:
     """What to paste into the config: its imports as a new-style (``lazy``) config has them."""
-    unused = findings['auto']['find_unused_parameters']
-    if lazy:
-        lines = ['from mmddp_hooks import DDPAutoTuneHook, ReconfigurableDDP',
-                 f'model_wrapper_cfg = dict(type=ReconfigurableDDP, find_unused_parameters={unused})',
-                 'custom_hooks = [dict(type=DDPAutoTuneHook, probe_iters=4)]']
-    else:
-        lines = ["custom_imports = dict(imports=['mmddp_hooks'], allow_failed_imports=False)",
-                 f"model_wrapper_cfg = dict(type='ReconfigurableDDP', find_unused_parameters={unused})",
-                 "custom_hooks = [dict(type='DDPAutoTuneHook', probe_iters=4)]"]
-    return '\n'.join(lines)
+    return wrapper_lines(findings['auto']['find_unused_parameters'], lazy)
 
 
 # the doctor's few iterations on CPU: a stall this long (or 20x the slowest step) is a hang
@@ -322,7 +319,7 @@ def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[
                     error=failure_paragraph(failure), details=result.describe(), size_hint=hint)
     findings = result.ranks[0].value
     findings['status'] = CRASHES if findings['crashes'] else OK
-    findings['config_lines'] = config_lines(findings, _is_lazy(config))
+    findings['config_lines'] = config_lines(findings, is_lazy(config))
     findings['teardown_fault'] = result.describe() if result.teardown_fault else None
     report = findings.get('report', {})
     counts = (report.get('without_keepalive') or report).get('counts', {})
@@ -331,14 +328,6 @@ def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[
                               'only for some samples, or only above some batch size, can: '
                               "--batch-size 0 checks at the config's own")
     return findings
-
-
-def _is_lazy(config: str) -> bool:
-    """A new-style config: its types are imported classes, not registry names."""
-    try:
-        return Config._is_lazy_import(config_path(config))
-    except Exception:  # unreadable here: the old style's lines are the safe default
-        return False
 
 
 def _first_failure(result, work_dir: str, nproc: int, timeout: float) -> Dict[str, Any]:

@@ -155,7 +155,7 @@ def _keepalive_reason(report: UsageReport, grad_accumulation: bool,
     kept, real = report.kept_alive, report.without_keepalive
     if not kept or real is None:
         return []
-    cells = report.n_ranks * report.n_iters
+    cells = report.signal_cells
     terms = sorted({t for p in kept for t in p.zero_terms})
     where = f' ({terms[0]}{f" and {len(terms) - 1} more" if len(terms) > 1 else ""})' \
         if terms else ''

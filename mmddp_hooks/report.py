@@ -8,7 +8,10 @@ A gradient can arrive and be exactly zero: research code keeps idle branches "us
 zero-weighted terms (``loss + p.sum() * 0.0``) only because DDP crashes otherwise. Where the probe
 saw such a term reach a parameter whose gradient was zero, that rank-iteration is *kept alive*:
 DDP counts it as used, the report names it, and :attr:`UsageReport.without_keepalive` is the usage
-with those gradients counted as ``None``, the usage the model has once the terms are deleted. Terms
+with those gradients counted as ``None``, the usage the model has once the terms are deleted. A
+rank-iteration whose every gradient was exactly zero (a batch whose targets the pipeline filtered
+away, a loss of zero-weighted terms only) had no signal: it says nothing about which terms keep what
+alive, so it is left out of that inference and counted on its own. Terms
 in installed libraries (mmdet's RoI extractor keeps the graph whole for a batch without boxes) are
 named in one line: they are the library's design, not the user's to delete.
 """
@@ -38,6 +41,7 @@ class Usage:
     zero_weighted: Optional[np.ndarray] = None
     zero_terms: Dict[str, List[str]] = field(default_factory=dict)  # name -> where the terms are
     batch: Optional[List[List[batch_kinds.Cell]]] = None  # per rank, per iteration
+    counted: Optional[np.ndarray] = None  # (ranks, iterations): the cells classified; None: all
 
     def __post_init__(self) -> None:
         self.used = np.asarray(self.used, dtype=bool)
@@ -52,18 +56,26 @@ class Usage:
                 setattr(self, key, np.asarray(value, dtype=bool).reshape(self.used.shape))
 
     @property
+    def no_signal(self) -> np.ndarray:
+        """(ranks, iterations): a gradient arrived and every one was exactly zero."""
+        if self.zero is None:
+            return np.zeros(self.used.shape[:2], bool)
+        return self.used.any(axis=2) & ~(self.used & ~self.zero).any(axis=2)
+
+    @property
     def kept_alive(self) -> np.ndarray:
-        """Rank-iterations in which a parameter was "used" only through a zero-weighted term."""
+        """Rank-iterations in which a parameter was "used" only through a zero-weighted term,
+        among those with a signal."""
         if self.zero is None or self.zero_weighted is None:
             return np.zeros_like(self.used)
-        return self.used & self.zero & self.zero_weighted
+        return self.used & self.zero & self.zero_weighted & ~self.no_signal[:, :, None]
 
     def without_keepalive(self, params: Optional[np.ndarray] = None) -> 'Usage':
         """The usage once the zero-weighted terms (of ``params``, a bool mask; default all) are
-        deleted: those gradients would be None."""
+        deleted: those gradients would be None; rank-iterations without signal are not counted."""
         kept = self.kept_alive if params is None else self.kept_alive & params
         return Usage(self.names, self.numels, self.used & ~kept, self.reentrant_checkpoint,
-                     batch=self.batch)
+                     batch=self.batch, counted=~self.no_signal)
 
     @property
     def n_ranks(self) -> int:
@@ -122,11 +134,25 @@ class UsageReport:
     batch_kinds: Dict[str, Dict[str, int]] = field(default_factory=dict)  # attr -> value -> count
     min_seen: int = 3  # rank-iterations a batch kind needs before its usage counts as measured
     without_keepalive: Optional['UsageReport'] = None  # the usage once the terms are deleted
+    no_signal: int = 0  # rank-iterations whose every gradient was exactly zero
+    left_out: int = 0  # rank-iterations this classification does not count (no signal)
 
     @property
     def where(self) -> str:
         """'in 4 iterations on 2 ranks': how much the probe saw, for every message about it."""
-        return f'in {self.n_iters} iterations on {self.n_ranks} ranks'
+        left = f' ({self.left_out} rank-iterations without signal left out)' \
+            if self.left_out else ''
+        return f'in {self.n_iters} iterations on {self.n_ranks} ranks{left}'
+
+    @property
+    def cells(self) -> int:
+        """The rank-iterations this classification counts."""
+        return self.n_ranks * self.n_iters - self.left_out
+
+    @property
+    def signal_cells(self) -> int:
+        """The rank-iterations the keep-alive inference counts: those with a signal."""
+        return self.cells - self.no_signal
 
     def names_of(self, kind: str) -> List[str]:
         return [p.name for p in self.params if p.kind == kind]
@@ -152,6 +178,7 @@ class UsageReport:
 
     def to_dict(self) -> dict:
         return {'n_ranks': self.n_ranks, 'n_iters': self.n_iters, 'counts': self.counts,
+                'no_signal': self.no_signal, 'left_out': self.left_out,
                 'reentrant_checkpoint': self.reentrant_checkpoint,
                 'batch_kinds': self.batch_kinds,
                 'kept_alive': [p.name for p in self.kept_alive],
@@ -196,6 +223,12 @@ class UsageReport:
             if rare:
                 out.append(f'only {", ".join(rare)}: usage in such batches is barely measured '
                            f'(fewer than {self.min_seen}); probe longer (--iters, probe_max_iters)')
+        if self.no_signal:
+            out.append(f'in {self.no_signal} rank-iteration{"s" if self.no_signal != 1 else ""} '
+                       'the loss had no signal: empty targets? every gradient that arrived was '
+                       'exactly zero (a batch whose targets the pipeline filtered away, a loss of '
+                       'zero-weighted terms only); DDP counts those parameters as used, as it will '
+                       'in training, but they are left out of the keep-alive inference')
         out += _sample_size_note(self.without_keepalive or self)
         if self.kept_alive:
             out += self._keepalive_lines()
@@ -212,7 +245,7 @@ class UsageReport:
 
     def _keepalive_lines(self) -> List[str]:
         kept = self.kept_alive
-        cells = self.n_ranks * self.n_iters
+        cells = self.signal_cells
         lines = [f'kept alive by zero-weighted terms: {len(kept)} params got an exactly-zero '
                  'gradient through a term multiplied by 0 (e.g. loss + p.sum() * 0.0), so DDP '
                  'counted them as used:']
@@ -259,7 +292,7 @@ def _sample_size_note(report: UsageReport) -> List[str]:
     """Never used means no gradient in any of n rank-iterations: a parameter used at a rate below
     3/n would have gone unseen with 95% probability too (the rule of three). Said where that rate
     is above 5%: the sample cannot tell "never used" from "rarely used"."""
-    n = report.n_ranks * report.n_iters
+    n = report.cells
     if not report.names_of(NEVER) or not n or 3 / n <= 0.05:
         return []
     return [f'never used means no gradient in any of {n} rank-iterations: a parameter used in '
@@ -273,21 +306,24 @@ def _pct(x: float) -> str:
 
 
 def classify(usage: Usage) -> List[ParamUsage]:
+    """Each parameter's kind over the rank-iterations ``usage.counted`` (default all)."""
     used = usage.used
-    per_rank_any = used.any(axis=1)   # (ranks, params)
-    per_rank_all = used.all(axis=1)
-    freq = used.mean(axis=(0, 1)) if used.size else np.zeros(len(usage.names))
-    counts = used.sum(axis=(0, 1))
+    counted = np.ones(used.shape[:2], bool) if usage.counted is None else usage.counted
+    seen = counted.any(axis=1)  # ranks with a counted rank-iteration
+    per_rank_any = (used & counted[:, :, None]).any(axis=1)   # (ranks, params)
+    per_rank_all = (used | ~counted[:, :, None]).all(axis=1)
+    observed = int(counted.sum())
+    counts = (used & counted[:, :, None]).sum(axis=(0, 1))
+    freq = counts / observed if observed else np.zeros(len(usage.names))
     kept = usage.kept_alive.sum(axis=(0, 1))
-    explained = batch_kinds.explain(used, usage.batch)
-    observed = used.shape[0] * used.shape[1]
+    explained = batch_kinds.explain(used, usage.batch, counted)
     out = []
     for i, name in enumerate(usage.names):
-        if per_rank_all[:, i].all():
+        if per_rank_all[seen, i].all():
             kind = ALWAYS
         elif not per_rank_any[:, i].any():
             kind = NEVER
-        elif (per_rank_all[:, i] == per_rank_any[:, i]).all():
+        elif (per_rank_all[seen, i] == per_rank_any[seen, i]).all():
             kind = RANK_FIXED  # each rank: every iteration or none, and ranks differ
         else:
             kind = DYNAMIC
@@ -344,10 +380,12 @@ def build_report(usage: Usage, min_seen: int = 3) -> UsageReport:
     report = UsageReport(n_ranks=usage.n_ranks, n_iters=usage.n_iters, params=params,
                          groups=group_by_module(params),
                          reentrant_checkpoint=usage.reentrant_checkpoint,
-                         batch_kinds=batch_kinds.value_counts(usage.batch or []), min_seen=min_seen)
+                         batch_kinds=batch_kinds.value_counts(usage.batch or []), min_seen=min_seen,
+                         no_signal=int(usage.no_signal.sum()),
+                         left_out=0 if usage.counted is None else int((~usage.counted).sum()))
     kept = {p.name for p in report.kept_alive}
     mine = np.array([p.name in kept for p in params], bool)
     if mine.any():
         report.without_keepalive = replace(build_report(usage.without_keepalive(mine), min_seen),
-                                           batch_kinds={})
+                                           batch_kinds={}, no_signal=0)
     return report

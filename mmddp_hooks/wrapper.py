@@ -29,6 +29,7 @@ from .probe import UsageProbe
 from .reducer_params import ignore_keys_for, reducer_params
 from .report import Usage
 from .trainable import TrainableChange, TrainableSet, rank_dependent_message, where_now
+from .wrap_time import WrapTimeWatch, registered
 
 _MODULE_HOOK_DICTS = ('_forward_hooks', '_forward_hooks_with_kwargs', '_forward_hooks_always_called',
                       '_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_backward_hooks',
@@ -113,6 +114,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         # which parameters got a defined gradient, backward by backward: what the probe, the
         # guard and trainable-set following read (never .grad)
         self.arrival = GradArrival(list(self.module.parameters()))
+        self.wrap_time: Optional[WrapTimeWatch] = WrapTimeWatch(self.trainable)  # until training
         self.trainable_changes: List[TrainableChange] = []  # each change of the trainable set
         self.trainable_log: List[str] = []  # and how it was logged
         self.trainable_change_timeout = trainable_change_timeout
@@ -143,6 +145,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
     @classmethod
     def from_ddp(cls, ddp: DistributedDataParallel) -> 'ReconfigurableDDP':
         """Re-wrap a model that a runner already wrapped in (MM)DistributedDataParallel."""
+        reducer = registered(ddp)
         _release_reducer(ddp)  # the old wrapper drives nothing any more (DoubleWrapCheckHook skips it)
         kwargs = dict(find_unused_parameters=ddp.find_unused_parameters,
                       broadcast_buffers=ddp.broadcast_buffers,
@@ -151,7 +154,9 @@ class ReconfigurableDDP(MMDistributedDataParallel):
                       static_graph=ddp.static_graph, process_group=ddp.process_group)
         if ddp.device_ids:
             kwargs['device_ids'] = ddp.device_ids
-        return cls(ddp.module, getattr(ddp, 'detect_anomalous_params', False), **kwargs)
+        wrapper = cls(ddp.module, getattr(ddp, 'detect_anomalous_params', False), **kwargs)
+        wrapper.wrap_time = WrapTimeWatch(wrapper.trainable, reducer)  # as ddp registered them
+        return wrapper
 
     # ----------------------------------------------------------------------------------- rebuild
     def rebuild(self, find_unused_parameters: bool, static_graph: bool = False,

@@ -71,6 +71,11 @@ def _verdict(out: dict) -> str:
         return f"CRASHES under DDP: {out['crash_reason']}"
     if out['crashes_without_hook']:
         return 'trains, thanks to its DDPAutoTuneHook (plain DDP would crash)'
+    late = out.get('wrap_time')
+    if late and late['frozen'] and out['asked_find_unused'] and not out['has_hook']:
+        return (f"trains under DDP as written, because of find_unused_parameters=True: "
+                f"{len(late['frozen'])} parameters DDP registered at the wrap are frozen "
+                'afterwards (with False it would crash at iteration 2)')
     return 'trains under DDP as written'
 
 
@@ -95,6 +100,8 @@ def _print_one(config: str, out: dict, debug: bool = False) -> None:
         print(f'known upstream bug, worked around in the dry run: {bug}')
     for why in out.get('probe_log', []):
         print(f'probe: {why}')
+    if out.get('wrap_time_text'):
+        print(out['wrap_time_text'])
     print(out['table'])
     print(f'config as written runs DDP with {_effective(out["settings"])}: {_verdict(out)}')
     for note in out['dropped']:

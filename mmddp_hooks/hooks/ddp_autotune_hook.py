@@ -9,13 +9,14 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import batch_kinds
+from .. import batch_kinds, wrap_time
 from .. import dist as ddist
 from ..branches import CONFIG_KEY, Branch, parse_branches, resolve_branches, standard_settings
 from ..plan import DDPPlan, check_policy, choose_plan, zero_grad_effect
 from ..probe import ZeroTermTracer
 from ..report import NEVER, UsageReport, build_report
 from ..trainable import optimizer_params, where_now
+from ..wrap_time import WrapTimeFinding
 from ..wrapper import ReconfigurableDDP
 
 CHECKPOINT_KEY = 'mmddp_hooks'
@@ -83,6 +84,7 @@ class DDPAutoTuneHook(Hook):
         self.report: Optional[UsageReport] = None
         self.report_path: Optional[str] = None
         self._changes_seen = 0  # trainable-set changes whose optimizer membership was checked
+        self.wrap_time: Optional[WrapTimeFinding] = None  # requires_grad changed after the wrap
 
     def before_run(self, runner) -> None:
         for note in standard_settings(runner.cfg)['dropped']:  # the run does not see these keys
@@ -96,6 +98,7 @@ class DDPAutoTuneHook(Hook):
         declared = self.branches_declared or runner.cfg.get(CONFIG_KEY)
         module = runner.model.module if is_model_wrapper(runner.model) else runner.model
         self.branches = resolve_branches(parse_branches(declared, runner.cfg), module)
+        wrap_time.watch(runner)
 
     def _freeze_switched_off(self, runner, model: ReconfigurableDDP) -> None:
         """Freeze what the config switched off, so DDP never waits for it and no search is needed."""
@@ -164,6 +167,7 @@ class DDPAutoTuneHook(Hook):
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         model = self._wrapper(runner)
+        self.wrap_time = wrap_time.finish(runner) or self.wrap_time
         if self.trace_zero_terms and model is not None and model.probe is not None:
             model.probe.tracer = ZeroTermTracer()
             model.probe.tracer.__enter__()
@@ -190,7 +194,8 @@ class DDPAutoTuneHook(Hook):
         plan.reasons.extend(branch_notes)
         model.apply_plan(plan)
         self.plan, self.report = plan, report
-        text = '\n'.join(['[mmddp_hooks] DDP usage report', report.table(),
+        found = self.wrap_time.lines() if self.wrap_time else []
+        text = '\n'.join(['[mmddp_hooks] DDP usage report'] + found + [report.table(),
                           f'plan: {plan.summary()}'] + [f'  - {r}' for r in plan.reasons])
         runner.logger.info(text)
         if ddist.get_rank() == 0:
@@ -199,6 +204,7 @@ class DDPAutoTuneHook(Hook):
                 json.dump({'iteration': runner.iter + 1, 'report': report.to_dict(),
                            'plan': plan.to_dict(), 'config': standard_settings(runner.cfg),
                            'probe_log': self.probe_log,
+                           'wrap_time': self.wrap_time.to_dict() if self.wrap_time else None,
                            'branches': [asdict(b) for b in self.branches]}, f, indent=2)
         for note in branch_notes:
             if self.strict:
