@@ -10,17 +10,18 @@ wrapper kind provides (``ReconfigurableDDP`` today): rebuild itself for a plan, 
 Every method that exchanges anything is called on every rank at the same iteration (the Runner's
 events are); nothing here reads a GPU.
 """
+import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Sequence, Tuple
+from typing import Any, List, Optional, Protocol, Sequence, Tuple
 
 from mmengine.logging import print_log
 
 from . import batch_kinds
 from . import dist as ddist
-from .plan import DDPPlan, check_policy, choose_plan, switched_plan
+from .plan import DDPPlan, check_policy, choose_plan, switched_plan, zero_grad_effect
 from .probe import UsageProbe, ZeroTermTracer
 from .report import Usage, UsageReport, build_report
-from .trainable import TrainableChange
+from .trainable import TrainableChange, TrainableSet
 
 
 class TunableWrapper(Protocol):
@@ -28,8 +29,12 @@ class TunableWrapper(Protocol):
 
     plan: Optional[DDPPlan]
     probe: Optional[UsageProbe]
+    guard: Any
+    trainable: TrainableSet
+    switch_log: List[str]
     process_group: Any
     config_kwargs: dict
+    tuner: Any
 
     def start_probe(self) -> None: ...
 
@@ -86,8 +91,7 @@ class AutoTuner:
         self.facts = facts or RunFacts()
         self.plan: Optional[DDPPlan] = None
         self.report: Optional[UsageReport] = None
-        self.probe_log: list = []  # why the probe went on
-        self.switch_log: list = []  # why the plan was left, one entry per change
+        self.probe_log: List[str] = []  # why the probe went on
         self._probe_until = probe.iters
         self._probing: Optional[UsageProbe] = None  # the probe _probe_until belongs to
         model.tuner = self
@@ -95,7 +99,6 @@ class AutoTuner:
     @staticmethod
     def facts_of(model: TunableWrapper, optim_wrapper: Any) -> RunFacts:
         """The config's asked settings (the wrapper's arguments) and the optimizer's facts."""
-        from .plan import zero_grad_effect
         asked = model.config_kwargs
         optimizer = getattr(optim_wrapper, 'optimizer', None)
         return RunFacts(asked_find_unused=bool(asked.get('find_unused_parameters', False)),
@@ -193,15 +196,15 @@ class AutoTuner:
         if model.plan.reentrant_checkpoint:  # True cannot run: the guard keeps fixing each step
             if not model.guard.explain:  # said once: no gather, no log line on every later step
                 return
-            self.switch_log.append(why)
+            model.switch_log.append(why)
             model.guard.explain = False
             print_log(f'[mmddp_hooks] usage changed after the probe: {why}. The model uses '
                       'reentrant checkpointing, so the plan stays; the guard completes every such '
                       'step as find_unused_parameters=True would.', logger='current',
-                      level='WARNING')
+                      level=logging.WARNING)
             return
-        self.switch_log.append(why)
+        model.switch_log.append(why)
         print_log(f'[mmddp_hooks] usage changed after the probe: {why}. Every rank switches to '
                   'find_unused_parameters=True now; pin it in model_wrapper_cfg if this is '
-                  'expected.', logger='current', level='WARNING')
+                  'expected.', logger='current', level=logging.WARNING)
         model.apply_plan(switched_plan(model.plan, why))

@@ -198,8 +198,8 @@ def _doctor_rank(state: Dict[str, Any], config: str, cfg_options: Optional[dict]
     if dist.get_rank() != 0:
         return None
     report: UsageReport = tune.report
-    kept = tune.choose(runner, report, policy='keep')
-    auto = tune.choose(runner, report, policy='auto')
+    kept = tune.tuner.choose(report, policy='keep')
+    auto = tune.tuner.choose(report, policy='auto')
     late = tune.wrap_time  # plain DDP registers the flags of the wrap: judged on those first
     crash = (late.crash_reason(find_unused, static_graph) if late else None) or \
         crash_reason(report, find_unused, static_graph)

@@ -131,6 +131,12 @@ def choose_plan(report: UsageReport,
     return kept
 
 
+def switched_plan(plan: DDPPlan, why: str) -> DDPPlan:
+    """What a guarded run switches to, on every rank at once, when usage leaves ``plan``."""
+    return DDPPlan(find_unused_parameters=True,
+                   reasons=plan.reasons + [f'switched to find_unused_parameters=True: {why}'])
+
+
 def zero_grad_effect(optimizer: Any) -> str:
     """What ``optimizer`` does to a parameter whose gradient is zero rather than ``None``."""
     name = type(optimizer).__name__

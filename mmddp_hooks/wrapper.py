@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import dist as ddist
 from .arrival import GradArrival
+from .autotune import AutoTuner, ProbeSettings
 from .compat import never_compiled
 from .explain import UNUSED_MARKER, explain_unused_error
 from .guard import PlanGuard, average_by_hand, reducer_finalized, zero_fill
@@ -108,6 +109,8 @@ class ReconfigurableDDP(MMDistributedDataParallel):
         self.config_kwargs: Dict[str, Any] = dict(kwargs)
         self.plan: Optional[DDPPlan] = None
         self.probe: Optional[UsageProbe] = None
+        # what probes, plans and switches: DDPAutoTuneHook's, or one with default settings
+        self.tuner = AutoTuner(self, ProbeSettings())
         self.guard: Optional[PlanGuard] = None
         self.switch_log: List[str] = []  # why the plan was left, one entry per change
         self.trainable = TrainableSet(self.module, self._user_ignored)  # what DDP averages now
@@ -229,26 +232,6 @@ class ReconfigurableDDP(MMDistributedDataParallel):
             self.guard.close()
             self.guard = None
 
-    def _usage_changed(self, why: str) -> None:
-        """Every rank, same step, already fixed by the guard: leave the plan for a safe one."""
-        assert self.plan is not None
-        if self.plan.reentrant_checkpoint:  # True cannot run: the guard keeps fixing each step
-            if not self.guard.explain:  # said once: no gather, no log line on every later step
-                return
-            self.switch_log.append(why)
-            self.guard.explain = False
-            print_log(f'[mmddp_hooks] usage changed after the probe: {why}. The model uses '
-                      'reentrant checkpointing, so the plan stays; the guard completes every such '
-                      'step as find_unused_parameters=True would.', logger='current',
-                      level=logging.WARNING)
-            return
-        self.switch_log.append(why)
-        print_log(f'[mmddp_hooks] usage changed after the probe: {why}. Every rank switches to '
-                  'find_unused_parameters=True now; pin it in model_wrapper_cfg if this is '
-                  'expected.', logger='current', level=logging.WARNING)
-        self.apply_plan(DDPPlan(find_unused_parameters=True, reasons=self.plan.reasons + [
-            f'switched to find_unused_parameters=True: {why}']))
-
     # -------------------------------------------------------------------------------- train step
     def _run_forward(self, data: Union[dict, tuple, list], mode: str) -> Any:
         """DDP's forward; its index-only unused-parameter error is re-raised with names."""
@@ -291,7 +274,8 @@ class ReconfigurableDDP(MMDistributedDataParallel):
 
     @never_compiled
     def after_step(self, change: Optional[str]) -> None:
-        """Call after the optimizer step with what ``after_backward`` returned (every rank)."""
+        """Call after the optimizer step with what ``after_backward`` returned (every rank): log a
+        trainable-set change, then the tuner leaves a plan usage left and rebuilds for the set."""
         trainable, self._trainable_change = self._trainable_change, None
         if trainable:
             text = f'trainable set changed{where_now()}: {trainable.describe()}'
@@ -299,17 +283,7 @@ class ReconfigurableDDP(MMDistributedDataParallel):
             self.trainable_log.append(text)
             print_log(f'[mmddp_hooks] {text}; that step was averaged as DDP built with the new set '
                       'would have, and every rank rebuilds DDP with it now', logger='current')
-        if change:
-            self._usage_changed(change)
-        if trainable and self.trainable.change():  # not rebuilt by a switch above
-            if self.probe is not None:
-                print_log('[mmddp_hooks] the probe starts again: what it recorded was measured '
-                          'on another trainable set', logger='current')
-                self.start_probe()
-            elif self.plan is not None:
-                self.apply_plan(self.plan)
-            else:
-                self.refresh_buckets()
+        self.tuner.after_step(change, trainable)
 
     def _follow_unguarded(self) -> Optional[TrainableChange]:
         """Where no guard exchanges flags every step: a rank that sees its trainable set changed

@@ -11,10 +11,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import batch_kinds, wrap_time
 from .. import dist as ddist
+from ..autotune import AutoTuner, ProbeSettings
 from ..branches import CONFIG_KEY, Branch, parse_branches, resolve_branches, standard_settings
-from ..plan import DDPPlan, check_policy, choose_plan, zero_grad_effect
-from ..probe import ZeroTermTracer
-from ..report import NEVER, UsageReport, build_report
+from ..plan import DDPPlan, check_policy
+from ..report import NEVER, UsageReport
 from ..trainable import optimizer_params, where_now
 from ..wrap_time import WrapTimeFinding
 from ..wrapper import ReconfigurableDDP
@@ -26,13 +26,14 @@ CHECKPOINT_KEY = 'mmddp_hooks'
 class DDPAutoTuneHook(Hook):
     """Choose DDP's ``find_unused_parameters``/ignore/fill settings from measured usage.
 
-    The first ``probe_iters`` training iterations train exactly as ``find_unused_parameters=True``
-    would, whatever the config says (see :mod:`mmddp_hooks.probe`), while every rank records which
-    parameters receive a gradient. Then the ranks
-    combine their records, the hook logs a table of unused parameters grouped by module, writes it as
-    JSON to ``work_dir``, and every rank rebuilds DDP with the plan of
-    :func:`mmddp_hooks.plan.choose_plan`, watched from then on by :mod:`mmddp_hooks.guard`. The plan is
-    stored in checkpoints, so a resumed run on as many ranks applies it without probing again.
+    The hook wires the Runner's events to an :class:`mmddp_hooks.autotune.AutoTuner`, which owns
+    the pipeline: the first ``probe_iters`` training iterations train exactly as
+    ``find_unused_parameters=True`` would, whatever the config says (see :mod:`mmddp_hooks.probe`),
+    while every rank records which parameters receive a gradient; then the ranks combine their
+    records, the plan of :func:`mmddp_hooks.plan.choose_plan` is applied, and the guard
+    (:mod:`mmddp_hooks.guard`) watches it. The hook itself logs the table of unused parameters
+    grouped by module, writes it as JSON to ``work_dir``, checks declared branches, and stores the
+    plan in checkpoints, so a resumed run on as many ranks applies it without probing again.
 
     A runner that wrapped the model in plain (MM)DistributedDataParallel is re-wrapped in
     :class:`ReconfigurableDDP` before training; single-process runs are left alone.
@@ -63,18 +64,14 @@ class DDPAutoTuneHook(Hook):
                  probe_min_seen: int = 3,
                  batch_attributes: Sequence[str] = batch_kinds.ATTRIBUTES,
                  trace_zero_terms: bool = False) -> None:
-        if probe_iters < 1:
-            raise ValueError(f'DDPAutoTuneHook: probe_iters must be >= 1, got {probe_iters}')
+        try:
+            self.probe_settings = ProbeSettings(probe_iters, probe_max_iters, probe_min_seen,
+                                       tuple(batch_attributes), trace_zero_terms)
+        except ValueError as e:
+            raise ValueError(f'DDPAutoTuneHook: {e}') from None
         check_policy(policy)
-        self.probe_iters = probe_iters
-        self.probe_max_iters = max(probe_iters, probe_max_iters or 8 * probe_iters)
-        self.probe_min_seen = probe_min_seen
-        self.batch_attributes = tuple(batch_attributes)
-        self.trace_zero_terms = trace_zero_terms
-        self._probe_until = probe_iters
-        self._probing = None  # the probe _probe_until belongs to
-        self.probe_log: List[str] = []  # why the probe went on
         self.policy = policy
+        self.tuner: Optional[AutoTuner] = None  # made in before_train, for the wrapped model
         self.report_file = report_file
         self.branches_declared = branches
         self.strict = strict
@@ -155,44 +152,35 @@ class DDPAutoTuneHook(Hook):
             runner.logger.info('[mmddp_hooks] not a distributed run: DDPAutoTuneHook does nothing')
             return
         self._freeze_switched_off(runner, model)
+        self.tuner = AutoTuner(model, self.probe_settings, self.policy,
+                               AutoTuner.facts_of(model, runner.optim_wrapper))
         if self._resumed_plan is not None:
             self.plan = self._resumed_plan
             runner.logger.info('[mmddp_hooks] resumed: applying the saved DDP plan '
                                f'({self.plan.summary()}) without probing')
-            model.apply_plan(self.plan)
-            return
-        runner.logger.info(f'[mmddp_hooks] probing parameter usage for {self.probe_iters} '
-                           'iterations (each trained as find_unused_parameters=True would)')
-        model.start_probe()
+        else:
+            runner.logger.info(f'[mmddp_hooks] probing parameter usage for {self.probe_settings.iters} '
+                               'iterations (each trained as find_unused_parameters=True would)')
+        self.tuner.start(self._resumed_plan)
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-        model = self._wrapper(runner)
         self.wrap_time = wrap_time.finish(runner) or self.wrap_time
-        if self.trace_zero_terms and model is not None and model.probe is not None:
-            model.probe.tracer = ZeroTermTracer()
-            model.probe.tracer.__enter__()
+        if self.tuner is not None:
+            self.tuner.before_iter()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         model = self._wrapper(runner)
-        probe = model.probe if model is not None else None
-        if probe is not None and probe.tracer is not None:
-            probe.tracer.__exit__(None, None, None)
-            probe.tracer = None
-        if model is not None and len(model.trainable_changes) > self._changes_seen:
+        if model is None or self.tuner is None:
+            return
+        if len(model.trainable_changes) > self._changes_seen:
             self._check_optimizer_holds(runner, model)
-        probe = model.probe if model is not None else None  # a trainable change restarts it
-        if probe is None:
+        done = self.tuner.after_iter(data_batch)
+        if done is None:
             return
-        if probe is not self._probing:
-            self._probing, self._probe_until = probe, self.probe_iters
-        probe.note_batch(data_batch, self.batch_attributes)
-        if len(probe.steps) < self._probe_until or self._probe_on(runner, probe):
-            return
-        report = build_report(model.finish_probe(), self.probe_min_seen)
-        plan = self.choose(runner, report)
+        report, plan = done
         branch_notes = self._check_enabled_branches(report)
         plan.reasons.extend(branch_notes)
-        model.apply_plan(plan)
+        self.tuner.apply(report, plan)
         self.plan, self.report = plan, report
         found = self.wrap_time.lines() if self.wrap_time else []
         text = '\n'.join(['[mmddp_hooks] DDP usage report'] + found + [report.table(),
@@ -211,19 +199,10 @@ class DDPAutoTuneHook(Hook):
                 raise RuntimeError(f'[mmddp_hooks] strict: {note}')
             runner.logger.warning(f'[mmddp_hooks] {note}')
 
-    def _probe_on(self, runner, probe) -> bool:
-        """Every rank, same iteration: go on probing while a batch kind is rarely seen."""
-        if self._probe_until >= self.probe_max_iters:
-            return False
-        every = ddist.all_gather_object(probe.batch, probe.group)
-        until, why = batch_kinds.probe_more(every, len(probe.steps), self.probe_min_seen,
-                                            self.probe_max_iters)
-        if until <= len(probe.steps):
-            return False
-        self._probe_until = until
-        self.probe_log.append(why)
-        runner.logger.info(f'[mmddp_hooks] {why}')
-        return True
+    @property
+    def probe_log(self) -> List[str]:
+        """Why the probe went on (batch kinds rarely seen)."""
+        return self.tuner.probe_log if self.tuner is not None else []
 
     def _check_optimizer_holds(self, runner, model: ReconfigurableDDP) -> None:
         """An unfrozen parameter the optimizer does not hold would be averaged but never updated:
@@ -247,20 +226,6 @@ class DDPAutoTuneHook(Hook):
         model = self._wrapper(runner)
         if model is not None:
             model.close_guard()
-
-    def choose(self, runner, report: UsageReport, policy: Optional[str] = None) -> DDPPlan:
-        """The plan for this run's model, config and optimizer: the one call that the hook and
-        ``tools/ddp_doctor.py`` both make, so the doctor prints the plan the hook applies."""
-        model = self._wrapper(runner)
-        asked = model.config_kwargs
-        optimizer = getattr(runner.optim_wrapper, 'optimizer', None)
-        return choose_plan(report,
-                           asked_find_unused=bool(asked.get('find_unused_parameters', False)),
-                           asked_static_graph=bool(asked.get('static_graph', False)),
-                           policy=policy or self.policy,
-                           grad_accumulation=getattr(runner.optim_wrapper, '_accumulative_counts',
-                                                     1) > 1,
-                           zero_grad_effect=zero_grad_effect(optimizer) if optimizer else None)
 
     def _check_enabled_branches(self, report: UsageReport) -> List[str]:
         """Enabled branches none of whose parameters got a gradient: likely bugs."""
