@@ -349,7 +349,7 @@ def _missing_file(err: BaseException, stage: str, cfg: Any,
     return dict(kind='missing file', cause=cause, todo=todo)
 
 
-def lost_peer(err: BaseException) -> bool:
+def _lost_peer(err: BaseException) -> bool:
     """Whether ``err`` is what a rank sees when another one died: a consequence, never the cause."""
     from .watchdog import peer_connection_broke
 
@@ -365,13 +365,12 @@ def classify(err: BaseException, stage: str, config: Optional[str] = None, cfg: 
         stage = _stage_of(err, stage)
     origin = _origin(err)
     text = f'{err} {origin}'
-    registry = _not_registered(err, config)
-    if lost_peer(err):
+    if _lost_peer(err):
         named = dict(kind=LOST_PEER, cause=_first_line(err).replace(
             '[mmddp_hooks] HangWatchdogHook: ', ''), todo='')
     elif any(isinstance(e, ImportError) for e in _chain(err)):
         named = _missing_module(err, stage, config, cfg, real_data)
-    elif registry:
+    elif (registry := _not_registered(err, config)) is not None:
         named = registry
     elif isinstance(origin, FileNotFoundError) or (
             isinstance(origin, OSError) and origin.errno == errno.ENOENT):
