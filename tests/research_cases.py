@@ -145,6 +145,15 @@ class RaisesOnRank1(_Tiny):
         return super().forward(inputs, data_samples, mode)
 
 
+class PerSampleChannels(_Tiny):
+    """Written for a per-rank batch of 1: it reads the channel after the sample's own index plus
+    two, which exists only at that batch (as a data preprocessor indexing channels per sample)."""
+
+    def forward(self, inputs, data_samples=None, mode='tensor'):
+        picked = inputs[:, inputs.shape[0] + 2:]
+        return dict(loss=self.layer(inputs).square().mean() + picked[:, 0].mean())
+
+
 class InitWeightsFails(_Tiny):
     """Its own ``init_weights`` (which the Runner calls in ``train()``, after building the loader)
     raises."""

@@ -159,6 +159,16 @@ def test_real_data_subset_takes_the_first_samples(tmp_path):
     assert 'caption_adapter' in found['table']
 
 
+def test_the_configs_batch_of_one_is_kept(tmp_path):
+    path = _config(tmp_path, 'PerSampleChannels')
+    path.write_text(path.read_text().replace('batch_size=2', 'batch_size=1'))
+    code, found, log = doctor_json(path)
+    assert code == 0, log[-3000:]  # at a batch of 2, every rank raises an IndexError
+    assert found['batch'] == "per-rank batch 1 (the config's)"
+    code, found, log = doctor_json(path, '--batch-size', 2)
+    assert code == 2 and 'IndexError: index 0 is out of bounds' in found['error'], found
+
+
 def test_a_rank_that_raised_is_the_cause_and_the_others_lost_peer_its_consequence(tmp_path):
     code, found, log = doctor_json(_config(tmp_path, 'RaisesOnRank1'))
     assert code == 2, log[-3000:]
