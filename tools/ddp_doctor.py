@@ -22,8 +22,11 @@ choose and the config lines to paste.
 
 Exit codes: 0 the config as written trains under DDP; 1 it would crash with DDP's unused-parameter
 error; 2 the doctor stopped before a verdict: one paragraph names the stage (loading the config,
-building the model, building the data, running), the cause and what to do (where the model cannot
-train at --size, the smallest size that does); --debug adds every rank's traceback; 3 its ranks
+building the model, setting up the visualizer and loggers, building the data, building the optimizer,
+running the hooks before training, running), the cause and what to do (where the model cannot
+train at --size, the smallest size that does); a rank's own error comes first, each other rank's
+different one after it, and the ranks that only lost a peer last; --debug adds every rank's
+traceback; 3 its ranks
 hang: one made no progress for --hang-timeout seconds (default: 20x the slowest step, at least
 120 s), and the report says which rank is stuck at which line and what the others wait in. A rank
 that finished and reported, then died while exiting, is printed as a teardown fault and leaves the
