@@ -266,12 +266,13 @@ def _missing_module(err: BaseException, stage: str, config: Optional[str], cfg: 
 
 def _class_file(name: str, config: str) -> Optional[Tuple[str, int]]:
     """Where ``class name`` is defined in the repository around ``config``: its folder first, then
-    each parent up to the repository root (the first holding ``.git``); never the home folder or
-    the filesystem root, nor hidden folders, virtual environments or installed packages."""
+    each parent up to the repository root (the first holding ``.git``); never the home folder, the
+    filesystem root or site-packages (a packaged config's), nor hidden folders or virtual
+    environments."""
     pattern = re.compile(rf'^[ \t]*class[ \t]+{re.escape(name)}\b', re.M)
     stops = {os.path.expanduser('~'), os.path.abspath(os.sep)}
     folder, searched, budget = os.path.dirname(os.path.abspath(config)), set(), [20000]
-    while folder not in stops:
+    while folder not in stops and os.path.basename(folder) not in ('site-packages', 'dist-packages'):
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if not d.startswith(('.', '__'))
                              and d not in ('site-packages', 'node_modules')
