@@ -198,8 +198,10 @@ def _type_key(cfg: Any, names: List[str]) -> Optional[Tuple[str, str]]:
             for i, v in enumerate(node):
                 yield from walk(v, f'{key}[{i}]')
     try:
-        built = dict((kind, key) for key, kind in walk(
-            cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg, '') if isinstance(kind, str))
+        built: Dict[str, str] = {}
+        for key, kind in walk(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg, ''):
+            if isinstance(kind, str):
+                built.setdefault(kind, key)
     except Exception:  # a config that cannot be walked: no key to name
         return None
     return next(((built[n], n) for n in names if n in built), None)
@@ -249,15 +251,13 @@ def _missing_module(err: BaseException, stage: str, config: Optional[str], cfg: 
         return dict(kind='missing module', cause=cause, todo=todo)
     install = f"Install it (pip install {name.split('.')[0]})" if name else 'Install what it needs'
     built = _type_key(cfg, _owners(err)) if cfg is not None else None
+    todo = f'{install}, or leave out what needs it (--cfg-options).'
     if built:
         key, kind = built
         cause += f'; the config key {key} builds {kind}, which needs it'
-        parent = key.rsplit('[', 1)[0] if key.endswith(']') else None
-        todo = f'{install}, or leave {kind} out of the dry run' + (
-            f' (--cfg-options {parent}=[]; it changes no parameter\'s gradient)'
-            if parent and stage in (VISUALIZER, HOOKS) else f' (--cfg-options {key}=...)') + '.'
-    else:
-        todo = f'{install}, or leave out what needs it (--cfg-options).'
+        if key.endswith(']') and stage in (VISUALIZER, HOOKS):  # a backend, a logger, a hook
+            todo = (f"{install}, or leave {kind} out of the dry run (--cfg-options "
+                    f"{key.rsplit('[', 1)[0]}=[]; it changes no parameter's gradient).")
     if stage == DATA and real_data:
         todo += (' Or dry-run without the data that needs it: the synthetic data (no --real-data) '
                  "or the config's ddp_doctor = dict(synthetic_batch='my_pkg.make_batch').")
