@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mmengine.config import Config
 from mmengine.hooks import Hook
@@ -20,10 +20,10 @@ from .doctor_failure import (
     DATA,
     LOADING,
     MODEL,
-    PEER_LOST,
     RUNNING,
     cause_line,
     classify,
+    first_failure,
     killed,
     watch_memory,
 )
@@ -52,15 +52,23 @@ DRY_RUN_SKIPPED = {
                      "changes no parameter's gradient"}
 
 
-def _set_batch_size(cfg: Config, batch_size: Optional[int]) -> Optional[str]:
-    """``batch_size`` per rank in the train loader, said; None (the config's own) says nothing."""
+def _set_batch_size(cfg: Config, batch_size: Optional[int]) -> Tuple[Optional[str], bool]:
+    """The train loader's per-rank batch for the dry run, and what the report says of it: by
+    default (None) the config's own, at most ``BATCH_SIZE`` (never raised: a batch a model was not
+    written for can fail in its own code); 0 keeps the config's; N sets N. Also whether it was
+    changed."""
     loader = cfg.get('train_dataloader') or {}
     own = loader.get('batch_size')
-    if not batch_size or own is None or own == batch_size:
-        return None
-    loader['batch_size'] = batch_size
-    return (f"per-rank batch {batch_size} (the config's own is {own}; --batch-size N sets another,"
-            ' --batch-size 0 keeps it)')
+    if own is None:
+        return None, False
+    chosen = own if batch_size == 0 else batch_size or min(own, BATCH_SIZE)
+    loader['batch_size'] = chosen
+    if chosen == own:
+        return f"per-rank batch {own} (the config's)", False
+    if batch_size:
+        return f"per-rank batch {chosen} (--batch-size; the config's is {own})", True
+    return (f"per-rank batch {chosen} (lowered from the config's {own}; --batch-size N sets "
+            "another, --batch-size 0 keeps the config's)"), True
 
 
 def _skip_dry_run_hooks(cfg: Config) -> List[str]:
@@ -73,15 +81,15 @@ def _skip_dry_run_hooks(cfg: Config) -> List[str]:
 
 
 def dry_run(cfg: Config, size: Optional[Sequence[int]], iters: int, synthetic: bool = True,
-            pretrained: bool = False, batch_size: Optional[int] = BATCH_SIZE,
+            pretrained: bool = False, batch_size: Optional[int] = None,
             subset: Optional[int] = None) -> Dict[str, Any]:
     """Rewrite ``cfg`` in place for a CPU dry run of ``iters`` iterations, as every doctor run
     does: synthetic data through its pipeline (or the config's ``ddp_doctor.synthetic_batch``, or
-    the first ``subset`` samples of its own data), a small per-rank batch, pretrained weights not
-    on this machine dropped (unless ``pretrained``), AMP off without a GPU, hooks that cannot run
-    in a dry run left out. Returns what was done (``data``, ``batch``, ``dropped_weights``,
-    ``cpu_notes``)."""
-    batch = _set_batch_size(cfg, batch_size)  # first: a batch builder takes the loader's
+    the first ``subset`` samples of its own data), a small per-rank batch (``batch_size``: see
+    :func:`_set_batch_size`), pretrained weights not on this machine dropped (unless
+    ``pretrained``), AMP off without a GPU, hooks that cannot run in a dry run left out. Returns
+    what was done (``data``, ``batch``, ``batch_changed``, ``dropped_weights``, ``cpu_notes``)."""
+    batch, changed = _set_batch_size(cfg, batch_size)  # first: a batch builder takes the loader's
     builder = (cfg.get('ddp_doctor') or {}).get('synthetic_batch')
     if synthetic and builder:
         from .synthetic import use_batch_builder
@@ -93,7 +101,8 @@ def dry_run(cfg: Config, size: Optional[Sequence[int]], iters: int, synthetic: b
         train_only(cfg, iters)
         data = "the config's own train data" + (f', {take_subset(cfg, subset)}' if subset else '')
     amp = amp_off_on_cpu(cfg)
-    return dict(data=data, batch=batch, dropped_weights=[] if pretrained else drop_remote_weights(cfg),
+    return dict(data=data, batch=batch, batch_changed=changed,
+                dropped_weights=[] if pretrained else drop_remote_weights(cfg),
                 cpu_notes=([amp] if amp else []) + _skip_dry_run_hooks(cfg))
 
 
@@ -127,7 +136,7 @@ def _stage(state: Dict[str, Any], stage: str) -> None:
 def doctor_rank(config: str, cfg_options: Optional[dict], iters: int, size: Optional[List[int]],
                 synthetic: bool, work_dir: str, trusted: Sequence[str] = (),
                 hang_timeout: Optional[float] = None, pretrained: bool = False,
-                batch_size: Optional[int] = BATCH_SIZE,
+                batch_size: Optional[int] = None,
                 subset: Optional[int] = None) -> Optional[Dict[str, Any]]:
     """One rank: train while probing; rank 0 returns the findings. A rank that fails leaves its
     failure, classified (:func:`mmddp_hooks.doctor_failure.classify`), in ``work_dir``; every rank
@@ -167,7 +176,7 @@ def _doctor_rank(state: Dict[str, Any], config: str, cfg_options: Optional[dict]
     find_unused = bool(settings['find_unused_parameters'])
     static_graph = bool(settings['static_graph'])
     if cfg_options and 'train_dataloader.batch_size' in cfg_options:
-        batch_size = None  # the user's own
+        batch_size = 0  # the user's own
     dry = dry_run(cfg, size, iters, synthetic, pretrained, batch_size, subset)
     asked = dict(cfg.get('model_wrapper_cfg') or {})
     asked.update(type='ReconfigurableDDP', find_unused_parameters=find_unused)
@@ -281,7 +290,7 @@ def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[
                cfg_options: Optional[dict] = None, synthetic: bool = True,
                timeout: float = 600.0, trusted: Sequence[str] = (),
                hang_timeout: Optional[float] = None, pretrained: bool = False,
-               batch_size: Optional[int] = BATCH_SIZE,
+               batch_size: Optional[int] = None,
                subset: Optional[int] = None) -> Dict[str, Any]:
     """Run the probe on ``nproc`` gloo ranks; ``status`` is OK, CRASHES, FAILED or HANGS.
 
@@ -323,7 +332,7 @@ def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[
     findings['teardown_fault'] = result.describe() if result.teardown_fault else None
     report = findings.get('report', {})
     counts = (report.get('without_keepalive') or report).get('counts', {})
-    if findings.get('batch') and (counts.get('dynamic') or counts.get('never used')):
+    if findings.get('batch_changed') and (counts.get('dynamic') or counts.get('never used')):
         findings['batch'] += ('. Usage rarely depends on the batch size, but a branch that runs '
                               'only for some samples, or only above some batch size, can: '
                               "--batch-size 0 checks at the config's own")
@@ -331,29 +340,31 @@ def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[
 
 
 def _first_failure(result, work_dir: str, nproc: int, timeout: float) -> Dict[str, Any]:
-    """The cause of a run whose ranks did not all finish: a rank's own Python error (not a lost
-    peer, which is what the others see of a rank that died), else a rank that died without one."""
+    """The cause of a run whose ranks did not all finish: the ranks' own Python errors (not a lost
+    peer, which is what the others see of a rank that died; :func:`first_failure`), else a rank
+    that died without one."""
     found = []
     for rank in range(nproc):
         path = os.path.join(work_dir, f'failure_rank{rank}.json')
         if os.path.exists(path):
             with open(path) as f:
                 found.append(json.load(f))
-    own = [f for f in found if not any(p in f['cause'] for p in PEER_LOST)]
+    own = first_failure(found)
     if own:
-        return own[0]
+        return own
+    lost = sorted(f['rank'] for f in found)
     # no Python error of its own: killed (the OOM killer), or a crash in native code; of several,
     # the first to stop reporting its memory (the harness kills the others after it)
     dead = [r for r in result.ranks if r.exitcode not in (None, 0) and not r.has_value
-            and not (r.error or '').startswith('Traceback')
-            and not any(f['rank'] == r.rank for f in found)]
+            and not (r.error or '').startswith('Traceback') and r.rank not in lost]
     if dead and not result.timed_out:
         def stopped(r) -> float:
             path = os.path.join(work_dir, f'memory_rank{r.rank}')
             return os.path.getmtime(path) if os.path.exists(path) else 0.0
         first = min(dead, key=stopped)
-        return killed(first.rank, first.exitcode, os.path.join(work_dir, f'memory_rank{first.rank}'),
-                      nproc)
+        return dict(killed(first.rank, first.exitcode,
+                           os.path.join(work_dir, f'memory_rank{first.rank}'), nproc),
+                    consequences=lost)
     if found:
         return found[0]
     if result.timed_out:

@@ -1,11 +1,16 @@
-"""Why the DDP doctor stopped before a verdict, in one paragraph: the stage, the cause named (the
-missing module with the config line that imported it, the missing file with the code that opened
-it, ``'cuda'`` on a CPU-only machine, a rank the OOM killer ended, a hook that cannot run in a dry
-run), and what to do. Tracebacks are for ``--debug``.
+"""Why the DDP doctor stopped before a verdict, in one paragraph: the stage (from the frames of the
+failure: data, model, visualizer and loggers, optimizer, hooks, the steps), the cause named (the
+missing module, found behind the library's own ImportError, with the line that imported it; a type
+not in the registry, with its ``class`` in the repository and the ``custom_imports`` to add; the
+missing file with the code that opened it; ``'cuda'`` on a CPU-only machine; a rank the OOM killer
+ended; a hook that cannot run in a dry run), and what to do, where it applies. Tracebacks are for
+``--debug``.
 
 Each rank classifies its own exception (:func:`classify`, with the frames and the config at hand)
-and leaves it in the doctor's work folder; the doctor reads those, or, for a rank that died
-without a Python error, its exit code and the memory it last reported (:func:`killed`).
+and leaves it in the doctor's work folder; the doctor reads those (:func:`first_failure`: each
+distinct error with its ranks; a rank that only lost a peer is a consequence, said last), or, for
+a rank that died without a Python error, its exit code and the memory it last reported
+(:func:`killed`).
 """
 import errno
 import linecache
@@ -18,6 +23,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 LOADING, MODEL, DATA, RUNNING = ('loading the config', 'building the model', 'building the data',
                                  'running')
+VISUALIZER, OPTIMIZER, HOOKS = ('setting up the visualizer and loggers', 'building the optimizer',
+                                'running the hooks before training')
+# the Runner's methods, by the stage they are (a failure's innermost one names its stage)
+_RUNNER_STAGES = {
+    'build_logger': VISUALIZER, 'build_message_hub': VISUALIZER, 'build_visualizer': VISUALIZER,
+    'build_log_processor': VISUALIZER, 'build_model': MODEL, 'wrap_model': MODEL,
+    '_init_model_weights': MODEL, 'load_or_resume': MODEL, 'build_dataloader': DATA,
+    'build_optim_wrapper': OPTIMIZER, 'build_param_scheduler': OPTIMIZER, 'scale_lr': OPTIMIZER,
+    'run_iter': RUNNING}
+_BEFORE_TRAINING = ('before_run', 'before_train', 'after_load_checkpoint', 'before_train_epoch')
+LOST_PEER = 'lost peer'  # the kind of what a rank says when another one died: never the cause
 # exception lines of a rank's output; what the other ranks say when one died is never the cause
 EXCEPTION = re.compile(r'^[\w.]*(Error|Exception|Interrupt|StopIteration)\b')
 PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'stopped watching')
@@ -25,6 +41,7 @@ CUDA_MESSAGES = ('Torch not compiled with CUDA enabled', 'Found no NVIDIA driver
                  'No CUDA GPUs are available', 'CUDA driver initialization failed',
                  'Attempting to deserialize object on a CUDA device', 'cudaGetDeviceCount')
 _NO_MODULE = re.compile(r"No module named '([^']+)'")
+_NOT_REGISTERED = re.compile(r"(\w+) is not in the (\S+) registry")
 _LAZY_LOCATION = re.compile(r' in (\S+), line (\d+)')
 
 
@@ -36,7 +53,8 @@ def _library_dirs() -> Tuple[str, ...]:
         module = sys.modules.get(name)
         if module is not None and getattr(module, '__file__', None):
             dirs.append(os.path.dirname(module.__file__))
-    return tuple(d.rstrip(os.sep) + os.sep for d in dirs)
+    # real paths: a venv reached through a link (.venv -> elsewhere) names its files both ways
+    return tuple(os.path.realpath(d).rstrip(os.sep) + os.sep for d in dirs)
 
 
 def _show(path: str) -> str:
@@ -65,13 +83,26 @@ def _origin(err: BaseException) -> BaseException:
     return err
 
 
+def _chain(err: BaseException) -> List[BaseException]:
+    """The exception and every one behind it (``__cause__``, ``__context__``), outermost first."""
+    found: List[BaseException] = []
+    todo = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is not None and all(e is not f for f in found):
+            found.append(e)
+            todo += [e.__cause__, e.__context__]
+    return found
+
+
 def where(err: BaseException) -> str:
     """``path:line: code`` of the innermost frame of the user's code (else the innermost one)."""
     library = _library_dirs()
     frames = [tb for e in (err, _origin(err)) for tb in _frames(e)]
     if not frames:
         return 'an unknown place'
-    own = [tb for tb in frames if not tb.tb_frame.f_code.co_filename.startswith(library)
+    own = [tb for tb in frames
+           if not os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(library)
            or os.sep + 'mmddp_hooks' + os.sep + 'examples' in tb.tb_frame.f_code.co_filename]
     tb = (own or frames)[-1]
     path = tb.tb_frame.f_code.co_filename
@@ -79,23 +110,37 @@ def where(err: BaseException) -> str:
     return f'{_show(path)}:{tb.tb_lineno}' + (f': {code}' if code else '')
 
 
-def _in_data(err: BaseException) -> bool:
-    """Whether the failure happened inside a dataset, a transform or the data loader."""
+def _stage_of(err: BaseException, stage: str) -> str:
+    """The stage the failure happened in, from its innermost frame that tells: a dataset, a
+    transform or the data loader; a visualizer, its backends or a logger; a hook before training;
+    the Runner method on the stack (model, optimizer, ...). ``stage`` (how far the run got) if
+    none does."""
     try:
         from mmcv.transforms import BaseTransform
     except ImportError:
         BaseTransform = ()  # noqa: N806
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+    from mmengine.visualization import BaseVisBackend, Visualizer
     from torch.utils.data import Dataset
 
-    for e in (err, _origin(err)):
-        for tb in _frames(e):
-            owner = tb.tb_frame.f_locals.get('self')
-            path = tb.tb_frame.f_code.co_filename
-            if isinstance(owner, (Dataset, BaseTransform)) or \
-                    os.sep.join(('torch', 'utils', 'data')) in path or \
-                    os.sep.join(('mmengine', 'dataset')) in path:
-                return True
-    return type(err).__name__ in ('SyntheticPipelineError', 'SyntheticDataUnsupported')
+    if any(type(e).__name__ in ('SyntheticPipelineError', 'SyntheticDataUnsupported')
+           for e in _chain(err)):
+        return DATA
+    for tb in (tb for e in reversed(_chain(err)) for tb in reversed(_frames(e))):
+        owner, name = tb.tb_frame.f_locals.get('self'), tb.tb_frame.f_code.co_name
+        path = tb.tb_frame.f_code.co_filename
+        if isinstance(owner, (Dataset, BaseTransform)) or os.sep.join(('torch', 'utils', 'data')) \
+                in path or os.sep.join(('mmengine', 'dataset')) in path:
+            return DATA
+        if isinstance(owner, (Visualizer, BaseVisBackend)) or \
+                type(owner).__module__.startswith('mmengine.logging'):
+            return VISUALIZER
+        if isinstance(owner, Hook) and not type(owner).__module__.startswith('mmddp_hooks'):
+            return HOOKS if name in _BEFORE_TRAINING else RUNNING
+        if isinstance(owner, Runner) and name in _RUNNER_STAGES:
+            return _RUNNER_STAGES[name]
+    return stage
 
 
 def _hook_of(err: BaseException) -> Optional[str]:
@@ -140,28 +185,152 @@ def _config_line(path: str, module: str) -> Optional[str]:
     return None
 
 
-def _missing_module(err: BaseException, stage: str, config: Optional[str]) -> Dict[str, str]:
-    text = str(err)
-    found = _NO_MODULE.search(text)
-    name = getattr(err, 'name', None) or (found.group(1) if found else None) or 'a module'
-    lazy = _LAZY_LOCATION.search(text)
+def _type_key(cfg: Any, names: List[str]) -> Optional[Tuple[str, str]]:
+    """The config key whose ``type`` is the first of ``names`` that the config builds, and that
+    name."""
+    def walk(node: Any, key: str):
+        if isinstance(node, dict):
+            kind = node.get('type')
+            yield key, getattr(kind, '__name__', kind)
+            for k, v in node.items():
+                yield from walk(v, f'{key}.{k}' if key else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                yield from walk(v, f'{key}[{i}]')
+    try:
+        built: Dict[str, str] = {}
+        for key, kind in walk(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg, ''):
+            if isinstance(kind, str):
+                built.setdefault(kind, key)
+    except Exception:  # a config that cannot be walked: no key to name
+        return None
+    return next(((built[n], n) for n in names if n in built), None)
+
+
+def _owners(err: BaseException) -> List[str]:
+    """The classes whose methods are on the failure's stack, innermost first."""
+    names = []
+    for e in reversed(_chain(err)):
+        for tb in reversed(_frames(e)):
+            owner = tb.tb_frame.f_locals.get('self')
+            if owner is not None and type(owner).__name__ not in names:
+                names.append(type(owner).__name__)
+    return names
+
+
+def _module_name(err: BaseException) -> Optional[str]:
+    """The module that is missing, from the exception or one behind it: MMEngine and torch wrap a
+    ``ModuleNotFoundError`` in an ``ImportError`` of their own words."""
+    for e in _chain(err):
+        found = _NO_MODULE.search(str(e))
+        name = getattr(e, 'name', None) if isinstance(e, ImportError) else None
+        if name or found:
+            return name or found.group(1)
+    return None
+
+
+def _missing_module(err: BaseException, stage: str, config: Optional[str], cfg: Any,
+                    real_data: bool) -> Dict[str, str]:
+    name = _module_name(err)
+    lazy = _LAZY_LOCATION.search(str(err))
     line = None
     if lazy:  # MMEngine's lazy import: "Failed to import X in CONFIG, line N for ..."
         path, n = lazy.group(1).rstrip(','), int(lazy.group(2))
         line = f'{_show(path)}:{n}: {linecache.getline(path, n).strip()}'
-    elif stage == LOADING and config:  # custom_imports, or a line of a config run at load
+    elif stage == LOADING and config and name:  # custom_imports, or a config line run at load
         line = _config_line(config, name.split('.')[0])
     line = line or where(err)
-    cause = f"the module '{name}' is not installed or not on the path (imported by {line})"
+    if name is None:  # an ImportError that names no module: its own words
+        cause = f'an import failed: {_first_line(err)} (at {line})'
+    else:
+        cause = f"the module '{name}' is not installed or not on the path (imported by {line})"
     if stage == LOADING:
         todo = ('Install it, or start the doctor from your project\'s root: the doctor puts the '
                 'current folder on sys.path, as tools/dist_train.sh puts the repository root on '
                 'PYTHONPATH; a package elsewhere needs its folder on PYTHONPATH.')
-    else:
-        todo = (f"Install it (pip install {name.split('.')[0]}), or leave out what needs it "
-                '(--cfg-options), or dry-run without it: the synthetic data (no --real-data) or '
-                "the config's ddp_doctor = dict(synthetic_batch='my_pkg.make_batch').")
+        return dict(kind='missing module', cause=cause, todo=todo)
+    install = f"Install it (pip install {name.split('.')[0]})" if name else 'Install what it needs'
+    built = _type_key(cfg, _owners(err)) if cfg is not None else None
+    todo = f'{install}, or leave out what needs it (--cfg-options).'
+    if built:
+        key, kind = built
+        cause += f'; the config key {key} builds {kind}, which needs it'
+        if key.endswith(']') and stage in (VISUALIZER, HOOKS):  # a backend, a logger, a hook
+            todo = (f"{install}, or leave {kind} out of the dry run (--cfg-options "
+                    f"{key.rsplit('[', 1)[0]}=[]; it changes no parameter's gradient).")
+    if stage == DATA and real_data:
+        todo += (' Or dry-run without the data that needs it: the synthetic data (no --real-data) '
+                 "or the config's ddp_doctor = dict(synthetic_batch='my_pkg.make_batch').")
     return dict(kind='missing module', cause=cause, todo=todo)
+
+
+def _class_file(name: str, config: str) -> Optional[Tuple[str, int]]:
+    """Where ``class name`` is defined in the repository around ``config``: its folder first, then
+    each parent up to the repository root (the first holding ``.git``); never the home folder, the
+    filesystem root or site-packages (a packaged config's), nor hidden folders or virtual
+    environments."""
+    pattern = re.compile(rf'^[ \t]*class[ \t]+{re.escape(name)}\b', re.M)
+    stops = {os.path.expanduser('~'), os.path.abspath(os.sep)}
+    folder, searched, budget = os.path.dirname(os.path.abspath(config)), set(), [20000]
+    while folder not in stops and os.path.basename(folder) not in ('site-packages', 'dist-packages'):
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(('.', '__'))
+                             and d not in ('site-packages', 'node_modules')
+                             and os.path.join(root, d) not in searched
+                             and not os.path.exists(os.path.join(root, d, 'pyvenv.cfg')))
+            for path in (os.path.join(root, f) for f in sorted(files) if f.endswith('.py')):
+                budget[0] -= 1
+                if budget[0] < 0:
+                    return None
+                try:
+                    text = open(path, errors='replace').read()
+                except OSError:
+                    continue
+                found = pattern.search(text)
+                if found:
+                    return path, text.count('\n', 0, found.start()) + 1
+        searched.add(folder)
+        if os.path.exists(os.path.join(folder, '.git')) or os.path.dirname(folder) == folder:
+            break
+        folder = os.path.dirname(folder)
+    return None
+
+
+def _import_name(path: str) -> Tuple[str, str]:
+    """The dotted module name of a file, through the packages (``__init__.py``) around it, and
+    the folder it imports from."""
+    folder, parts = os.path.dirname(path), [os.path.splitext(os.path.basename(path))[0]]
+    if parts == ['__init__']:
+        parts, folder = [os.path.basename(folder)], os.path.dirname(folder)
+    while os.path.exists(os.path.join(folder, '__init__.py')):
+        parts.insert(0, os.path.basename(folder))
+        folder = os.path.dirname(folder)
+    return '.'.join(parts), folder
+
+
+def _not_registered(err: BaseException, config: Optional[str]) -> Optional[Dict[str, str]]:
+    """MMEngine's "X is not in the S::model registry": where ``class X`` is, and the import that
+    registers it."""
+    found = next((m for m in map(_NOT_REGISTERED.search, map(str, _chain(err))) if m), None)
+    if found is None:
+        return None
+    name, registry = found.groups()
+    cause = f'{name} is not in the {registry} registry'
+    place = _class_file(name, config) if config else None
+    if place is None:
+        return dict(kind='not registered', cause=cause + (
+            f' and no `class {name}` is in the repository around {_show(config)}' if config else ''),
+            todo='Check the type\'s spelling, or import the package that registers it: '
+                 "custom_imports = dict(imports=['<package.module>'], allow_failed_imports=False) "
+                 'in the config.')
+    module, root = _import_name(place[0])
+    here = os.path.realpath(os.getcwd()) == os.path.realpath(root)
+    return dict(kind='not registered',
+                cause=f'{cause}: `class {name}` is in {_show(place[0])}:{place[1]}, which nothing '
+                      'imports (a tools/train.py of your own may import it; the config does not)',
+                todo=f"Add custom_imports = dict(imports=['{module}'], allow_failed_imports=False) "
+                     'to the config' + ('' if here else f', and start the doctor from {_show(root)} '
+                     '(it puts the current folder on sys.path)') + '.')
 
 
 def _missing_file(err: BaseException, stage: str, cfg: Any,
@@ -181,16 +350,29 @@ def _missing_file(err: BaseException, stage: str, cfg: Any,
     return dict(kind='missing file', cause=cause, todo=todo)
 
 
+def _lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is what a rank sees when another one died: a consequence, never the cause."""
+    from .watchdog import peer_connection_broke
+
+    return any(type(e).__name__ == 'PeerLost' or peer_connection_broke(e) for e in _chain(err))
+
+
 def classify(err: BaseException, stage: str, config: Optional[str] = None, cfg: Any = None,
              real_data: bool = False, rank: Optional[int] = None) -> Dict[str, Any]:
     """``{stage, kind, cause, todo, rank}`` for an exception raised while the doctor ran a config;
-    ``stage`` is how far the run got (a failure inside the data is ``building the data``)."""
-    if _in_data(err):
-        stage = DATA
+    ``stage`` is how far the run got, which the failure's own frames refine (an error in the
+    model's ``init_weights`` is ``building the model``, whenever it runs)."""
+    if stage != LOADING:
+        stage = _stage_of(err, stage)
     origin = _origin(err)
     text = f'{err} {origin}'
-    if isinstance(err, ImportError) or isinstance(origin, ImportError):
-        named = _missing_module(err if isinstance(err, ImportError) else origin, stage, config)
+    if _lost_peer(err):
+        named = dict(kind=LOST_PEER, cause=_first_line(err).replace(
+            '[mmddp_hooks] HangWatchdogHook: ', ''), todo='')
+    elif any(isinstance(e, ImportError) for e in _chain(err)):
+        named = _missing_module(err, stage, config, cfg, real_data)
+    elif (registry := _not_registered(err, config)) is not None:
+        named = registry
     elif isinstance(origin, FileNotFoundError) or (
             isinstance(origin, OSError) and origin.errno == errno.ENOENT):
         named = _missing_file(origin, stage, cfg, real_data)
@@ -201,7 +383,7 @@ def classify(err: BaseException, stage: str, config: Optional[str] = None, cfg: 
                           "next(self.parameters()).device) instead of 'cuda', and load "
                           "checkpoints with map_location='cpu'; or run the doctor on a GPU "
                           'machine.')
-    elif _hook_of(err) and stage == RUNNING:
+    elif _hook_of(err) and stage in (RUNNING, HOOKS):
         hook = _hook_of(err)
         named = dict(kind='hook', cause=f'the hook {hook} failed in the dry run: '
                                         f'{type(err).__name__}: {_first_line(err)} (at {where(err)})',
@@ -219,11 +401,45 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or ['(no message)'])[0][:400]
 
 
+def first_failure(found: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Of the ranks' classified failures, the cause: the lowest rank's own error (a lost peer is
+    never one), with each other distinct error (``others``, with its ranks) and the ranks that then
+    lost a peer (``consequences``). None when every rank only lost a peer."""
+    own = sorted((f for f in found if f['kind'] != LOST_PEER), key=lambda f: f['rank'] or 0)
+    if not own:
+        return None
+    distinct: List[Dict[str, Any]] = []
+    for f in own:
+        same = next((d for d in distinct if (d['stage'], d['cause']) == (f['stage'], f['cause'])),
+                    None)
+        if same is None:
+            distinct.append(dict(f, ranks=[f['rank']]))
+        else:
+            same['ranks'].append(f['rank'])
+    return dict(distinct[0], others=distinct[1:],
+                consequences=sorted(f['rank'] for f in found if f['kind'] == LOST_PEER))
+
+
+def _ranks(ranks: List[Any]) -> str:
+    return ('rank ' if len(ranks) == 1 else 'ranks ') + ', '.join(map(str, ranks))
+
+
 def paragraph(failure: Dict[str, Any]) -> str:
-    """The one paragraph the doctor prints for a run that stopped before a verdict."""
-    rank = f' on rank {failure["rank"]}' if failure.get('rank') is not None else ''
-    return (f"ddp_doctor stopped while {failure['stage']}{rank}, before a verdict: "
-            f"{failure['cause']}. {failure['todo']}").rstrip()
+    """The one paragraph the doctor prints for a run that stopped before a verdict: the first
+    error, then each other rank's different one, then the ranks that only lost a peer."""
+    ranks = failure.get('ranks') or ([failure['rank']] if failure.get('rank') is not None else [])
+    text = (f"ddp_doctor stopped while {failure['stage']}{' on ' + _ranks(ranks) if ranks else ''}"
+            f", before a verdict: {failure['cause']}. {failure['todo']}").rstrip()
+    for other in failure.get('others', []):
+        todo = '' if other['todo'] == failure['todo'] else f" {other['todo']}"
+        text += (f" {_ranks(other['ranks']).capitalize()} stopped on a different error, while "
+                 f"{other['stage']}: {other['cause']}.{todo}")
+    if failure.get('consequences'):
+        lost = failure['consequences']
+        text += (f' {_ranks(lost).capitalize()} then lost {"its peer" if len(lost) == 1 else "peers"}'
+                 f" ({'a consequence' if len(lost) == 1 else 'consequences'} of the error above, "
+                 'not a cause).')
+    return text
 
 
 def cause_line(error: str) -> str:
@@ -279,8 +495,8 @@ def killed(rank: int, exitcode: int, memory_file: str, nproc: int) -> Dict[str, 
         return dict(stage=stage, rank=rank, kind='killed',
                     cause=f'the rank was killed (signal 9, exit code -9) holding {gib}{machine}: '
                           "most likely the kernel's OOM killer",
-                    todo='Use less memory: a smaller per-rank batch (--batch-size, 2 by default), a '
-                         'smaller input (--size H W) or fewer ranks (--nproc).')
+                    todo='Use less memory: a smaller per-rank batch (--batch-size; at most 2 by '
+                         'default), a smaller input (--size H W) or fewer ranks (--nproc).')
     return dict(stage=stage, rank=rank, kind='killed',
                 cause=f'the rank ended with exit code {exitcode} without a Python error, holding '
                       f'{gib} (a crash in native code?)',

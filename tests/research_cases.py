@@ -1,16 +1,21 @@
 """Research-style code on ranks: the two-kinds example (configs/examples/two_kinds) trained as
 written with plain DDP, with find_unused_parameters=True and with DDPAutoTuneHook; its usage per
 batch kind in one process (the truth the doctor is checked against); and models that fail the way
-research code does (a file their __init__ loads, a hard-coded 'cuda', a rank the kernel kills)."""
+research code does (a file their __init__ loads, a hard-coded 'cuda', a rank the kernel kills, a
+rank that raises, an init_weights that raises, a visualizer backend whose module is missing)."""
 import os
 import signal
 import tempfile
-from typing import Any, Dict, Optional, Set
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, Optional, Set, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from mmengine.model import BaseModel
+from mmengine.registry import VISBACKENDS
+from mmengine.visualization import LocalVisBackend
 from torch import nn
 
 from mmddp_hooks.checkpoint import safe_checkpoint_loading
@@ -128,3 +133,75 @@ class KilledOnRank1(_Tiny):
         super().__init__()
         if os.environ.get('RANK') == '1':
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RaisesOnRank1(_Tiny):
+    """Rank 1's forward indexes past its batch (as a per-sample data preprocessor does at a batch
+    it was not written for); rank 0 then waits in DDP's gradient all-reduce for a peer that is gone."""
+
+    def forward(self, inputs, data_samples=None, mode='tensor'):
+        if os.environ.get('RANK') == '1':
+            inputs = inputs[inputs.shape[0]]
+        return super().forward(inputs, data_samples, mode)
+
+
+class PerSampleChannels(_Tiny):
+    """Written for a per-rank batch of 1: it reads the channel after the sample's own index plus
+    two, which exists only at that batch (as a data preprocessor indexing channels per sample)."""
+
+    def forward(self, inputs, data_samples=None, mode='tensor'):
+        picked = inputs[:, inputs.shape[0] + 2:]
+        return dict(loss=self.layer(inputs).square().mean() + picked[:, 0].mean())
+
+
+class InitWeightsFails(_Tiny):
+    """Its own ``init_weights`` (which the Runner calls in ``train()``, after building the loader)
+    raises."""
+
+    def init_weights(self) -> None:
+        raise ValueError('init_cfg names no layer of this model')
+
+
+def missing_module_backend() -> str:
+    """A visualizer backend type whose set-up fails as MMEngine's TensorboardVisBackend does without
+    tensorboard: an ImportError of MMEngine's words, the ModuleNotFoundError behind it. That one
+    itself where tensorboard is missing, else :class:`NeedsMissingModuleVisBackend`."""
+    import importlib.util
+
+    return 'TensorboardVisBackend' if importlib.util.find_spec('tensorboard') is None else \
+        'NeedsMissingModuleVisBackend'
+
+
+@VISBACKENDS.register_module()
+class NeedsMissingModuleVisBackend(LocalVisBackend):
+    """TensorboardVisBackend's set-up, with a module no machine has."""
+
+    def _init_env(self) -> None:
+        try:
+            import no_such_tensorboard  # noqa: F401
+        except ImportError:
+            # as MMEngine's: raised inside the except, the ModuleNotFoundError as its __context__
+            raise ImportError('Please run "pip install no_such_tensorboard"')  # noqa: B904
+
+
+def research_repo(tmp_path: Path) -> Tuple[Path, Path]:
+    """A research repository (``.git``, a package, a config) whose package registers the model
+    its config names, and is not imported by the config; the repository and the config."""
+    repo = tmp_path / 'repo'
+    (repo / '.git').mkdir(parents=True)
+    (repo / 'my_research' / 'models').mkdir(parents=True)
+    (repo / 'my_research' / '__init__.py').write_text('')
+    (repo / 'my_research' / 'models' / '__init__.py').write_text('')
+    (repo / 'my_research' / 'models' / 'adapter_net.py').write_text(textwrap.dedent('''\
+        from mmengine.registry import MODELS
+        from research_cases import _Tiny
+
+
+        @MODELS.register_module()
+        class AdapterNet(_Tiny):
+            """A model this repository's own tools/train.py imports; its configs do not."""
+        '''))
+    (repo / 'configs' / 'adapter').mkdir(parents=True)
+    config = repo / 'configs' / 'adapter' / 'adapter_net.py'
+    config.write_text("model = dict(type='AdapterNet')\n")
+    return repo, config

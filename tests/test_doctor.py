@@ -77,3 +77,19 @@ def test_a_zoo_run_tabulates_each_config_and_retries_a_too_small_size(monkeypatc
     rows = found['configs']
     assert found['status'] == doctor.OK
     assert [r['status'] for r in rows] == ['CRASHES', 'CRASHES'] and rows[0]['never'] == 3
+
+
+def test_the_default_batch_is_the_configs_lowered_to_two_never_raised():
+    from mmengine.config import Config
+
+    def batch(own, asked):
+        cfg = Config(dict(train_dataloader=dict(batch_size=own)))
+        said, changed = doctor._set_batch_size(cfg, asked)
+        return cfg.train_dataloader.batch_size, said, changed
+
+    assert batch(1, None) == (1, "per-rank batch 1 (the config's)", False)
+    assert batch(2, None) == (2, "per-rank batch 2 (the config's)", False)
+    assert batch(16, None) == (2, "per-rank batch 2 (lowered from the config's 16; --batch-size N "
+                                  "sets another, --batch-size 0 keeps the config's)", True)
+    assert batch(16, 0) == (16, "per-rank batch 16 (the config's)", False)
+    assert batch(1, 4) == (4, "per-rank batch 4 (--batch-size; the config's is 1)", True)

@@ -52,7 +52,7 @@ def test_without_keep_alive_terms_the_doctor_finds_the_usage_per_batch_kind(trut
     assert all(n >= 3 for n in report['batch_kinds']['data_tag'].values())  # probed on if not
     assert not report['kept_alive'] and found['auto']['find_unused_parameters'] is True
     assert "only in batches with data_tag='det'" in found['table']
-    assert found['batch'].startswith("per-rank batch 2 (the config's own is 16")
+    assert found['batch'].startswith("per-rank batch 2 (lowered from the config's 16")
 
 
 def test_keep_alive_terms_are_found_with_their_line_and_the_plan_without_them(truth):
@@ -157,3 +157,45 @@ def test_real_data_subset_takes_the_first_samples(tmp_path):
     assert found['data'] == ("the config's own train data, the first 4 samples of "
                              'train_dataloader.dataset (PromptedImages)')
     assert 'caption_adapter' in found['table']
+
+
+def test_the_configs_batch_of_one_is_kept(tmp_path):
+    path = _config(tmp_path, 'PerSampleChannels')
+    path.write_text(path.read_text().replace('batch_size=2', 'batch_size=1'))
+    code, found, log = doctor_json(path)
+    assert code == 0, log[-3000:]  # at a batch of 2, every rank raises an IndexError
+    assert found['batch'] == "per-rank batch 1 (the config's)"
+    code, found, log = doctor_json(path, '--batch-size', 2)
+    assert code == 2 and 'IndexError: index 0 is out of bounds' in found['error'], found
+
+
+def test_a_rank_that_raised_is_the_cause_and_the_others_lost_peer_its_consequence(tmp_path):
+    code, found, log = doctor_json(_config(tmp_path, 'RaisesOnRank1'))
+    assert code == 2, log[-3000:]
+    assert found['failure']['rank'] == 1 and found['failure']['consequences'] == [0], found
+    assert found['error'].startswith(
+        'ddp_doctor stopped while running on rank 1, before a verdict: IndexError: index 2 is out '
+        'of bounds for dimension 0 with size 2 (at tests/research_cases.py:'), found['error']
+    assert 'inputs = inputs[inputs.shape[0]]' in found['error']
+    assert found['error'].endswith(
+        'Rank 0 then lost its peer (a consequence of the error above, not a cause).')
+    assert 'OOM' not in found['error'] and 'SIGKILL' not in found['error']
+
+
+def test_ranks_that_fail_differently_each_name_their_first_error(tmp_path):
+    """The visualizer stops rank 0 (its backends run there only); rank 1 goes on and stops on a
+    model type its repository registers in a package the config does not import."""
+    backend = research_cases.missing_module_backend()
+    _, config = research_cases.research_repo(tmp_path)
+    config.write_text(CONFIG.format(model="'AdapterNet'", imports='import research_cases')
+                      + f"visualizer = dict(type='Visualizer', vis_backends=[dict(type='{backend}')])\n")
+    code, found, log = doctor_json(config)
+    assert code == 2, log[-3000:]
+    error, other = found['error'], found['failure']['others']
+    assert error.startswith('ddp_doctor stopped while setting up the visualizer and loggers on rank '
+                            '0, before a verdict: the module '), error
+    assert [(o['ranks'], o['stage'], o['kind']) for o in other] == [
+        ([1], 'building the model', 'not registered')]
+    assert ('Rank 1 stopped on a different error, while building the model: AdapterNet is not in '
+            'the mmengine::model registry: `class AdapterNet` is in ') in error
+    assert "Add custom_imports = dict(imports=['my_research.models.adapter_net'], " in error

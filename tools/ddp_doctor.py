@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Dry-run a config's DDP behaviour on CPU before queueing for GPUs.
 
-    python tools/ddp_doctor.py CONFIG [--nproc 2] [--iters 4] [--size H W] [--batch-size 2]
+    python tools/ddp_doctor.py CONFIG [--nproc 2] [--iters 4] [--size H W] [--batch-size N]
                                       [--cfg-options k=v] [--real-data [--subset K]] [--pretrained]
                                       [--json] [--debug] [--trust-checkpoint FILE]
     python tools/ddp_doctor.py CONFIG CONFIG ... | FOLDER | --list FILE   [same options]
@@ -11,7 +11,8 @@ synthetic, fed through the config's own train pipeline and dataset wrappers: onl
 and the loading steps are replaced; or the batches of the config's own builder
 (ddp_doctor = dict(synthetic_batch='my_pkg.make_batch')); or the config's own data with --real-data
 (--subset K: its first K samples). --size H W scales the pipeline's pixel sizes so the train size fits
-in HxW. Each rank takes a batch of --batch-size (2; 0 keeps the config's). Pretrained weights that are
+in HxW. Each rank takes a batch of --batch-size (default: the config's, lowered to 2, never raised;
+0 keeps the config's). Pretrained weights that are
 not on this machine are not loaded (usage does not depend on them) unless --pretrained. The current
 folder is put on sys.path, as tools/dist_train.sh puts the repository root on PYTHONPATH. Prints the
 usage report (with the batch kinds seen and the zero-weighted terms that keep parameters "used"),
@@ -21,8 +22,11 @@ choose and the config lines to paste.
 
 Exit codes: 0 the config as written trains under DDP; 1 it would crash with DDP's unused-parameter
 error; 2 the doctor stopped before a verdict: one paragraph names the stage (loading the config,
-building the model, building the data, running), the cause and what to do (where the model cannot
-train at --size, the smallest size that does); --debug adds every rank's traceback; 3 its ranks
+building the model, setting up the visualizer and loggers, building the data, building the optimizer,
+running the hooks before training, running), the cause and what to do (where the model cannot
+train at --size, the smallest size that does); a rank's own error comes first, each other rank's
+different one after it, and the ranks that only lost a peer last; --debug adds every rank's
+traceback; 3 its ranks
 hang: one made no progress for --hang-timeout seconds (default: 20x the slowest step, at least
 120 s), and the report says which rank is stuck at which line and what the others wait in. A rank
 that finished and reported, then died while exiting, is printed as a teardown fault and leaves the
@@ -241,8 +245,9 @@ def _parser() -> argparse.ArgumentParser:
                    help='iterations to probe (more while batch kinds are rarely seen)')
     p.add_argument('--size', type=int, nargs=2, metavar=('H', 'W'),
                    help="scale the train pipeline's pixel sizes so the train size fits in HxW")
-    p.add_argument('--batch-size', type=int, default=doctor.BATCH_SIZE, metavar='N',
-                   help="per-rank batch (default 2 on CPU; 0 keeps the config's own)")
+    p.add_argument('--batch-size', type=int, metavar='N',
+                   help=f"per-rank batch (default: the config's, at most {doctor.BATCH_SIZE} on CPU; "
+                        "0 keeps the config's)")
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default=None)
     p.add_argument('--real-data', action='store_true', help="use the config's own dataloader")
     p.add_argument('--subset', type=int, metavar='K',
@@ -294,7 +299,7 @@ def _diagnose(configs: List[str], args):
         return doctor.run_doctor(config, args.nproc, args.iters, size, args.cfg_options,
                                  synthetic=not args.real_data, timeout=args.timeout,
                                  trusted=args.trust_checkpoint, hang_timeout=args.hang_timeout,
-                                 pretrained=args.pretrained, batch_size=args.batch_size or None,
+                                 pretrained=args.pretrained, batch_size=args.batch_size,
                                  subset=args.subset)
 
     if len(configs) > 1 or args.list or os.path.isdir(args.config[0]):
