@@ -25,8 +25,12 @@ from mmddp_hooks.testing import reuse_ranks
 
 pytest_plugins = ('pytester',)  # test_harness runs a pytest session with broken tests in it
 
-# tools/*.py are imported by tests and by ranks. On sys.path from the start, once: the ranks get
-# sys.path as their PYTHONPATH, and a change to it mid-session starts new zygotes (the imports again).
+# tools/*.py, benchmarks/ and projects/ (the repository root) are imported by tests and by ranks. On
+# sys.path from the start, once: the ranks get sys.path as their PYTHONPATH, and a change to it
+# mid-session starts new zygotes (the imports again).
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 sys.path.insert(0, str(Path(__file__).parents[1] / 'tools'))
 
 # seconds each took under `make test` (two workers, 6:04 on 2026-12-04, `--durations=0` summed per

@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
+from benchmarks.scale_sim import node_layout, predict
+from benchmarks.store_proxy import StoreProxy
 from mmddp_hooks.dist import tree_links
-from mmddp_hooks.scale_sim import node_layout, predict
 from mmddp_hooks.testing import run_distributed
-from mmddp_hooks.testing.store_proxy import StoreProxy
 
 import launch
 
