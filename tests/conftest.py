@@ -1,4 +1,4 @@
-"""The multi-process tests fork their ranks from zygotes (``mmddp_hooks.testing.reuse_ranks``):
+"""The multi-process tests fork their ranks from zygotes (``mmddp_hooks.ranks.reuse_ranks``):
 torch, MMEngine and what earlier runs imported (mmseg, mmdet) are imported once per session instead of
 once per run, and each run still gets new processes, so nothing a run did reaches the next one.
 ``MMDDP_FRESH_RANKS=1`` runs every case in fresh interpreters.
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmddp_hooks.testing import reuse_ranks
+from mmddp_hooks.ranks import reuse_ranks
 
 pytest_plugins = ('pytester',)  # test_harness runs a pytest session with broken tests in it
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmddp_hooks.testing import run_distributed
+from mmddp_hooks.ranks import run_distributed
 
 ROOT = Path(__file__).parents[1]
 COLLECTIVES = {
@@ -181,7 +181,7 @@ def test_store_get_tells_a_missing_key_from_a_present_one(kind, bindings, tmp_pa
     import torch.distributed as dist
 
     from mmddp_hooks.compat import store_get
-    from mmddp_hooks.testing.harness import free_port
+    from mmddp_hooks.ranks import free_port
 
     if kind == 'tcp':
         base = dist.TCPStore('127.0.0.1', free_port(), 1, True, timeout=datetime.timedelta(seconds=10))

@@ -21,7 +21,7 @@ import hang_cases
 import pytest
 import torch
 
-from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.ranks import run_distributed, run_on_ranks
 from mmddp_hooks.watchdog import ABORT_EXIT_CODE
 
 import contract_cases

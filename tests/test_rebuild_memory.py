@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.ranks import run_distributed, run_on_ranks
 
 pytestmark = pytest.mark.dist
 

@@ -16,7 +16,7 @@ import torch
 from benchmarks.scale_sim import node_layout, predict
 from benchmarks.store_proxy import StoreProxy
 from mmddp_hooks.dist import tree_links
-from mmddp_hooks.testing import run_distributed
+from mmddp_hooks.ranks import run_distributed
 
 import launch
 

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument('--guard-models', nargs='+', default=['resnet50', 'vit_b_16', 'linears300'])
     args = p.parse_args(argv)
     from benchmarks import benchmark as bench
-    from mmddp_hooks.testing import run_on_ranks
+    from mmddp_hooks.ranks import run_on_ranks
 
     if args.keepalive:
         shape = dict(depth=2, width=8) if args.quick else {}
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 
 def guard_cost(args) -> int:
     from benchmarks import guard_cost as cost
-    from mmddp_hooks.testing import run_on_ranks
+    from mmddp_hooks.ranks import run_on_ranks
 
     nproc = args.nproc or 1
     run = run_on_ranks(cost.measure_all, nproc, args=(args.guard_models, args.rounds),
@@ -178,7 +178,7 @@ def _versions(device: str) -> dict:
 def rebuild_memory(args) -> int:
     """Peak memory across rebuilds, one rank; on CPU with freed tensors given back to the system."""
     from benchmarks import benchmark as bench
-    from mmddp_hooks.testing import run_on_ranks
+    from mmddp_hooks.ranks import run_on_ranks
 
     results = []
     for bucket_view in (False, True):
