@@ -8,13 +8,12 @@ and leaves it in the doctor's work folder; the doctor reads those, or, for a ran
 without a Python error, its exit code and the memory it last reported (:func:`killed`).
 """
 import errno
-import linecache
 import os
 import re
-import sys
-import sysconfig
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
+
+from .text import code_line, innermost_user
 
 LOADING, MODEL, DATA, RUNNING = ('loading the config', 'building the model', 'building the data',
                                  'running')
@@ -26,22 +25,6 @@ CUDA_MESSAGES = ('Torch not compiled with CUDA enabled', 'Found no NVIDIA driver
                  'Attempting to deserialize object on a CUDA device', 'cudaGetDeviceCount')
 _NO_MODULE = re.compile(r"No module named '([^']+)'")
 _LAZY_LOCATION = re.compile(r' in (\S+), line (\d+)')
-
-
-def _library_dirs() -> Tuple[str, ...]:
-    """Where code that is not the user's lives: the standard library, torch, MMEngine, mmcv,
-    NumPy and this package (its examples excepted)."""
-    dirs = [sysconfig.get_paths()['stdlib']]
-    for name in ('torch', 'mmengine', 'mmcv', 'numpy', 'mmddp_hooks'):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, '__file__', None):
-            dirs.append(os.path.dirname(module.__file__))
-    return tuple(d.rstrip(os.sep) + os.sep for d in dirs)
-
-
-def _show(path: str) -> str:
-    rel = os.path.relpath(path)
-    return path if rel.startswith('..') else rel
 
 
 def _frames(err: BaseException) -> List[Any]:
@@ -67,16 +50,12 @@ def _origin(err: BaseException) -> BaseException:
 
 def where(err: BaseException) -> str:
     """``path:line: code`` of the innermost frame of the user's code (else the innermost one)."""
-    library = _library_dirs()
     frames = [tb for e in (err, _origin(err)) for tb in _frames(e)]
     if not frames:
         return 'an unknown place'
-    own = [tb for tb in frames if not tb.tb_frame.f_code.co_filename.startswith(library)
-           or os.sep + 'mmddp_hooks' + os.sep + 'examples' in tb.tb_frame.f_code.co_filename]
-    tb = (own or frames)[-1]
-    path = tb.tb_frame.f_code.co_filename
-    code = linecache.getline(path, tb.tb_lineno).strip()
-    return f'{_show(path)}:{tb.tb_lineno}' + (f': {code}' if code else '')
+    user = innermost_user([tb.tb_frame.f_code.co_filename for tb in frames])
+    tb = frames[-1 if user is None else user]
+    return code_line(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
 
 
 def _in_data(err: BaseException) -> bool:
@@ -134,7 +113,7 @@ def _config_line(path: str, module: str) -> Optional[str]:
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 if re.search(rf'\b{re.escape(module)}\b', line) and 'import' in line:
-                    return f'{_show(path)}:{n}: {line.strip()}'
+                    return code_line(path, n)
     except OSError:
         pass
     return None
@@ -148,7 +127,7 @@ def _missing_module(err: BaseException, stage: str, config: Optional[str]) -> Di
     line = None
     if lazy:  # MMEngine's lazy import: "Failed to import X in CONFIG, line N for ..."
         path, n = lazy.group(1).rstrip(','), int(lazy.group(2))
-        line = f'{_show(path)}:{n}: {linecache.getline(path, n).strip()}'
+        line = code_line(path, n)
     elif stage == LOADING and config:  # custom_imports, or a line of a config run at load
         line = _config_line(config, name.split('.')[0])
     line = line or where(err)
