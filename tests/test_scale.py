@@ -122,6 +122,36 @@ def tree_and_agreement_on_uneven_nodes():
                 keys=tree.keys, timeout=timeout == dist.distributed_c10d.default_pg_timeout)
 
 
+def beats_while_a_store_agreement_waits(timeout_s: float = 3.0, interval: float = 0.1) -> int:
+    """Rank 1 waits in ``store_agree`` for rank 0, which never posts, with the hang watchdog on:
+    the heartbeats rank 1's watcher posted meanwhile (it shares the store client)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from mmddp_hooks import dist as ddist
+    from mmddp_hooks.hooks.hang_watchdog_hook import HangWatchdogHook
+
+    hook = HangWatchdogHook(interval=interval)
+    hook.start(tempfile.mkdtemp(prefix='mmddp_watch_'))
+    before = hook.beats
+    if dist.get_rank() == 1:
+        with pytest.raises(ddist.StoreTimeout):
+            ddist.store_agree('alone', True, timeout_s=timeout_s)
+    beats = hook.beats - before
+    ddist.barrier()
+    hook.stop()
+    return beats
+
+
+@pytest.mark.dist
+def test_the_watchdog_beats_while_its_rank_waits_in_a_store_agreement():
+    """A rank waiting in store_agree (for up to trainable_change_timeout: 300 s) must still post
+    heartbeats and its stack, or a hang report would call it unreachable instead of showing it."""
+    beats = run_distributed(beats_while_a_store_agreement_waits, 2, timeout=60)[1]
+    assert beats >= 10, beats  # about 30 at one beat every 0.1 s over 3 s
+
+
 @pytest.mark.dist
 def test_the_tree_reduces_and_the_store_agrees_on_uneven_nodes():
     rows = run_distributed(tree_and_agreement_on_uneven_nodes, 3, timeout=90)
