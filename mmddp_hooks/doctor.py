@@ -303,7 +303,7 @@ def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[
     that finished and wrote its findings, then died while exiting, does not change the verdict:
     ``teardown_fault`` carries its output.
     """
-    from .testing import run_on_ranks
+    from .ranks import run_on_ranks
 
     work_dir = tempfile.mkdtemp(prefix='ddp_doctor_')
     try:

@@ -13,13 +13,12 @@ a rank that died without a Python error, its exit code and the memory it last re
 (:func:`killed`).
 """
 import errno
-import linecache
 import os
 import re
-import sys
-import sysconfig
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .text import code_line, innermost_user, shown
 
 LOADING, MODEL, DATA, RUNNING = ('loading the config', 'building the model', 'building the data',
                                  'running')
@@ -43,23 +42,6 @@ CUDA_MESSAGES = ('Torch not compiled with CUDA enabled', 'Found no NVIDIA driver
 _NO_MODULE = re.compile(r"No module named '([^']+)'")
 _NOT_REGISTERED = re.compile(r"(\w+) is not in the (\S+) registry")
 _LAZY_LOCATION = re.compile(r' in (\S+), line (\d+)')
-
-
-def _library_dirs() -> Tuple[str, ...]:
-    """Where code that is not the user's lives: the standard library, torch, MMEngine, mmcv,
-    NumPy and this package (its examples excepted)."""
-    dirs = [sysconfig.get_paths()['stdlib']]
-    for name in ('torch', 'mmengine', 'mmcv', 'numpy', 'mmddp_hooks'):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, '__file__', None):
-            dirs.append(os.path.dirname(module.__file__))
-    # real paths: a venv reached through a link (.venv -> elsewhere) names its files both ways
-    return tuple(os.path.realpath(d).rstrip(os.sep) + os.sep for d in dirs)
-
-
-def _show(path: str) -> str:
-    rel = os.path.relpath(path)
-    return path if rel.startswith('..') else rel
 
 
 def _frames(err: BaseException) -> List[Any]:
@@ -97,17 +79,12 @@ def _chain(err: BaseException) -> List[BaseException]:
 
 def where(err: BaseException) -> str:
     """``path:line: code`` of the innermost frame of the user's code (else the innermost one)."""
-    library = _library_dirs()
     frames = [tb for e in (err, _origin(err)) for tb in _frames(e)]
     if not frames:
         return 'an unknown place'
-    own = [tb for tb in frames
-           if not os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(library)
-           or os.sep + 'mmddp_hooks' + os.sep + 'examples' in tb.tb_frame.f_code.co_filename]
-    tb = (own or frames)[-1]
-    path = tb.tb_frame.f_code.co_filename
-    code = linecache.getline(path, tb.tb_lineno).strip()
-    return f'{_show(path)}:{tb.tb_lineno}' + (f': {code}' if code else '')
+    user = innermost_user([tb.tb_frame.f_code.co_filename for tb in frames])
+    tb = frames[-1 if user is None else user]
+    return code_line(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
 
 
 def _stage_of(err: BaseException, stage: str) -> str:
@@ -179,7 +156,7 @@ def _config_line(path: str, module: str) -> Optional[str]:
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 if re.search(rf'\b{re.escape(module)}\b', line) and 'import' in line:
-                    return f'{_show(path)}:{n}: {line.strip()}'
+                    return code_line(path, n)
     except OSError:
         pass
     return None
@@ -236,7 +213,7 @@ def _missing_module(err: BaseException, stage: str, config: Optional[str], cfg: 
     line = None
     if lazy:  # MMEngine's lazy import: "Failed to import X in CONFIG, line N for ..."
         path, n = lazy.group(1).rstrip(','), int(lazy.group(2))
-        line = f'{_show(path)}:{n}: {linecache.getline(path, n).strip()}'
+        line = code_line(path, n)
     elif stage == LOADING and config and name:  # custom_imports, or a config line run at load
         line = _config_line(config, name.split('.')[0])
     line = line or where(err)
@@ -319,17 +296,17 @@ def _not_registered(err: BaseException, config: Optional[str]) -> Optional[Dict[
     place = _class_file(name, config) if config else None
     if place is None:
         return dict(kind='not registered', cause=cause + (
-            f' and no `class {name}` is in the repository around {_show(config)}' if config else ''),
+            f' and no `class {name}` is in the repository around {shown(config)}' if config else ''),
             todo='Check the type\'s spelling, or import the package that registers it: '
                  "custom_imports = dict(imports=['<package.module>'], allow_failed_imports=False) "
                  'in the config.')
     module, root = _import_name(place[0])
     here = os.path.realpath(os.getcwd()) == os.path.realpath(root)
     return dict(kind='not registered',
-                cause=f'{cause}: `class {name}` is in {_show(place[0])}:{place[1]}, which nothing '
+                cause=f'{cause}: `class {name}` is in {shown(place[0])}:{place[1]}, which nothing '
                       'imports (a tools/train.py of your own may import it; the config does not)',
                 todo=f"Add custom_imports = dict(imports=['{module}'], allow_failed_imports=False) "
-                     'to the config' + ('' if here else f', and start the doctor from {_show(root)} '
+                     'to the config' + ('' if here else f', and start the doctor from {shown(root)} '
                      '(it puts the current folder on sys.path)') + '.')
 
 

@@ -45,6 +45,7 @@ from . import dist as ddist
 from .arrival import GradArrival
 from .explain import explain_unused_error
 from .reducer_params import ReducerParam, reducer_params
+from .text import names
 from .trainable import TrainableChange, TrainableSet, rank_dependent_message
 
 
@@ -255,15 +256,15 @@ class PlanGuard:
         parts = []
         if unused_everywhere:
             parts.append(f'{len(unused_everywhere)} parameters got no gradient on any rank '
-                         f'({_names(unused_everywhere)}); their gradients stay None as under '
+                         f'({names(unused_everywhere, 8)}); their gradients stay None as under '
                          'find_unused_parameters=True')
         for r in everyone:
             if r['rescued']:
                 parts.append(f"rank {r['rank']}: {len(r['rescued'])} parameters the plan counted "
-                             f"on got no gradient ({_names(r['rescued'])}); rescued with zero "
+                             f"on got no gradient ({names(r['rescued'], 8)}); rescued with zero "
                              'gradients as find_unused_parameters=True would')
             if r['woke']:
-                parts.append(f"rank {r['rank']}: ignored parameters woke up ({_names(r['woke'])}); "
+                parts.append(f"rank {r['rank']}: ignored parameters woke up ({names(r['woke'], 8)}); "
                              'their gradients were averaged by hand in the same step')
         return '; '.join(parts)
 
@@ -291,7 +292,3 @@ def average_by_hand(params: List[torch.Tensor], group: Optional[ProcessGroup]) -
 
 # read in C, per step
 _REQUIRES_GRAD = attrgetter('requires_grad')
-
-
-def _names(names: List[str], n: int = 8) -> str:
-    return ', '.join(names[:n]) + (' ...' if len(names) > n else '')

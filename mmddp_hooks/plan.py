@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .report import DYNAMIC, NEVER, RANK_FIXED, UsageReport
+from .text import AND_MORE, names
 
 POLICIES = ('auto', 'keep')
 
@@ -71,11 +72,6 @@ class DDPPlan:
         if n_fill:
             parts.append(f'zero-fill {n_fill} rank-local unused params')
         return ', '.join(parts)
-
-
-def _examples(names: List[str], n: int = 3) -> str:
-    shown = ', '.join(names[:n])
-    return shown + (f' and {len(names) - n} more' if len(names) > n else '')
 
 
 def check_policy(policy: str) -> None:
@@ -125,7 +121,7 @@ def choose_plan(report: UsageReport,
     if crash:
         unused = never + rank_fixed + dynamic
         detail = (f' ({len(unused)} parameters did not receive a gradient {where}, e.g. '
-                  f'{_examples(unused)})' if unused and not asked_find_unused else '')
+                  f'{names(unused, 3, AND_MORE)})' if unused and not asked_find_unused else '')
         kept.reasons.append(f'the config as written crashes under DDP: {crash}{detail}')
     kept.reasons += keepalive
     return kept
@@ -163,15 +159,14 @@ def _keepalive_reason(report: UsageReport, grad_accumulation: bool,
         return []
     cells = report.signal_cells
     terms = sorted({t for p in kept for t in p.zero_terms})
-    where = f' ({terms[0]}{f" and {len(terms) - 1} more" if len(terms) > 1 else ""})' \
-        if terms else ''
+    where = f' ({names(terms, 1, AND_MORE)})' if terms else ''
     plan = _auto_plan(real, real.names_of(NEVER), real.names_of(RANK_FIXED),
                       real.names_of(DYNAMIC), real.where, grad_accumulation)
     effect = effect or ('momentum and weight decay (SGD with momentum, Adam, AdamW) move a '
                         'parameter whose gradient is zero, where a None gradient is skipped')
     return [f'{len(kept)} parameters were kept alive by zero-weighted terms{where} in up to '
             f'{max(p.kept_alive for p in kept)} of {cells} rank-iterations '
-            f'({_examples([p.name for p in kept])}): DDP counts them as used, but their gradient '
+            f'({names([p.name for p in kept], 3, AND_MORE)}): DDP counts them as used, but their gradient '
             f'there is exactly zero, not None. {effect}. Delete the terms: DDPAutoTuneHook then '
             f'plans the real usage ({real.summary_line()}): {plan.summary()}, and idle '
             'branches get None gradients, as under find_unused_parameters=True']
@@ -200,7 +195,7 @@ def _auto_plan(report: UsageReport, never: List[str], rank_fixed: List[str],
     unused = len(never) + len(rank_fixed) + len(dynamic)
     if not reentrant and (dynamic or (grad_accumulation and unused)):
         why = (f'{len(dynamic)} parameters are used in some iterations only {where} '
-               f'({_examples(dynamic)})' if dynamic else
+               f'({names(dynamic, 3, AND_MORE)})' if dynamic else
                f'{unused} parameters are unused {where} and gradients are accumulated over '
                'several backwards')
         return DDPPlan(find_unused_parameters=True,
@@ -216,18 +211,18 @@ def _auto_plan(report: UsageReport, never: List[str], rank_fixed: List[str],
     if never:
         plan.ignore = list(never)
         plan.reasons.append(f'{len(never)} parameters never received a gradient {where} '
-                            f'({_examples(never)}): DDP ignores them, their gradients stay None '
+                            f'({names(never, 3, AND_MORE)}): DDP ignores them, their gradients stay None '
                             'as under find_unused_parameters=True, and a gradient that arrives '
                             'later is averaged by the guard in its own step')
     if rank_fixed:
         plan.fill = {r: report.unused_names_on_rank(r) for r in range(report.n_ranks)}
         plan.fill = {r: names for r, names in plan.fill.items() if names}
         plan.reasons.append(f'{len(rank_fixed)} parameters are used on some ranks only, the same '
-                            f'ranks every iteration ({_examples(rank_fixed)}): zero-fill their '
+                            f'ranks every iteration ({names(rank_fixed, 3, AND_MORE)}): zero-fill their '
                             'gradients on the other ranks after backward, as '
                             'find_unused_parameters=True would, without its per-step graph walk')
     if dynamic:
         plan.reasons.append(f'{len(dynamic)} parameters are used in some iterations only {where} '
-                            f'({_examples(dynamic)}): the guard completes each such iteration as '
+                            f'({names(dynamic, 3, AND_MORE)}): the guard completes each such iteration as '
                             'find_unused_parameters=True would')
     return plan

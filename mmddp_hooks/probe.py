@@ -28,6 +28,7 @@ from . import dist as ddist
 from .arrival import GradArrival
 from .guard import PlanGuard
 from .report import Usage
+from .text import code_line, innermost_user
 from .trainable import TrainableChange, TrainableSet
 
 REENTRANT_NODE = 'CheckpointFunctionBackward'
@@ -99,19 +100,16 @@ _SKIPPED = (os.path.dirname(torch.__file__) + os.sep, _OURS)
 
 
 def _caller_line() -> str:
-    """``path:line: code`` of the innermost frame outside torch and this package."""
-    import linecache
-
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED) and \
-            not frame.f_code.co_filename.startswith(_OURS + 'examples'):
+    """``path:line: code`` of the innermost frame outside torch and this package: where the term
+    is written, an installed library's own code too (the report tells those apart)."""
+    frames, frame = [], sys._getframe(2)
+    while frame is not None:
+        frames.insert(0, frame)
         frame = frame.f_back
-    if frame is None:
+    user = innermost_user([f.f_code.co_filename for f in frames], lambda path: path.startswith(_SKIPPED))
+    if user is None:
         return '(unknown line)'
-    path = frame.f_code.co_filename
-    rel = os.path.relpath(path)
-    code = linecache.getline(path, frame.f_lineno).strip()
-    return f'{path if rel.startswith("..") else rel}:{frame.f_lineno}: {code}'
+    return code_line(frames[user].f_code.co_filename, frames[user].f_lineno)
 
 
 class ZeroTermTracer(TorchFunctionMode):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import batch_kinds
+from .text import INSTALLED, is_library, names
 
 ALWAYS = 'always used'
 NEVER = 'never used'
@@ -237,10 +238,9 @@ class UsageReport:
             terms = sorted({_short(t) for p in library for t in p.zero_terms})
             out.append(f'kept alive by zero-weighted terms of installed libraries: {len(library)} '
                        f'params in up to {max(p.kept_alive for p in library)} of '
-                       f'{self.n_ranks * self.n_iters} rank-iterations ({"; ".join(terms[:2])}'
-                       f'{" ..." if len(terms) > 2 else ""}): the library keeps them in the graph '
-                       'on purpose (e.g. for a batch without targets); DDP counts them as used, as '
-                       'it will in training')
+                       f'{self.n_ranks * self.n_iters} rank-iterations ({names(terms, 2, sep="; ")}): '
+                       'the library keeps them in the graph on purpose (e.g. for a batch without '
+                       'targets); DDP counts them as used, as it will in training')
         return out
 
     def _keepalive_lines(self) -> List[str]:
@@ -272,17 +272,14 @@ def _by_name(params: Sequence[ParamUsage], name: str) -> ParamUsage:
     return next(p for p in params if p.name == name)
 
 
-_INSTALLED = ('site-packages', 'dist-packages')
-
-
 def _library_only(p: ParamUsage) -> bool:
-    """Every zero-weighted term that kept ``p`` alive is in an installed package's code."""
-    return bool(p.zero_terms) and all(any(f'{d}/' in t for d in _INSTALLED) for t in p.zero_terms)
+    """Every zero-weighted term that kept ``p`` alive (``path:line: code``) is in a library's code."""
+    return bool(p.zero_terms) and all(is_library(t.split(':', 1)[0]) for t in p.zero_terms)
 
 
 def _short(term: str) -> str:
     """An installed package's path from the package on: mmdet/models/...py:118."""
-    for d in _INSTALLED:
+    for d in INSTALLED:
         if f'{d}/' in term:
             return term.split(f'{d}/', 1)[1].split(': ', 1)[0]
     return term

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 
 from torch import nn
 
+from . import text
+
 _KEYS = ('at', 'at_epoch', 'freeze', 'unfreeze')
 
 
@@ -98,7 +100,7 @@ def resolve_schedule(entries: Sequence[ScheduleEntry], module: nn.Module,
                 hits = [n for n in names if fnmatchcase(n, glob)]
                 if not hits:
                     raise ScheduleError(f'{e.label()}.{key}: {glob!r} matches no parameter of '
-                                        f'{type(module).__name__} (e.g. {", ".join(names[:4])})')
+                                        f'{type(module).__name__} (e.g. {text.names(names, 4, "")})')
                 out.extend(n for n in hits if n not in out)
         both = sorted(set(e.frozen) & set(e.unfrozen))
         if both:

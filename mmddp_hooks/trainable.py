@@ -15,6 +15,7 @@ from mmengine.logging import MessageHub
 from torch import nn
 
 from .reducer_params import param_aliases, reducer_params
+from .text import AND_MORE, names
 
 
 @dataclass
@@ -29,9 +30,9 @@ class TrainableChange:
     def describe(self) -> str:
         parts = []
         if self.unfrozen:
-            parts.append(f'unfroze {len(self.unfrozen)} params ({_names(self.unfrozen)})')
+            parts.append(f'unfroze {len(self.unfrozen)} params ({names(self.unfrozen, 6, AND_MORE)})')
         if self.frozen:
-            parts.append(f'froze {len(self.frozen)} params ({_names(self.frozen)})')
+            parts.append(f'froze {len(self.frozen)} params ({names(self.frozen, 6, AND_MORE)})')
         return ', '.join(parts) or 'changed nothing'
 
 
@@ -97,7 +98,3 @@ def rank_dependent_message(changes: Dict[int, TrainableChange], silent: Optional
                  'Change requires_grad on every rank at the same iteration (e.g. '
                  "TrainableScheduleHook), never under 'if rank == ...'.")
     return '\n'.join(lines)
-
-
-def _names(names: List[str], n: int = 6) -> str:
-    return ', '.join(names[:n]) + (f' and {len(names) - n} more' if len(names) > n else '')

@@ -31,7 +31,6 @@ import json
 import os
 import os.path as osp
 import sys
-import sysconfig
 import threading
 import time
 import traceback
@@ -42,13 +41,11 @@ from mmengine.logging import print_log
 
 from . import dist as ddist
 from .compat import store_get
+from .text import innermost_user
 
 ACTIONS = ('report', 'abort')
 ABORT_EXIT_CODE = 70
 _SERIALS = itertools.count()  # watchers are made in the same order on every rank: key prefixes
-# code that is not the user's: Python's, the installed packages' and this package's
-_LIBRARY_DIRS = tuple({sysconfig.get_paths()['stdlib'], sysconfig.get_paths()['purelib'],
-                       sysconfig.get_paths()['platlib'], osp.dirname(__file__)})
 BETWEEN = 'between iterations (after_train_iter hooks: checkpoint, logging; then the next batch)'
 _POLL_S = 0.2
 
@@ -299,10 +296,9 @@ def _read_all(store, prefix: str, world: int) -> Dict[int, Dict[str, Any]]:
 
 
 def _user_frame(frames: List[list]) -> Optional[list]:
-    """The innermost frame of user code (not Python's, an installed package's or this package's)."""
-    return next((f for f in reversed(frames)
-                 if not f[0].startswith(_LIBRARY_DIRS) and not f[0].startswith('<')
-                 and '-packages/' not in f[0]), None)
+    """The innermost frame of user code (:func:`mmddp_hooks.text.is_library`)."""
+    user = innermost_user([f[0] for f in frames])
+    return None if user is None else frames[user]
 
 
 def _waits_in(frames: List[list]) -> str:

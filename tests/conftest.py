@@ -1,4 +1,4 @@
-"""The multi-process tests fork their ranks from zygotes (``mmddp_hooks.testing.reuse_ranks``):
+"""The multi-process tests fork their ranks from zygotes (``mmddp_hooks.ranks.reuse_ranks``):
 torch, MMEngine and what earlier runs imported (mmseg, mmdet) are imported once per session instead of
 once per run, and each run still gets new processes, so nothing a run did reaches the next one.
 ``MMDDP_FRESH_RANKS=1`` runs every case in fresh interpreters.
@@ -21,12 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-from mmddp_hooks.testing import reuse_ranks
+from mmddp_hooks.ranks import reuse_ranks
 
 pytest_plugins = ('pytester',)  # test_harness runs a pytest session with broken tests in it
 
-# tools/*.py are imported by tests and by ranks. On sys.path from the start, once: the ranks get
-# sys.path as their PYTHONPATH, and a change to it mid-session starts new zygotes (the imports again).
+# tools/*.py, benchmarks/ and projects/ (the repository root) are imported by tests and by ranks. On
+# sys.path from the start, once: the ranks get sys.path as their PYTHONPATH, and a change to it
+# mid-session starts new zygotes (the imports again).
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 sys.path.insert(0, str(Path(__file__).parents[1] / 'tools'))
 
 # seconds each took under `make test` (two workers, 6:04 on 2026-12-04, `--durations=0` summed per

@@ -47,7 +47,7 @@ def train(config, work_dir, *args: str, nproc: int = 2, launcher: str = 'pytorch
     interpreter starts: ``tools/train.py``'s ``main`` on ``nproc`` of the suite's forked ranks, with
     torchrun's variables. Its exit code (a rank's non-zero one, 1 for a rank that raised) and every
     rank's output and error, rank 0 first. tests/test_launchers.py runs the launchers themselves."""
-    from mmddp_hooks.testing import run_on_ranks
+    from mmddp_hooks.ranks import run_on_ranks
 
     argv = [str(config), '--launcher', launcher, '--work-dir', str(work_dir), *map(str, args)]
     result = run_on_ranks(train_main, nproc, args=(argv,), init_process_group=False,

@@ -4,7 +4,7 @@ bit-identical, loss curve and final parameters bit for bit, and the same ``.grad
 before every optimizer step."""
 import pytest
 
-from mmddp_hooks.testing import run_distributed
+from mmddp_hooks.ranks import run_distributed
 
 import arrival_cases
 import scenarios

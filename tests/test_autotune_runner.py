@@ -7,7 +7,7 @@ loss curve and parameters must match the find_unused_parameters=True run.
 
 import pytest
 
-from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.ranks import run_distributed, run_on_ranks
 
 import scenarios
 

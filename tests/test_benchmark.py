@@ -51,7 +51,7 @@ def test_every_setting_s_mmseg_replica_trains_on_the_same_batch():
     pytest.importorskip('mmseg')
     import torch
 
-    from mmddp_hooks.benchmark import MMSegStep
+    from benchmarks.benchmark import MMSegStep
 
     config = str(Path(__file__).parents[1] / 'configs' / 'mmseg' / 'fcn_r18_stage4-unused.py')
     a, b = MMSegStep(config), MMSegStep(config)
@@ -64,7 +64,7 @@ def test_every_setting_s_mmseg_replica_trains_on_the_same_batch():
 def test_real_models_path_runs_on_cpu(tmp_path, capsys):
     """What --device cuda runs (real models, the four settings against the baseline, interleaved),
     with --models real --quick on gloo: a ResNet-18 and a one-block ViT, each with an unused head."""
-    from mmddp_hooks.benchmark import REAL_SETTINGS
+    from benchmarks.benchmark import REAL_SETTINGS
 
     out_json, out_png = tmp_path / 'real.json', tmp_path / 'real.png'
     assert benchmark_ddp.main(['--device', 'cpu', '--models', 'real', '--quick',
@@ -87,7 +87,7 @@ def test_real_models_path_runs_on_cpu(tmp_path, capsys):
 def test_real_models_leave_only_their_extra_head_unused(arch, head, kwargs):
     """The GPU benchmark's torchvision models, full width and depth, on 32 x 32 images on CPU: one
     backward reaches every parameter but the extra head's, which is shaped like the real one."""
-    from mmddp_hooks.benchmark import TorchvisionStep, real_scenarios
+    from benchmarks.benchmark import TorchvisionStep, real_scenarios
 
     assert {s['arch'] for s in real_scenarios().values() if 'arch' in s} == {'resnet50', 'vit_b_16'}
     step = TorchvisionStep(arch, batch=2, image=32, **kwargs)

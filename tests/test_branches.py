@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from mmddp_hooks.branches import BranchDeclarationError, parse_branches, resolve_branches
-from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.ranks import run_distributed, run_on_ranks
 
 import branch_cases
 

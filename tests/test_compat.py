@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mmddp_hooks.compat import check_torch, torch_release
-from mmddp_hooks.testing import run_distributed
+from mmddp_hooks.ranks import run_distributed
 
 ROOT = Path(__file__).parents[1]
 

@@ -8,7 +8,7 @@ is about.
 """
 import pytest
 
-from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.ranks import run_distributed, run_on_ranks
 
 import contract_cases
 import scenarios

@@ -6,7 +6,7 @@ import torch
 
 from mmddp_hooks.contrastive import GlobalInBatchInfoNCE
 from mmddp_hooks.dist import gather_with_grad
-from mmddp_hooks.testing import run_distributed
+from mmddp_hooks.ranks import run_distributed
 
 import contrastive_cases as cases
 

@@ -1,6 +1,6 @@
 """The doctor's verdict comes from what the ranks reported, not from how they exited afterwards."""
-from mmddp_hooks import doctor, testing
-from mmddp_hooks.testing import DistRunResult, RankResult
+from mmddp_hooks import doctor, ranks
+from mmddp_hooks.ranks import DistRunResult, RankResult
 
 FINDINGS = dict(crashes=True, auto=dict(find_unused_parameters=False, reasons=[]))
 
@@ -12,7 +12,7 @@ def _fake_run(ranks):
 
 
 def test_a_rank_that_dies_at_exit_after_reporting_keeps_the_verdict(monkeypatch):
-    monkeypatch.setattr(testing, 'run_on_ranks', _fake_run([
+    monkeypatch.setattr(ranks, 'run_on_ranks', _fake_run([
         RankResult(0, 0, value=dict(FINDINGS), has_value=True),
         RankResult(1, -6, value=None, has_value=True,
                    output='terminate called without an active exception')]))
@@ -23,7 +23,7 @@ def test_a_rank_that_dies_at_exit_after_reporting_keeps_the_verdict(monkeypatch)
 
 
 def test_a_rank_that_failed_its_work_means_the_doctor_could_not_run(monkeypatch):
-    monkeypatch.setattr(testing, 'run_on_ranks', _fake_run([
+    monkeypatch.setattr(ranks, 'run_on_ranks', _fake_run([
         RankResult(0, 0, value=dict(FINDINGS), has_value=True),
         RankResult(1, 1, error='Traceback ...\nValueError: bad config')]))
     out = doctor.run_doctor('some_config.py')

@@ -8,7 +8,7 @@ from pathlib import Path
 import explain_ddp_error
 import pytest
 
-from mmddp_hooks.testing import run_on_ranks
+from mmddp_hooks.ranks import run_on_ranks
 
 import explain_models
 

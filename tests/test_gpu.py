@@ -21,7 +21,7 @@ import hang_cases
 import pytest
 import torch
 
-from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.ranks import run_distributed, run_on_ranks
 from mmddp_hooks.watchdog import ABORT_EXIT_CODE
 
 import contract_cases
@@ -247,7 +247,7 @@ def test_compile_true_through_a_usage_change_trains_as_plain_ddp():
 def test_a_rebuild_peaks_within_5_percent_of_steady_training_on_the_gpu():
     """torch.cuda.max_memory_allocated across plan changes of a 109 M parameter model, gradients as
     bucket views, NCCL world size 1 (tests/test_rebuild_memory.py measures RSS on CPU)."""
-    from mmddp_hooks.benchmark import rebuild_memory
+    from benchmarks.benchmark import rebuild_memory
 
     out = run_distributed(rebuild_memory, 1, backend='nccl', kwargs=dict(bucket_view=True),
                           timeout=TIMEOUT)[0]

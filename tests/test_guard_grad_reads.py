@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmddp_hooks.testing import run_distributed
+from mmddp_hooks.ranks import run_distributed
 
 
 class RankOneBranch(nn.Module):

@@ -12,7 +12,7 @@ import hang_cases
 import pytest
 
 from mmddp_hooks.doctor import HANGS
-from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.ranks import run_distributed, run_on_ranks
 from mmddp_hooks.watchdog import ABORT_EXIT_CODE, describe_hang
 
 import launch

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mmddp_hooks.testing import DistTeardownFault, DistTestFailure, run_distributed, run_on_ranks
+from mmddp_hooks.ranks import DistTeardownFault, DistTestFailure, run_distributed, run_on_ranks
 
 import scenarios
 
@@ -185,7 +185,7 @@ def test_a_broken_run_fails_alone_and_the_next_run_gets_fresh_ranks(broken):
 
 
 SESSION_WITH_BROKEN_TESTS = """
-from mmddp_hooks.testing import run_distributed
+from mmddp_hooks.ranks import run_distributed
 from test_harness import _all_reduce_rank, _crash_rank_1, _hang_in_collective
 
 

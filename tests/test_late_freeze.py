@@ -3,11 +3,11 @@ the Runner wrapped it in DDP (in the backbone's train(), in train() called by an
 constructor, in a hook's before_train; projects/late_freeze). For each, the doctor's verdict and
 what it says of the other setting, against plain MMDistributedDataParallel run with
 find_unused_parameters False and True."""
-import pytest
 import late_freeze_cases
+import pytest
 from test_research_code import doctor_json
 
-from mmddp_hooks.testing import run_distributed
+from mmddp_hooks.ranks import run_distributed
 
 pytestmark = [pytest.mark.dist]
 ITERS = 3

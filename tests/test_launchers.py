@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from mmddp_hooks.dist import slurm_env
-from mmddp_hooks.testing import free_port
+from mmddp_hooks.ranks import free_port
 
 import launch
 

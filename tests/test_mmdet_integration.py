@@ -8,7 +8,7 @@ the reference's bit for bit (2 ranks, same seed and data) and the replicas must 
 """
 import pytest
 
-from mmddp_hooks.testing import run_distributed
+from mmddp_hooks.ranks import run_distributed
 
 import config_cases
 import launch

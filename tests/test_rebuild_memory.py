@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.ranks import run_distributed, run_on_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -74,7 +74,7 @@ def test_a_rebuild_peaks_within_5_percent_of_steady_training():
     """28 M parameters, gradients as bucket views (a step's peak then holds no second copy of the
     gradients that could hide two sets of buckets): peak RSS, with freed tensors given back to the
     system, of a rebuild plus two steps against two steps, interleaved 3 times."""
-    from mmddp_hooks.benchmark import rebuild_memory
+    from benchmarks.benchmark import rebuild_memory
 
     result = run_on_ranks(rebuild_memory, 1, kwargs=dict(depth=24, width=1024, rounds=3,
                                                          bucket_view=True),

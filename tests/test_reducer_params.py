@@ -5,8 +5,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmddp_hooks.explain import UnusedLine, explain_unused_error, parse_unused_lines
+from mmddp_hooks.ranks import run_distributed
 from mmddp_hooks.reducer_params import ignore_keys_for, reducer_params
-from mmddp_hooks.testing import run_distributed
 
 
 class Tied(nn.Module):

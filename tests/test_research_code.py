@@ -9,8 +9,8 @@ import json
 import pytest
 import research_cases
 
+from mmddp_hooks.ranks import run_distributed
 from mmddp_hooks.report import DYNAMIC, NEVER
-from mmddp_hooks.testing import run_distributed
 
 pytestmark = [pytest.mark.dist]
 EXAMPLES = research_cases.EXAMPLES

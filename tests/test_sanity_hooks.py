@@ -5,7 +5,7 @@ import torch
 from mmddp_hooks.compat import detail_segfaults_on_gloo
 from mmddp_hooks.hooks.dist_debug_level_hook import DistDebugLevelHook
 from mmddp_hooks.hooks.grad_layout_hook import contiguous_strides, layout_mismatches
-from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.ranks import run_distributed, run_on_ranks
 
 import sanity_cases
 

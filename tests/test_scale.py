@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
+from benchmarks.scale_sim import node_layout, predict
+from benchmarks.store_proxy import StoreProxy
 from mmddp_hooks.dist import tree_links
-from mmddp_hooks.scale_sim import node_layout, predict
-from mmddp_hooks.testing import run_distributed
-from mmddp_hooks.testing.store_proxy import StoreProxy
+from mmddp_hooks.ranks import free_port, run_distributed
 
 import launch
 
@@ -100,7 +100,7 @@ def tree_and_agreement_on_uneven_nodes():
     from mmddp_hooks import dist as ddist
 
     rank = dist.get_rank()
-    os.environ['LOCAL_RANK'] = str(rank if rank < 2 else 0)
+    os.environ['GROUP_RANK'] = str(0 if rank < 2 else 1)
     total = ddist.all_reduce_flags(torch.tensor([rank + 1, 10 * rank], dtype=torch.int32))
     top = ddist.all_reduce_flags(torch.tensor([rank, -rank], dtype=torch.int64),
                                  op=dist.ReduceOp.MAX)
@@ -122,6 +122,36 @@ def tree_and_agreement_on_uneven_nodes():
                 keys=tree.keys, timeout=timeout == dist.distributed_c10d.default_pg_timeout)
 
 
+def beats_while_a_store_agreement_waits(timeout_s: float = 3.0, interval: float = 0.1) -> int:
+    """Rank 1 waits in ``store_agree`` for rank 0, which never posts, with the hang watchdog on:
+    the heartbeats rank 1's watcher posted meanwhile (it shares the store client)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from mmddp_hooks import dist as ddist
+    from mmddp_hooks.hooks.hang_watchdog_hook import HangWatchdogHook
+
+    hook = HangWatchdogHook(interval=interval)
+    hook.start(tempfile.mkdtemp(prefix='mmddp_watch_'))
+    before = hook.beats
+    if dist.get_rank() == 1:
+        with pytest.raises(ddist.StoreTimeout):
+            ddist.store_agree('alone', True, timeout_s=timeout_s)
+    beats = hook.beats - before
+    ddist.barrier()
+    hook.stop()
+    return beats
+
+
+@pytest.mark.dist
+def test_the_watchdog_beats_while_its_rank_waits_in_a_store_agreement():
+    """A rank waiting in store_agree (for up to trainable_change_timeout: 300 s) must still post
+    heartbeats and its stack, or a hang report would call it unreachable instead of showing it."""
+    beats = run_distributed(beats_while_a_store_agreement_waits, 2, timeout=60)[1]
+    assert beats >= 10, beats  # about 30 at one beat every 0.1 s over 3 s
+
+
 @pytest.mark.dist
 def test_the_tree_reduces_and_the_store_agrees_on_uneven_nodes():
     rows = run_distributed(tree_and_agreement_on_uneven_nodes, 3, timeout=90)
@@ -131,6 +161,42 @@ def test_the_tree_reduces_and_the_store_agrees_on_uneven_nodes():
     assert [r['links'] for r in rows] == [(None, [1, 2]), (0, []), (0, [])]
     assert len(set(rows[0]['keys'])) == 2  # two nodes
     assert rows[0]['missing'] == ([1], [0, 2]) and rows[2]['missing'] == ([1], [0, 2])
+
+
+# one srun task: the control tree as it is built under --launcher slurm
+_SLURM_TASK = """import json, os
+from mmddp_hooks import dist as ddist
+ddist.init_dist_if_needed('gloo', launcher='slurm')
+tree = ddist.control_tree()
+with open(os.path.join(os.environ['TREE_OUT'], f'rank{ddist.get_rank()}.json'), 'w') as f:
+    json.dump(dict(node=int(os.environ['SLURM_NODEID']), keys=tree.keys,
+                   links=[tree.parent, tree.children]), f)
+ddist.teardown()
+"""
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize('distribution, links', [
+    ('block', [[None, [1, 2]], [0, []], [0, [3]], [2, []]]),  # nodes {0, 1} and {2, 3}
+    ('cyclic', [[None, [2, 1]], [0, [3]], [0, []], [1, []]]),  # nodes {0, 2} and {1, 3}
+])
+def test_the_tree_s_nodes_are_slurm_s_nodes_whatever_the_task_distribution(distribution, links,
+                                                                            tmp_path):
+    """4 tasks on 2 pretend nodes of one host: a node's ranks are not consecutive under
+    ``--distribution=cyclic``, so a rank minus its local id is no node's first rank."""
+    fake_slurm = launch.ROOT / 'tests' / 'fake_slurm'
+    code, out = launch.run(
+        [str(fake_slurm / 'srun'), '-p', 'debug', '--job-name', 'tree', '--ntasks', '4',
+         '--ntasks-per-node', '2', '--distribution', distribution, '--kill-on-bad-exit=1',
+         sys.executable, '-c', _SLURM_TASK], timeout=120,
+        PATH=f'{fake_slurm}:{os.environ["PATH"]}', MASTER_PORT=str(free_port()),
+        PYTHONPATH=os.pathsep.join(p for p in sys.path if p), TREE_OUT=str(tmp_path))
+    assert code == 0, out[-5000:]
+    rows = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(4)]
+    keys, nodes = rows[0]['keys'], [r['node'] for r in rows]
+    assert all((keys[a] == keys[b]) == (nodes[a] == nodes[b]) for a in range(4) for b in range(4)), \
+        (keys, nodes)
+    assert [r['links'] for r in rows] == links
 
 
 @pytest.mark.dist

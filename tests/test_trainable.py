@@ -9,7 +9,7 @@ what plain DDP does with an unfreeze (the replicas drift apart: the comparison c
 import pytest
 
 from mmddp_hooks.compat import paramwise_constructor_skips_frozen
-from mmddp_hooks.testing import run_distributed, run_on_ranks
+from mmddp_hooks.ranks import run_distributed, run_on_ranks
 
 import scenarios
 import trainable_cases

@@ -77,7 +77,7 @@ def test_too_small_a_size_names_the_smallest_that_trains():
 ])
 def test_mmpretrain_doctor_is_plain_ddp_and_the_hook_trains_as_plain_ddp(name, crashes, unused):
     pytest.importorskip('mmpretrain')
-    from mmddp_hooks.testing import run_distributed
+    from mmddp_hooks.ranks import run_distributed
 
     import config_cases
 

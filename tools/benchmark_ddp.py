@@ -21,7 +21,7 @@ runs the same code on gloo with a ResNet-18 and a one-block ViT on 32 x 32 image
 
 ``--rebuild-memory`` measures instead the peak memory of a plan change (DDP rebuilt in place) plus two
 steps against two ordinary steps, on one rank, for a 109 M parameter model, with gradients copied out
-of DDP's buckets and as views of them (``mmddp_hooks.benchmark.rebuild_memory``).
+of DDP's buckets and as views of them (``benchmarks.benchmark.rebuild_memory``).
 
 ``--keepalive`` measures what zero-weighted keep-alive terms (``loss + 0.0 * idle parameters``, under
 find_unused_parameters=False) cost against DDPAutoTuneHook's plan for the model without them: the
@@ -29,7 +29,7 @@ ratio of step times, interleaved, and of the bytes all-reduced, and how far thei
 
 ``--guard-cost`` times the guard's host work per step on its own, in microseconds: before_backward,
 after_backward without its exchange, the exchange, and after_step, for torchvision ResNet-50 and
-ViT-B/16 with an unused head and a 300-tensor stack (``mmddp_hooks.guard_cost``).
+ViT-B/16 with an unused head and a 300-tensor stack (``benchmarks.guard_cost``).
 """
 # isort: off
 import _venv  # noqa: F401 - first: re-runs the tool under the project's .venv if needed
@@ -38,6 +38,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:  # benchmarks/: a top-level package beside the installed one
+    sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:
@@ -73,8 +77,8 @@ def main(argv=None) -> int:
                    help="only: the guard's host work per step (see above)")
     p.add_argument('--guard-models', nargs='+', default=['resnet50', 'vit_b_16', 'linears300'])
     args = p.parse_args(argv)
-    from mmddp_hooks import benchmark as bench
-    from mmddp_hooks.testing import run_on_ranks
+    from benchmarks import benchmark as bench
+    from mmddp_hooks.ranks import run_on_ranks
 
     if args.keepalive:
         shape = dict(depth=2, width=8) if args.quick else {}
@@ -144,8 +148,8 @@ def main(argv=None) -> int:
 
 
 def guard_cost(args) -> int:
-    from mmddp_hooks import guard_cost as cost
-    from mmddp_hooks.testing import run_on_ranks
+    from benchmarks import guard_cost as cost
+    from mmddp_hooks.ranks import run_on_ranks
 
     nproc = args.nproc or 1
     run = run_on_ranks(cost.measure_all, nproc, args=(args.guard_models, args.rounds),
@@ -173,8 +177,8 @@ def _versions(device: str) -> dict:
 
 def rebuild_memory(args) -> int:
     """Peak memory across rebuilds, one rank; on CPU with freed tensors given back to the system."""
-    from mmddp_hooks import benchmark as bench
-    from mmddp_hooks.testing import run_on_ranks
+    from benchmarks import benchmark as bench
+    from mmddp_hooks.ranks import run_on_ranks
 
     results = []
     for bucket_view in (False, True):

@@ -4,15 +4,19 @@
     python tools/scale_sim.py --quick                     # 4 ranks, 2 nodes: the check make test runs
     python tools/scale_sim.py --hang 16                   # a rank stuck at 16 ranks: the report
 
-See mmddp_hooks/scale_sim.py for what is exact (counts) and what is not (times: N ranks on the
+See benchmarks/scale_sim.py for what is exact (counts) and what is not (times: N ranks on the
 machine's cores).
 """
 import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
-from mmddp_hooks.scale_sim import fit, predict, simulate, summarize, write_json
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:  # benchmarks/: a top-level package beside the installed one
+    sys.path.insert(0, ROOT)
+from benchmarks.scale_sim import fit, predict, simulate, summarize, write_json  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,7 @@
 #
 # Each run's log goes to $LOG_DIR (default: a new folder under /tmp); a failed run's summary lines
 # and the rank output around its first error are printed. Exit code: 0 when all N runs passed, 1
-# otherwise. Flaky teardown shows up here as "TEARDOWN FAULT" lines (see mmddp_hooks.testing).
+# otherwise. Flaky teardown shows up here as "TEARDOWN FAULT" lines (see mmddp_hooks.ranks).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || ! [[ $1 =~ ^[0-9]+$ ]]; then

@@ -1,6 +1,7 @@
 # A two-tower retriever whose InfoNCE sees the global batch: 2 ranks x batch 3 trains like 1 x 6.
-# Run on 2 CPU ranks: torchrun --standalone --nproc_per_node 2 <your train script> this config
-custom_imports = dict(imports=['mmddp_hooks', 'mmddp_hooks.examples'], allow_failed_imports=False)
+# Run on 2 CPU ranks from the repository root (projects/ on PYTHONPATH):
+# PYTHONPATH=. torchrun --standalone --nproc_per_node 2 <your train script> this config
+custom_imports = dict(imports=['mmddp_hooks', 'projects.two_tower'], allow_failed_imports=False)
 
 model = dict(
     type='TwoTowerRetriever',

@@ -1,6 +1,6 @@
 # FCN ResNet-18 with its auxiliary head built but switched off by a config flag.
 _base_ = ['mmseg::fcn/fcn_r18-d8_4xb2-80k_cityscapes-512x1024.py']
-custom_imports = dict(imports=['mmddp_hooks', 'mmddp_hooks.mmseg'], allow_failed_imports=False)
+custom_imports = dict(imports=['mmddp_hooks', 'projects.toggle_aux'], allow_failed_imports=False)
 model = dict(
     type='ToggleAuxEncoderDecoder',
     use_auxiliary_head=False,

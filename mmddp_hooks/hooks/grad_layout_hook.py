@@ -6,6 +6,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from torch.nn.parallel import DistributedDataParallel
 
+from ..text import names
 from ..wrapper import ReconfigurableDDP
 
 
@@ -60,8 +61,8 @@ class GradLayoutHook(Hook):
         if not real and not nominal:
             return
         what = (f'{len(real)} parameters with a different memory layout than DDP\'s bucket views '
-                f'({", ".join(real[:5])}) and {len(nominal)} differing only in size-1 dimensions '
-                f'({", ".join(nominal[:5])})')
+                f'({names(real, 5, "")}) and {len(nominal)} differing only in size-1 dimensions '
+                f'({names(nominal, 5, "")})')
         if not isinstance(model, ReconfigurableDDP):
             runner.logger.warning(f'[mmddp_hooks] {what}: convert the model (e.g. '
                                   'model.to(memory_format=torch.channels_last)) before it is wrapped, '

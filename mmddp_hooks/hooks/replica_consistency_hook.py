@@ -9,6 +9,7 @@ from mmengine.registry import HOOKS
 from torch.distributed import ReduceOp
 
 from .. import dist as ddist
+from ..text import names
 
 
 def parameter_digests(module) -> Dict[str, str]:
@@ -74,7 +75,7 @@ class ReplicaConsistencyHook(Hook):
         if differing:
             raise RuntimeError(
                 f'DDP replicas diverged at iteration {runner.iter}: {len(differing)} parameters '
-                f'differ across ranks, e.g. {", ".join(differing[:5])}')
+                f'differ across ranks, e.g. {names(differing, 5, "")}')
         total = hashlib.sha256(''.join(mine[n] for n in sorted(mine)).encode()).hexdigest()
         runner.logger.info(f'[mmddp_hooks] replicas bit-identical on {ddist.group_size(group)} '
                            f'ranks at iteration {runner.iter}: {count} parameters, sha256 '

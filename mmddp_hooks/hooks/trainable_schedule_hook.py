@@ -18,6 +18,7 @@ from ..schedule import (
     resolve_schedule,
     scheduled_unfreezes,
 )
+from ..text import names
 from ..trainable import TrainableChange, optimizer_params
 
 
@@ -81,7 +82,7 @@ class TrainableScheduleHook(Hook):
         if not isinstance(cfg, dict):
             if missing:
                 raise ScheduleError(f'the optimizer does not hold {len(missing)} parameters the '
-                                    f'schedule unfreezes ({", ".join(missing[:4])}) and it was '
+                                    f'schedule unfreezes ({names(missing, 4)}) and it was '
                                     'not built from a config, so it cannot be built again with '
                                     'them')
             return
@@ -93,7 +94,7 @@ class TrainableScheduleHook(Hook):
         still = [n for n in frozen if id(named[n]) not in optimizer_params(wrapper)]
         if still:
             raise ScheduleError(f'the optimizer constructor leaves out {len(still)} parameters '
-                                f'the schedule unfreezes ({", ".join(still[:4])}) even when they '
+                                f'the schedule unfreezes ({names(still, 4)}) even when they '
                                 'require grad: once unfrozen they would never be updated. Add '
                                 'them to its param groups.')
         if runner.param_schedulers and runner.cfg.get('param_scheduler') is None:
@@ -107,7 +108,7 @@ class TrainableScheduleHook(Hook):
                 copy.deepcopy(runner.cfg.param_scheduler))
         runner.logger.info(f'[mmddp_hooks] optimizer built again with the {len(frozen)} '
                            f'parameters the schedule unfreezes later '
-                           f'({", ".join(frozen[:4])}{" ..." if len(frozen) > 4 else ""}) '
+                           f'({names(frozen, 4)}) '
                            'trainable: its constructor had built it with them frozen (skipped, '
                            'or without their paramwise options); each has its options, and its '
                            'gradient stays None until it is unfrozen')

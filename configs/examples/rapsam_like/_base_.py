@@ -1,7 +1,7 @@
 # A RapSAM-like segmentor with three config toggles. Each branch is built whatever its toggle says;
 # ddp_branches tells mmddp_hooks which modules each toggle owns, so switched-off branches are frozen
 # before DDP and never need find_unused_parameters=True.
-custom_imports = dict(imports=['mmddp_hooks', 'mmddp_hooks.examples'], allow_failed_imports=False)
+custom_imports = dict(imports=['mmddp_hooks', 'projects.rapsam_like'], allow_failed_imports=False)
 
 model = dict(
     type='RapSAMLikeSegmentor',

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import dist as ddist
-from .guard import reducer_finalized, zero_fill
-from .plan import DDPPlan, choose_plan
-from .reducer_params import ignore_keys_for
-from .report import DYNAMIC, NEVER, build_report
-from .wrapper import ReconfigurableDDP
+from mmddp_hooks import dist as ddist
+from mmddp_hooks.guard import reducer_finalized, zero_fill
+from mmddp_hooks.plan import DDPPlan, choose_plan
+from mmddp_hooks.reducer_params import ignore_keys_for
+from mmddp_hooks.report import DYNAMIC, NEVER, build_report
+from mmddp_hooks.wrapper import ReconfigurableDDP
 
 PARAM_TOLERANCE = 1e-6
 SETTINGS = ('find_unused=False', 'find_unused=True', 'find_unused=True+bucket_view',
@@ -119,8 +119,8 @@ class MMSegStep(nn.Module):
         from mmengine.config import Config
         from mmengine.model import revert_sync_batchnorm
 
-        from .model_from_config import build_model
-        from .synthetic import use_synthetic
+        from mmddp_hooks.model_from_config import build_model
+        from mmddp_hooks.synthetic import use_synthetic
 
         cfg = Config.fromfile(config)
         use_synthetic(cfg, img_size=(size, size), max_iters=1)
@@ -375,7 +375,7 @@ def _watchdog_cost(auto: '_Runner', x: torch.Tensor, step: int, pairs: int, per_
     import tempfile
     from types import SimpleNamespace
 
-    from .hooks.hang_watchdog_hook import HangWatchdogHook
+    from mmddp_hooks.hooks.hang_watchdog_hook import HangWatchdogHook
 
     hook = HangWatchdogHook(interval=interval)
     work_dir = tempfile.mkdtemp(prefix='mmddp_bench_watchdog_')

@@ -5,9 +5,9 @@ the product: ``DDPAutoTuneHook`` (a probe, then a guarded plan that ignores a ne
 zero-fills a layer used on even ranks only), ``HangWatchdogHook`` and one trainable-set change
 (``TrainableScheduleHook`` freezes a layer mid-run, so every rank rebuilds DDP). Ranks are grouped
 into simulated nodes (``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` and ``GROUP_RANK`` as torchrun sets
-them). No rank hosts the store: the parent serves it behind :class:`~mmddp_hooks.testing.store_proxy.
-StoreProxy` (``TORCHELASTIC_USE_AGENT_STORE=True``, as under torchrun's agent), which counts every
-store request and byte of every rank.
+them). No rank hosts the store: the parent serves it behind :class:`~benchmarks.store_proxy.StoreProxy`
+(``TORCHELASTIC_USE_AGENT_STORE=True``, as under torchrun's agent), which counts every store request
+and byte of every rank.
 
 Exact here (counts): store requests and bytes per rank per second, idle (the ranks wait between two
 iterations, as in a checkpoint save) and while stepping; collectives this package issues per step
@@ -150,7 +150,7 @@ class _Counter:
                     messages=self.messages, tree_s=self.tree_s, trees=self.trees)
 
     def install(self) -> None:
-        from . import dist as ddist
+        from mmddp_hooks import dist as ddist
 
         for name in _COUNTED:
             setattr(dist, name, self._wrap(name, getattr(dist, name)))
@@ -216,8 +216,8 @@ def _train(rank: int, cfg: Dict[str, Any], counter: _Counter) -> Dict[str, Any]:
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from . import dist as ddist
-    from .model_from_config import unformatted
+    from mmddp_hooks import dist as ddist
+    from mmddp_hooks.model_from_config import unformatted
 
     dist.init_process_group('gloo')
     ddist.store().set(f'scale_sim/rank/{rank}', b'')  # tells the proxy which connection is ours
@@ -267,7 +267,7 @@ def _exchange_rounds(rounds: int, width: int) -> Dict[str, float]:
     """The guard's per-step exchange before and after this change, interleaved: gloo's ring
     all-reduce of one int per watched parameter (before) and the control tree's reduction of one
     int (now); per op, the median over rounds of this rank's wall time."""
-    from . import dist as ddist
+    from mmddp_hooks import dist as ddist
 
     ring, tree = torch.zeros(width, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
     pg = ddist.control_group()
@@ -303,7 +303,7 @@ def simulate(ranks: int, node_sizes: Sequence[int] = (4,), iters: int = 100,
     store proxy counted (see :func:`summarize`). ``stuck``/``stall``: see :class:`SimNet`."""
     import datetime
 
-    from .testing.store_proxy import StoreProxy
+    from .store_proxy import StoreProxy
 
     sizes = node_layout(ranks, node_sizes)
     work_dir = tempfile.mkdtemp(prefix=f'mmddp_scale_{ranks}_')

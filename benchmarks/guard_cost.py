@@ -17,9 +17,9 @@ from typing import Any, Callable, Dict, List
 import torch
 from torch import nn
 
-from . import dist as ddist
-from .plan import DDPPlan
-from .wrapper import ReconfigurableDDP
+from mmddp_hooks import dist as ddist
+from mmddp_hooks.plan import DDPPlan
+from mmddp_hooks.wrapper import ReconfigurableDDP
 
 
 class _WithUnusedHead(nn.Module):

@@ -1,7 +1,7 @@
-"""One rank of :func:`mmddp_hooks.testing.run_on_ranks`: init, call, teardown, write the result.
+"""One rank of :func:`mmddp_hooks.ranks.run_on_ranks`: init, call, teardown, write the result.
 
-``python -m mmddp_hooks.testing._worker SPEC RANK RESULT`` runs one job and exits.
-``python -m mmddp_hooks.testing._worker --zygote`` imports torch and MMEngine once, then forks one
+``python -m mmddp_hooks.ranks._worker SPEC RANK RESULT`` runs one job and exits.
+``python -m mmddp_hooks.ranks._worker --zygote`` imports torch and MMEngine once, then forks one
 rank per request (:func:`reuse_ranks`): requests come on stdin, one JSON line each, and what it
 forked, imported and reaped goes to stdout, one JSON line each. A forked rank is a new process that
 runs one job and exits: only what the zygote imported is shared, never what an earlier job did.
@@ -22,7 +22,7 @@ def run_job(spec_path: str, rank: str, result_path: str,
             modules_before: Optional[Dict[str, Any]] = None) -> int:
     """``modules_before``: ``sys.modules`` when the job began; a successful job then names the
     modules it imported (``_imported``), for the zygote to import before the next fork."""
-    from mmddp_hooks.testing.harness import STACK_DUMP_AT
+    from mmddp_hooks.ranks.launch import STACK_DUMP_AT
 
     if STACK_DUMP_AT in os.environ:
         faulthandler.dump_traceback_later(max(float(os.environ[STACK_DUMP_AT]) - time.time(), 0.1),
