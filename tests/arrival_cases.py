@@ -171,3 +171,34 @@ def run_arrival(names: List[str], iters: int = ITERS) -> Dict[str, Dict[str, Any
         row.update(none_grads=tuned['none_grads'], reference_none_grads=reference['none_grads'])
         out[name] = row
     return out
+
+
+class _UnfinalizedOnRank1:
+    """A reducer that rank 1 can never complete (what the rescue cannot mend)."""
+
+    def _check_reducer_finalized(self) -> None:
+        if dist.get_rank() == 1:
+            raise RuntimeError('Expected to have finished reduction in the prior iteration before '
+                               'starting a new one. Parameter indices which did not receive grad '
+                               'for rank 1: 0')
+
+
+def unfinalized_on_one_rank() -> Dict[str, Any]:
+    """Each rank catches what the guard raised, then joins one more collective: none may still
+    be waiting in the guard's own exchange for a rank that raised."""
+    from mmddp_hooks.guard import PlanGuard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    guard = PlanGuard(model, fill=[], ignore=[])
+    loss = model(torch.randn(2, 4)).sum()
+    guard.before_backward(loss)
+    loss.backward()
+    try:
+        guard.after_backward(_UnfinalizedOnRank1())
+        raised = ''
+    except RuntimeError as e:
+        raised = str(e)
+    guard.close()
+    dist.barrier()
+    return dict(rank=dist.get_rank(), raised=raised)

@@ -42,3 +42,12 @@ def test_rank_fixed_usage_with_set_to_none_false_keeps_the_fast_plan(arrival):
         plan = r['plan']
         assert plan['find_unused_parameters'] is False, plan
         assert plan['fill'] == {'0': ['rank1_adapter.weight', 'rank1_adapter.bias']}, plan
+
+
+def test_a_reduction_the_rescue_cannot_complete_stops_every_rank_in_the_same_step():
+    """Rank 1's reducer stays unfinished after the rescue: every rank raises in that step (the
+    count travels in the exchange), so a rank that catches the error leaves no peer waiting."""
+    rows = run_distributed(arrival_cases.unfinalized_on_one_rank, 2, timeout=120)
+    by_rank = {r['rank']: r['raised'] for r in rows}
+    assert 'could not complete this iteration although it fed zeros' in by_rank[1], by_rank
+    assert '1 other rank(s) could not complete' in by_rank[0], by_rank
