@@ -151,6 +151,13 @@ def mmengine_release(version: Optional[str] = None) -> tuple:
     return tuple(int(x) for x in (version or mmengine.__version__).split('+')[0].split('.')[:3])
 
 
+def lazy_configs_supported() -> bool:
+    """Whether mmengine reads new-style (lazy-import) configs, ``with read_base():`` (>= 0.8)."""
+    import mmengine.config
+
+    return hasattr(mmengine.config, 'read_base')
+
+
 def resume_restores_data_position() -> bool:
     """Whether a resumed ``IterBasedTrainLoop`` skips the batches it had trained on (mmengine >=
     0.10.3); before, it starts its data again from the first batch, so no resumed run can match an
