@@ -132,11 +132,14 @@ def store_get(store: Any, key: str) -> Optional[bytes]:
 
 
 def set_group_timeout(group: Any, timeout: datetime.timedelta) -> bool:
-    """Give ``group``'s collectives another timeout; False where torch has no way to (its
-    ``_set_pg_timeout`` came after 2.1)."""
-    from torch.distributed import distributed_c10d
+    """Give ``group``'s collectives another timeout; False where torch has no way to. The public
+    ``torch.distributed.set_timeout`` where it exists (2.14 on; there the private
+    ``_set_pg_timeout`` warns, on every rank, that it is deprecated), the private one before it
+    (after 2.1), nothing on 2.1."""
+    import torch.distributed as dist
 
-    setter = getattr(distributed_c10d, '_set_pg_timeout', None)
+    setter = getattr(dist, 'set_timeout', None) or getattr(dist.distributed_c10d,
+                                                           '_set_pg_timeout', None)
     if setter is None:
         return False
     setter(timeout, group)
