@@ -37,6 +37,22 @@ def never_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch._disable_dynamo(fn, recursive=True)
 
 
+# The first torch release whose dynamo compiles the wrapper's train_step (MMEngine's compile=True)
+# through usage changes and freezes: on 2.1.2 tracing it raised InternalTorchDynamoError.
+COMPILE_MIN = (2, 2)
+
+
+def check_compile(compile_cfg: Any, version: str = torch.__version__) -> None:
+    """Refuse a config's ``compile`` (true, or a dict of options) on a torch before
+    :data:`COMPILE_MIN`, naming both versions."""
+    if compile_cfg and torch_release(version) < COMPILE_MIN:
+        raise RuntimeError(
+            f'[mmddp_hooks] compile={compile_cfg!r} needs torch >= {COMPILE_MIN[0]}.{COMPILE_MIN[1]} '
+            f'with DDPAutoTuneHook, but torch {version} is installed: its dynamo fails '
+            "(InternalTorchDynamoError) compiling the wrapper's train_step. Remove `compile` from "
+            'the config, or install a newer torch.')
+
+
 def detail_segfaults_on_gloo(version: str = torch.__version__) -> bool:
     """TORCH_DISTRIBUTED_DEBUG=DETAIL wraps gloo in a collective-checking layer that segfaults while
     DDP is built, seen on torch 2.13 (not on 2.1)."""
@@ -129,6 +145,12 @@ def store_get(store: Any, key: str) -> Optional[bytes]:
             raise
         return None
     return store.get(key)
+
+
+def store_wire_protocol_known(version: str = torch.__version__) -> bool:
+    """Whether ``testing.store_proxy`` parses this torch's ``TCPStore`` requests (the query types
+    of torch >= 2.2; torch 2.1's clients send others after ``validate``)."""
+    return torch_release(version) >= (2, 2)
 
 
 def set_group_timeout(group: Any, timeout: datetime.timedelta) -> bool:

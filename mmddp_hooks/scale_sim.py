@@ -303,8 +303,12 @@ def simulate(ranks: int, node_sizes: Sequence[int] = (4,), iters: int = 100,
     store proxy counted (see :func:`summarize`). ``stuck``/``stall``: see :class:`SimNet`."""
     import datetime
 
+    from .compat import store_wire_protocol_known
     from .testing.store_proxy import StoreProxy
 
+    if not store_wire_protocol_known():
+        raise SystemExit(f'scale simulation: its store proxy counts requests as torch >= 2.2 sends '
+                         f'them; torch {torch.__version__} is installed')
     sizes = node_layout(ranks, node_sizes)
     work_dir = tempfile.mkdtemp(prefix=f'mmddp_scale_{ranks}_')
     cfg = dict(iters=iters, interval=interval, idle_s=idle_s, idle_at=iters * 3 // 4 + 5,
@@ -327,7 +331,8 @@ def simulate(ranks: int, node_sizes: Sequence[int] = (4,), iters: int = 100,
             pipes[rank].send(dict(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(local),
                                   LOCAL_WORLD_SIZE=str(size), GROUP_RANK=str(node),
                                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(proxy.port),
-                                  TORCHELASTIC_USE_AGENT_STORE='True'))
+                                  TORCHELASTIC_USE_AGENT_STORE='True',
+                                  TORCHELASTIC_RESTART_COUNT='0'))  # torchrun sets it; torch 2.1 reads it
             rank += 1
     results = _collect(procs, pipes, time.time() + timeout_s)
     for proc in procs:

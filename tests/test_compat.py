@@ -2,6 +2,7 @@
 import ast
 import datetime
 import inspect
+import re
 import warnings
 from pathlib import Path
 
@@ -160,9 +161,23 @@ def test_the_public_set_timeout_is_used_where_torch_has_it(monkeypatch):
 
     calls = []
     monkeypatch.setattr(torch.distributed, 'set_timeout', lambda *a: calls.append(a), raising=False)
-    monkeypatch.setattr(distributed_c10d, '_set_pg_timeout', None)  # would raise if called
+    monkeypatch.setattr(distributed_c10d, '_set_pg_timeout', None, raising=False)  # not called
     assert set_group_timeout('group', datetime.timedelta(seconds=5)) is True
     assert calls == [(datetime.timedelta(seconds=5), 'group')]
     monkeypatch.delattr(torch.distributed, 'set_timeout')
-    monkeypatch.delattr(distributed_c10d, '_set_pg_timeout')
+    monkeypatch.delattr(distributed_c10d, '_set_pg_timeout', raising=False)
     assert set_group_timeout('group', datetime.timedelta(seconds=5)) is False  # torch 2.1
+
+
+@pytest.mark.parametrize('version, compile_cfg, refused', [
+    ('2.1.2+cu121', True, True), ('2.1.2', dict(backend='eager'), True), ('2.1.2', False, False),
+    ('2.1.2', None, False), ('2.2.2', True, False), ('2.15.0', True, False)])
+def test_compile_is_refused_before_torch_2_2_naming_the_versions(version, compile_cfg, refused):
+    from mmddp_hooks.compat import check_compile
+
+    if not refused:
+        check_compile(compile_cfg, version)
+        return
+    with pytest.raises(RuntimeError, match=rf'compile=.* needs torch >= 2\.2 with DDPAutoTuneHook, '
+                                           rf'but torch {re.escape(version)} is installed'):
+        check_compile(compile_cfg, version)

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import batch_kinds
 from .. import dist as ddist
 from ..branches import CONFIG_KEY, Branch, parse_branches, resolve_branches, standard_settings
+from ..compat import check_compile
 from ..plan import DDPPlan, check_policy, choose_plan, zero_grad_effect
 from ..probe import ZeroTermTracer
 from ..report import NEVER, UsageReport, build_report
@@ -85,6 +86,7 @@ class DDPAutoTuneHook(Hook):
         self._changes_seen = 0  # trainable-set changes whose optimizer membership was checked
 
     def before_run(self, runner) -> None:
+        check_compile(runner.cfg.get('compile'))
         for note in standard_settings(runner.cfg)['dropped']:  # the run does not see these keys
             runner.logger.warning(f'[mmddp_hooks] {note}')
         model = runner.model
