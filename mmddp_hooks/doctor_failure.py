@@ -16,6 +16,8 @@ import sysconfig
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .compat import lazy_configs_supported, mmengine_release
+
 LOADING, MODEL, DATA, RUNNING = ('loading the config', 'building the model', 'building the data',
                                  'running')
 # exception lines of a rank's output; what the other ranks say when one died is never the cause
@@ -142,6 +144,13 @@ def _config_line(path: str, module: str) -> Optional[str]:
 
 def _missing_module(err: BaseException, stage: str, config: Optional[str]) -> Dict[str, str]:
     text = str(err)
+    if "cannot import name 'read_base'" in text and not lazy_configs_supported():
+        return dict(kind='mmengine version',
+                    cause=f'{config or "the config"} is a new-style config (`with read_base():`), '
+                          f'which mmengine reads from 0.8 on; mmengine '
+                          f"{'.'.join(map(str, mmengine_release()))} is installed",
+                    todo='pip install "mmengine>=0.8,<1.0" (what mmddp_hooks supports), or write '
+                         'the config in the old style (_base_ = [...], types named as strings).')
     found = _NO_MODULE.search(text)
     name = getattr(err, 'name', None) or (found.group(1) if found else None) or 'a module'
     lazy = _LAZY_LOCATION.search(text)

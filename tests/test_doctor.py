@@ -77,3 +77,17 @@ def test_a_zoo_run_tabulates_each_config_and_retries_a_too_small_size(monkeypatc
     rows = found['configs']
     assert found['status'] == doctor.OK
     assert [r['status'] for r in rows] == ['CRASHES', 'CRASHES'] and rows[0]['never'] == 3
+
+
+def test_a_new_style_config_on_mmengine_before_0_8_names_the_version(monkeypatch):
+    """mmengine 0.7 has no read_base: the doctor says that, not that mmengine.config is missing."""
+    from mmddp_hooks import doctor_failure
+
+    monkeypatch.setattr(doctor_failure, 'lazy_configs_supported', lambda: False)
+    monkeypatch.setattr(doctor_failure, 'mmengine_release', lambda: (0, 7, 1))
+    err = ImportError("cannot import name 'read_base' from 'mmengine.config'", name='mmengine.config')
+    failure = doctor_failure.classify(err, doctor_failure.LOADING, 'configs/x.py')
+    assert failure['kind'] == 'mmengine version', failure
+    assert failure['cause'] == ('configs/x.py is a new-style config (`with read_base():`), which '
+                                'mmengine reads from 0.8 on; mmengine 0.7.1 is installed')
+    assert 'pip install "mmengine>=0.8,<1.0"' in failure['todo']
