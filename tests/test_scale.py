@@ -157,9 +157,10 @@ def test_quick_simulation_counts_a_flat_control_plane(tmp_path):
     assert 'ignore 2 never-used params' in run['plan'] and 'zero-fill 4' in run['plan']
     assert any('froze 2 params (aux.weight, aux.bias)' in t for t in run['trainable_log'])
     assert not run['switch_log']
-    # the watchdog: 4 requests per rank per interval, whatever the number of ranks
-    assert run['store_requests_per_interval'] == pytest.approx(4, abs=0.5)
-    assert run['store_per_rank']['idle_req_s']['max'] == pytest.approx(20, abs=2.5)
+    # the watchdog: 4 requests per rank per heartbeat, whatever the number of ranks (counted in
+    # the idle pause: a beat cut by its start or end moves a rank's count by under 3 requests)
+    per_beat = run['store_requests_per_beat']
+    assert 3.5 <= per_beat['min'] <= per_beat['max'] <= 4.5, per_beat
     # the guard: no collective per step, one int up and down the tree (2 + 2 ranks: ranks 0
     # and 2 talk to 2 others, ranks 1 and 3 to 1)
     step = run['per_step_per_rank']
