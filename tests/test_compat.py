@@ -171,13 +171,13 @@ def test_the_public_set_timeout_is_used_where_torch_has_it(monkeypatch):
 
 @pytest.mark.parametrize('version, compile_cfg, refused', [
     ('2.1.2+cu121', True, True), ('2.1.2', dict(backend='eager'), True), ('2.1.2', False, False),
-    ('2.1.2', None, False), ('2.2.2', True, False), ('2.15.0', True, False)])
-def test_compile_is_refused_before_torch_2_2_naming_the_versions(version, compile_cfg, refused):
+    ('2.1.2', None, False), ('2.3.1', True, True), ('2.5.1', True, False), ('2.15.0', True, False)])
+def test_compile_is_refused_before_torch_2_5_naming_the_versions(version, compile_cfg, refused):
     from mmddp_hooks.compat import check_compile
 
     if not refused:
         check_compile(compile_cfg, version)
         return
-    with pytest.raises(RuntimeError, match=rf'compile=.* needs torch >= 2\.2 with DDPAutoTuneHook, '
+    with pytest.raises(RuntimeError, match=rf'compile=.* needs torch >= 2\.5 with DDPAutoTuneHook, '
                                            rf'but torch {re.escape(version)} is installed'):
         check_compile(compile_cfg, version)

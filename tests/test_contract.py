@@ -72,8 +72,8 @@ def test_compiled_train_step_trains_as_plain_ddp_through_a_wake_up_and_two_freez
     """MMEngine's compile=True compiles the wrapper's train_step: the model's forward and backward
     are compiled, the probe, guard, plan switch, trainable-set following and their collectives
     never are (#37: traced, mmengine.dist.all_gather_object crashed both ranks at the wake-up).
-    Before torch 2.2 (dynamo raised InternalTorchDynamoError) the hook refuses it, naming both
-    versions."""
+    Before torch COMPILE_MIN (2.1.2 and 2.2.2 raised InternalTorchDynamoError, 2.3.1 did not retrace
+    the woken branch) the hook refuses it, naming both versions."""
     if torch_release() < COMPILE_MIN:
         result = run_on_ranks(contract_cases.run_compiled, 2, timeout=300, failure_grace=30)
         for r in result.ranks:
