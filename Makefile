@@ -20,7 +20,8 @@ test-gpu:
 	.venv/bin/python -m pytest -m gpu -v -rs tests/test_gpu.py
 
 # Another torch (and mmengine, default 0.10.7) in a side venv (.venv-torch$(TORCH)[-mmengine$(MMENGINE)]):
-# every test that needs no mmcv ops. make test-compat TORCH=2.1.2 MMENGINE=0.7.1
+# the whole suite; what needs torchvision, mmcv or a codebase is skipped, saying why. A torch above the
+# machine's pip cap: PIP_CONFIG_FILE=/dev/null make test-compat TORCH=2.15.0
 test-compat:
 	bash tools/test_compat.sh $(or $(TORCH),$(error TORCH=version needed, e.g. make test-compat TORCH=2.1.2)) $(or $(MMENGINE),0.10.7)
 

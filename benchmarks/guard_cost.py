@@ -42,13 +42,18 @@ class _Linears(nn.Module):
         return sum(layer(x) for layer in self.layers)
 
 
+def _torchvision(arch: str, **kwargs: Any) -> nn.Module:
+    from torchvision import models as tv  # for its models only: linears300 runs without it
+
+    return getattr(tv, arch)(**kwargs)
+
+
 def models() -> Dict[str, Callable[[], nn.Module]]:
     """Each model, built the same way on every rank (seeded), with its input."""
-    from torchvision.models import resnet50, vit_b_16
-
     return dict(
-        resnet50=lambda: _WithUnusedHead(resnet50(), lambda: torch.randn(2, 3, 32, 32)),
-        vit_b_16=lambda: _WithUnusedHead(vit_b_16(image_size=32), lambda: torch.randn(2, 3, 32, 32)),
+        resnet50=lambda: _WithUnusedHead(_torchvision('resnet50'), lambda: torch.randn(2, 3, 32, 32)),
+        vit_b_16=lambda: _WithUnusedHead(_torchvision('vit_b_16', image_size=32),
+                                         lambda: torch.randn(2, 3, 32, 32)),
         linears300=lambda: _WithUnusedHead(_Linears(), lambda: torch.randn(2, 8)))
 
 

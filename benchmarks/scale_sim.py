@@ -110,6 +110,7 @@ class _Meter(Hook):
         self.counter, self.idle_at, self.idle_s = counter, idle_at, idle_s
         self.rows: List[Dict[str, Any]] = []
         self.idle = (0.0, 0.0)
+        self.idle_beats = 0  # the watchdog's heartbeats in the idle pause
         self.train = (0.0, 0.0)
 
     def before_train(self, runner) -> None:
@@ -125,9 +126,10 @@ class _Meter(Hook):
                               step_s=time.perf_counter() - t0,
                               **{k: now[k] - before[k] for k in now}))
         if runner.iter + 1 == self.idle_at:
-            start = time.time()
+            watch = next(h for h in runner.hooks if type(h).__name__ == 'HangWatchdogHook')
+            start, beats = time.time(), watch.beats
             time.sleep(self.idle_s)
-            self.idle = (start, time.time())
+            self.idle, self.idle_beats = (start, time.time()), watch.beats - beats
 
     def after_train(self, runner) -> None:
         self.train = (self.train[0], time.time())
@@ -251,7 +253,8 @@ def _train(rank: int, cfg: Dict[str, Any], counter: _Counter) -> Dict[str, Any]:
         randomness=dict(seed=0), log_level='WARNING')
     runner.train()
     model = runner.model
-    out = dict(rank=rank, rows=meter.rows, idle=meter.idle, train=meter.train,
+    out = dict(rank=rank, rows=meter.rows, idle=meter.idle, idle_beats=meter.idle_beats,
+               train=meter.train,
                plan=model.plan.summary() if model.plan else None,
                trainable_log=list(model.trainable_log), switch_log=list(model.switch_log),
                tree=dict(parent=ddist.control_tree(model.process_group).parent,
@@ -303,8 +306,13 @@ def simulate(ranks: int, node_sizes: Sequence[int] = (4,), iters: int = 100,
     store proxy counted (see :func:`summarize`). ``stuck``/``stall``: see :class:`SimNet`."""
     import datetime
 
+    from mmddp_hooks.compat import store_wire_protocol_known
+
     from .store_proxy import StoreProxy
 
+    if not store_wire_protocol_known():
+        raise SystemExit('scale simulation: its store proxy counts requests as torch >= 2.2 sends '
+                         'them, and the installed torch is older')
     sizes = node_layout(ranks, node_sizes)
     work_dir = tempfile.mkdtemp(prefix=f'mmddp_scale_{ranks}_')
     cfg = dict(iters=iters, interval=interval, idle_s=idle_s, idle_at=iters * 3 // 4 + 5,
@@ -327,7 +335,8 @@ def simulate(ranks: int, node_sizes: Sequence[int] = (4,), iters: int = 100,
             pipes[rank].send(dict(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(local),
                                   LOCAL_WORLD_SIZE=str(size), GROUP_RANK=str(node),
                                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(proxy.port),
-                                  TORCHELASTIC_USE_AGENT_STORE='True'))
+                                  TORCHELASTIC_USE_AGENT_STORE='True',
+                                  TORCHELASTIC_RESTART_COUNT='0'))  # torchrun sets it; torch 2.1 reads it
             rank += 1
     results = _collect(procs, pipes, time.time() + timeout_s)
     for proc in procs:
@@ -387,6 +396,7 @@ def summarize(run: Dict[str, Any]) -> Dict[str, Any]:
     store: Dict[str, List[float]] = {k: [] for k in ('idle_req_s', 'idle_bytes_s',
                                                      'step_req_s', 'step_bytes_s')}
     startup: List[int] = []  # requests before training: process groups, the tree's gather
+    per_beat: List[float] = []  # the idle pause's requests per heartbeat: counted, not timed
     steady = _steady(results[0]['rows'], cfg)
     for rank, res in results.items():
         conn = int(run['conns'][str(rank)])
@@ -397,6 +407,7 @@ def summarize(run: Dict[str, Any]) -> Dict[str, Any]:
         windows = dict(idle=(i0 + interval, i1 - interval),
                        step=(rows[steady[0]]['start'], rows[cfg['freeze_at']]['end']))
         startup.append(_window(run['requests'], conn, 0.0, res['train'][0], 3)[0])
+        per_beat.append(_window(run['requests'], conn, i0, i1, 3)[0] / max(1, res['idle_beats']))
         for name, (start, end) in windows.items():
             n, b = _window(run['requests'], conn, start, end, 3)
             _, rb = _window([(t, c, 0, nb) for t, c, nb in run['replies']], conn, start, end, 3)
@@ -425,6 +436,8 @@ def summarize(run: Dict[str, Any]) -> Dict[str, Any]:
         store_per_rank={k: dict(mean=statistics.mean(v), max=max(v), min=min(v))
                         for k, v in store.items()},
         store_requests_per_interval=statistics.mean(store['idle_req_s']) * interval,
+        store_requests_per_beat=dict(mean=statistics.mean(per_beat), max=max(per_beat),
+                                     min=min(per_beat)),
         startup_requests_per_rank=dict(mean=statistics.mean(startup), max=max(startup)),
         unparsed=run['unparsed'],
         steady_iterations=len(steady),

@@ -37,6 +37,25 @@ def never_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch._disable_dynamo(fn, recursive=True)
 
 
+# The first torch release whose dynamo compiles the wrapper's train_step (MMEngine's compile=True)
+# through a usage change and freezes (tests/test_contract.py): on 2.1.2 and 2.2.2 tracing it raised
+# InternalTorchDynamoError; 2.3.1 compiled it but never retraced the model when its branch woke up
+# (modules are not guarded there), so that step trained as the first trace had; 2.5.1 passes.
+COMPILE_MIN = (2, 5)
+
+
+def check_compile(compile_cfg: Any, version: str = torch.__version__) -> None:
+    """Refuse a config's ``compile`` (true, or a dict of options) on a torch before
+    :data:`COMPILE_MIN`, naming both versions."""
+    if compile_cfg and torch_release(version) < COMPILE_MIN:
+        raise RuntimeError(
+            f'[mmddp_hooks] compile={compile_cfg!r} needs torch >= {COMPILE_MIN[0]}.{COMPILE_MIN[1]} '
+            f"with DDPAutoTuneHook, but torch {version} is installed: its dynamo cannot compile the "
+            "wrapper's train_step through a usage change (InternalTorchDynamoError before 2.3; a "
+            'branch that wakes up is not retraced after). Remove `compile` from the config, or '
+            'install a newer torch.')
+
+
 def detail_segfaults_on_gloo(version: str = torch.__version__) -> bool:
     """TORCH_DISTRIBUTED_DEBUG=DETAIL wraps gloo in a collective-checking layer that segfaults while
     DDP is built, seen on torch 2.13 (not on 2.1)."""
@@ -131,12 +150,21 @@ def store_get(store: Any, key: str) -> Optional[bytes]:
     return store.get(key)
 
 
-def set_group_timeout(group: Any, timeout: datetime.timedelta) -> bool:
-    """Give ``group``'s collectives another timeout; False where torch has no way to (its
-    ``_set_pg_timeout`` came after 2.1)."""
-    from torch.distributed import distributed_c10d
+def store_wire_protocol_known(version: str = torch.__version__) -> bool:
+    """Whether ``testing.store_proxy`` parses this torch's ``TCPStore`` requests (the query types
+    of torch >= 2.2; torch 2.1's clients send others after ``validate``)."""
+    return torch_release(version) >= (2, 2)
 
-    setter = getattr(distributed_c10d, '_set_pg_timeout', None)
+
+def set_group_timeout(group: Any, timeout: datetime.timedelta) -> bool:
+    """Give ``group``'s collectives another timeout; False where torch has no way to. The public
+    ``torch.distributed.set_timeout`` where it exists (2.14 on; there the private
+    ``_set_pg_timeout`` warns, on every rank, that it is deprecated), the private one before it
+    (after 2.1), nothing on 2.1."""
+    import torch.distributed as dist
+
+    setter = getattr(dist, 'set_timeout', None) or getattr(dist.distributed_c10d,
+                                                           '_set_pg_timeout', None)
     if setter is None:
         return False
     setter(timeout, group)
@@ -149,6 +177,13 @@ def mmengine_release(version: Optional[str] = None) -> tuple:
     import mmengine
 
     return tuple(int(x) for x in (version or mmengine.__version__).split('+')[0].split('.')[:3])
+
+
+def lazy_configs_supported() -> bool:
+    """Whether mmengine reads new-style (lazy-import) configs, ``with read_base():`` (>= 0.8)."""
+    import mmengine.config
+
+    return hasattr(mmengine.config, 'read_base')
 
 
 def resume_restores_data_position() -> bool:

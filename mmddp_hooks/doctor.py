@@ -193,6 +193,8 @@ def _doctor_rank(state: Dict[str, Any], config: str, cfg_options: Optional[dict]
                                  min_timeout=HANG_MIN_TIMEOUT_S))
     cfg.default_hooks = dict(cfg.get('default_hooks') or {}, checkpoint=None)
     cfg.launcher = 'pytorch'
+    if cfg.get('env_cfg') is None:  # mmengine < 0.10 has no default for it; the group is gloo's
+        cfg.env_cfg = dict(dist_cfg=dict(backend='gloo'))
     cfg.work_dir = work_dir
     cfg.resume, cfg.load_from = False, None
     from .synthetic import pipeline_errors_named

@@ -18,6 +18,7 @@ import re
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .compat import lazy_configs_supported, mmengine_release
 from .text import code_line, innermost_user, shown
 
 LOADING, MODEL, DATA, RUNNING = ('loading the config', 'building the model', 'building the data',
@@ -208,6 +209,13 @@ def _module_name(err: BaseException) -> Optional[str]:
 
 def _missing_module(err: BaseException, stage: str, config: Optional[str], cfg: Any,
                     real_data: bool) -> Dict[str, str]:
+    if "cannot import name 'read_base'" in str(err) and not lazy_configs_supported():
+        return dict(kind='mmengine version',
+                    cause=f'{config or "the config"} is a new-style config (`with read_base():`), '
+                          f'which mmengine reads from 0.8 on; mmengine '
+                          f"{'.'.join(map(str, mmengine_release()))} is installed",
+                    todo='pip install "mmengine>=0.8,<1.0" (what mmddp_hooks supports), or write '
+                         'the config in the old style (_base_ = [...], types named as strings).')
     name = _module_name(err)
     lazy = _LAZY_LOCATION.search(str(err))
     line = None

@@ -11,11 +11,14 @@ under two workers, ``LONGEST``), so no worker is left with a long unit at the en
 Every test starts from the same global random state (``same_draws``): which files ran earlier in a
 worker's process changes from run to run, and so would every unseeded draw of a test that runs in it
 (a transform's crop or flip, a Runner's ``seed=None``)."""
+import importlib.util
 import os
 import random
 import re
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Dict, Optional
 
 import numpy as np
 import pytest
@@ -46,6 +49,40 @@ LONGEST = {
     'tests/test_branches.py': 9,
 }
 _RANKS = re.compile(r'\[(\d+ranks)[-\]]')
+
+# What a test needs beyond torch and mmengine 0.7: ``@pytest.mark.needs('torchvision', ...)``, or a
+# codebase marker (mmseg, mmdet, mmpretrain). Where one is missing the test is skipped, saying which:
+# `make test-compat`'s side venvs have torch and mmengine only.
+def _installed(package: str) -> Optional[str]:
+    return None if importlib.util.find_spec(package) else f'{package} is not installed'
+
+
+def _new_style_configs() -> Optional[str]:
+    from mmddp_hooks.compat import lazy_configs_supported, mmengine_release
+
+    return None if lazy_configs_supported() else \
+        f"mmengine {'.'.join(map(str, mmengine_release()))} cannot read new-style configs (read_base)"
+
+
+NEEDS = {**{p: partial(_installed, p) for p in ('torchvision', 'mmcv', 'mmseg', 'mmdet',
+                                                  'mmpretrain', 'mmpose', 'mmaction')},
+         'new-style configs': _new_style_configs}
+_WHY: Dict[str, Optional[str]] = {}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        needed = [p for m in item.iter_markers('needs') for p in m.args]
+        needed += [name for name in NEEDS if item.get_closest_marker(name) and name not in needed]
+        unknown = set(needed) - set(NEEDS)
+        if unknown:
+            raise pytest.UsageError(f'{item.nodeid}: needs {sorted(unknown)}: not one of {list(NEEDS)}')
+        for name in needed:
+            if name not in _WHY:
+                _WHY[name] = NEEDS[name]()
+        why = [_WHY[n] for n in needed if _WHY[n]]
+        if why:
+            item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(needed)}: {'; '.join(why)}"))
 
 
 @pytest.fixture(autouse=True)

@@ -103,23 +103,25 @@ def slow_but_progressing() -> Dict[str, Any]:
     return dict(digest=out['digest'], losses=len(out['losses']))
 
 
-def store_beside_the_watcher(seconds: float = 3.0) -> Dict[str, Any]:
+def store_beside_the_watcher(rounds_wanted: int = 60, beats_wanted: int = 10) -> Dict[str, Any]:
     """The watcher thread posts heartbeats every 5 ms while this thread uses the same store as
     training code does (the trainable-set exchange, ``new_group``'s rendezvous): each must keep its
-    answers, and no rank may crash (on torch 2.1, the watcher's ``compare_set`` made one segfault)."""
+    answers, and no rank may crash (on torch 2.1, the watcher's ``compare_set`` made one segfault).
+    Runs until both have done their share beside each other (counted, however slow the machine)."""
     from mmddp_hooks import dist as ddist
     from mmddp_hooks.hooks.hang_watchdog_hook import HangWatchdogHook
 
     hook = HangWatchdogHook(interval=0.005)
     hook.start(tempfile.mkdtemp(prefix='mmddp_watch_'))
-    kv, rounds, deadline = ddist.store(), 0, time.time() + seconds
-    while time.time() < deadline:
+    kv, rounds, first_beat = ddist.store(), 0, hook.beats
+    while rounds < rounds_wanted or hook.beats - first_beat < beats_wanted:
         rounds += 1
         key = f'beside/{dist.get_rank()}/{rounds}'
         kv.set(key, str(rounds))
         assert kv.get(key) == str(rounds).encode() and kv.add('beside/count', 1) >= rounds
         # and Python between the calls, as training runs: the watcher's store calls run beside it
         assert sorted(str(i) for i in range(2000))[-1] == '999'
+    beats = hook.beats - first_beat
     exchanged = ddist.store_agree('beside_the_watcher', (dist.get_rank(), rounds))
     hook.stop()
-    return dict(rounds=rounds, beats=hook.beats, exchanged=exchanged, reports=len(hook.reports))
+    return dict(rounds=rounds, beats=beats, exchanged=exchanged, reports=len(hook.reports))

@@ -61,6 +61,7 @@ def test_every_setting_s_mmseg_replica_trains_on_the_same_batch():
 
 
 @pytest.mark.dist
+@pytest.mark.needs('torchvision')
 def test_real_models_path_runs_on_cpu(tmp_path, capsys):
     """What --device cuda runs (real models, the four settings against the baseline, interleaved),
     with --models real --quick on gloo: a ResNet-18 and a one-block ViT, each with an unused head."""
@@ -82,6 +83,7 @@ def test_real_models_path_runs_on_cpu(tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.needs('torchvision')
 @pytest.mark.parametrize('arch, head, kwargs', [('resnet50', 'fc', {}),
                                                 ('vit_b_16', 'heads.head', dict(image_size=32))])
 def test_real_models_leave_only_their_extra_head_unused(arch, head, kwargs):
@@ -113,9 +115,8 @@ def test_keep_alive_terms_are_measured_against_the_plan_without_them(tmp_path, c
 @pytest.mark.dist
 def test_the_guard_s_host_work_is_timed_part_by_part(tmp_path, capsys):
     """300 watched tensors, gradients None or zeros after each step, 2 ranks: every part timed,
-    the exchange apart. A per-parameter Python loop gone wrong costs milliseconds (comparing each
-    set gradient with None ran Tensor.__eq__: 8 ms a step with gradients set); the guard's host
-    work stays under 1 ms, and under 3 where it hooks every parameter for each backward."""
+    the exchange apart. Times are reported, not bounded here (a shared machine's load decides
+    them): tests/test_guard_grad_reads.py counts the guard's work per step instead."""
     out_json = tmp_path / 'guard.json'
     assert benchmark_ddp.main(['--guard-cost', '--nproc', '2', '--guard-models', 'linears300',
                                '--rounds', '30', '--json', str(out_json)]) == 0
@@ -127,5 +128,4 @@ def test_the_guard_s_host_work_is_timed_part_by_part(tmp_path, capsys):
         m = r['median_us']
         # the slowest rank's median of each part, and of their sum
         assert m['exchange'] > 0 and m['host'] >= max(m['before_backward'], m['after_backward'],
-                                                      m['after_step'])
-        assert m['host'] < (1000 if r['zero_grad'] == 'set_to_none' else 3000), r
+                                                      m['after_step']) > 0, r

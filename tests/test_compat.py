@@ -1,6 +1,9 @@
 """What differs between torch releases is adapted in mmddp_hooks.compat, and nowhere else."""
 import ast
+import datetime
 import inspect
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from mmddp_hooks.compat import check_torch, torch_release
 from mmddp_hooks.ranks import run_distributed
 
 ROOT = Path(__file__).parents[1]
+OURS = r'mmddp_hooks(\.|$)'  # a warning raised from this package's code: an error below
 
 
 @pytest.mark.parametrize('version, ok', [('2.0.1', False), ('2.1.2+cu121', True),
@@ -108,3 +112,72 @@ def test_ddp_arguments_a_rebuild_cannot_honour_are_refused_by_name(key):
 
     with pytest.raises(ValueError, match=f"model_wrapper_cfg sets \\['{key}'\\].*Remove them"):
         ReconfigurableDDP(nn.Linear(2, 2), **{key: object()})
+
+
+def trains_with_our_warnings_as_errors():
+    """A Runner with DDPAutoTuneHook and HangWatchdogHook through a usage change (an ignored branch
+    wakes up on rank 1: the guard's fix, a rebuild), and plain DDP after it, any warning raised
+    from this package's code an error."""
+    import scenarios
+
+    warnings.filterwarnings('error', module=OURS)
+    watchdog = dict(type='HangWatchdogHook', timeout=60, action='abort')
+    tuned = scenarios.train_plain('WakesUpOnRank1', iters=8, hook=dict(probe_iters=2),
+                                  extra_hooks=[watchdog])
+    return len(tuned['losses'])
+
+
+@pytest.mark.dist
+def test_nothing_warns_from_our_code_on_two_ranks():
+    """torch >= 2.14 deprecates _set_pg_timeout with a FutureWarning on every rank: set_timeout
+    is used where it exists."""
+    assert run_distributed(trains_with_our_warnings_as_errors, 2, timeout=180) == [8, 8]
+
+
+def test_a_deprecated_torch_call_from_our_code_is_an_error_under_the_filter(monkeypatch):
+    """The filter of the test above catches what it must: a torch function deprecated as torch
+    does it (a FutureWarning with stacklevel=2, so it names its caller), called by our code."""
+    from torch.distributed import distributed_c10d
+
+    from mmddp_hooks.compat import set_group_timeout
+
+    def deprecated(timeout, group=None):
+        warnings.warn('`_set_pg_timeout` is deprecated, please use `set_timeout` instead',
+                      FutureWarning, stacklevel=2)
+
+    monkeypatch.delattr(torch.distributed, 'set_timeout', raising=False)  # as before 2.14
+    monkeypatch.setattr(distributed_c10d, '_set_pg_timeout', deprecated)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        warnings.filterwarnings('error', module=OURS)
+        with pytest.raises(FutureWarning, match='_set_pg_timeout'):
+            set_group_timeout(None, datetime.timedelta(seconds=1))
+
+
+def test_the_public_set_timeout_is_used_where_torch_has_it(monkeypatch):
+    from torch.distributed import distributed_c10d
+
+    from mmddp_hooks.compat import set_group_timeout
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, 'set_timeout', lambda *a: calls.append(a), raising=False)
+    monkeypatch.setattr(distributed_c10d, '_set_pg_timeout', None, raising=False)  # not called
+    assert set_group_timeout('group', datetime.timedelta(seconds=5)) is True
+    assert calls == [(datetime.timedelta(seconds=5), 'group')]
+    monkeypatch.delattr(torch.distributed, 'set_timeout')
+    monkeypatch.delattr(distributed_c10d, '_set_pg_timeout', raising=False)
+    assert set_group_timeout('group', datetime.timedelta(seconds=5)) is False  # torch 2.1
+
+
+@pytest.mark.parametrize('version, compile_cfg, refused', [
+    ('2.1.2+cu121', True, True), ('2.1.2', dict(backend='eager'), True), ('2.1.2', False, False),
+    ('2.1.2', None, False), ('2.3.1', True, True), ('2.5.1', True, False), ('2.15.0', True, False)])
+def test_compile_is_refused_before_torch_2_5_naming_the_versions(version, compile_cfg, refused):
+    from mmddp_hooks.compat import check_compile
+
+    if not refused:
+        check_compile(compile_cfg, version)
+        return
+    with pytest.raises(RuntimeError, match=rf'compile=.* needs torch >= 2\.5 with DDPAutoTuneHook, '
+                                           rf'but torch {re.escape(version)} is installed'):
+        check_compile(compile_cfg, version)

@@ -7,7 +7,9 @@ plan is still in force at the end; where it changed, the plan was left once, for
 is about.
 """
 import pytest
+import torch
 
+from mmddp_hooks.compat import COMPILE_MIN, torch_release
 from mmddp_hooks.ranks import run_distributed, run_on_ranks
 
 import contract_cases
@@ -69,7 +71,15 @@ def test_reentrant_checkpointing_crashes_plain_find_unused_true():
 def test_compiled_train_step_trains_as_plain_ddp_through_a_wake_up_and_two_freezes():
     """MMEngine's compile=True compiles the wrapper's train_step: the model's forward and backward
     are compiled, the probe, guard, plan switch, trainable-set following and their collectives
-    never are (#37: traced, mmengine.dist.all_gather_object crashed both ranks at the wake-up)."""
+    never are (#37: traced, mmengine.dist.all_gather_object crashed both ranks at the wake-up).
+    Before torch COMPILE_MIN (2.1.2 and 2.2.2 raised InternalTorchDynamoError, 2.3.1 did not retrace
+    the woken branch) the hook refuses it, naming both versions."""
+    if torch_release() < COMPILE_MIN:
+        result = run_on_ranks(contract_cases.run_compiled, 2, timeout=300, failure_grace=30)
+        for r in result.ranks:
+            assert (f'needs torch >= {COMPILE_MIN[0]}.{COMPILE_MIN[1]} with DDPAutoTuneHook, but '
+                    f'torch {torch.__version__} is installed') in (r.error or ''), result.describe()
+        return
     rows = run_distributed(contract_cases.run_compiled, 2, timeout=300)
     scenarios.assert_trains_alike(rows, 2, ITERS, 0.0)
     for row in rows:

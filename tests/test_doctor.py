@@ -93,3 +93,17 @@ def test_the_default_batch_is_the_configs_lowered_to_two_never_raised():
                                   "sets another, --batch-size 0 keeps the config's)", True)
     assert batch(16, 0) == (16, "per-rank batch 16 (the config's)", False)
     assert batch(1, 4) == (4, "per-rank batch 4 (--batch-size; the config's is 1)", True)
+
+
+def test_a_new_style_config_on_mmengine_before_0_8_names_the_version(monkeypatch):
+    """mmengine 0.7 has no read_base: the doctor says that, not that mmengine.config is missing."""
+    from mmddp_hooks import doctor_failure
+
+    monkeypatch.setattr(doctor_failure, 'lazy_configs_supported', lambda: False)
+    monkeypatch.setattr(doctor_failure, 'mmengine_release', lambda: (0, 7, 1))
+    err = ImportError("cannot import name 'read_base' from 'mmengine.config'", name='mmengine.config')
+    failure = doctor_failure.classify(err, doctor_failure.LOADING, 'configs/x.py')
+    assert failure['kind'] == 'mmengine version', failure
+    assert failure['cause'] == ('configs/x.py is a new-style config (`with read_base():`), which '
+                                'mmengine reads from 0.8 on; mmengine 0.7.1 is installed')
+    assert 'pip install "mmengine>=0.8,<1.0"' in failure['todo']

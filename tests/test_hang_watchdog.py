@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import sys
-import time
 
 import hang_cases
 import pytest
@@ -37,15 +36,13 @@ def _line(cls) -> int:
      rf'hang_cases.py:{_line(hang_cases.StuckDataset)} in __getitem__, in the dataloader'),
 ], ids=['sleeps_in_forward', 'loops_in_forward', 'stuck_in_dataloader'])
 def test_the_stuck_rank_is_named_and_every_rank_ends(model, stuck_data, phase, where):
-    start = time.monotonic()
     result = run_on_ranks(hang_cases.hang, 2, args=(model, stuck_data), timeout=90,
                           failure_grace=30)
-    elapsed = time.monotonic() - start
     assert not result.timed_out, result.describe()
-    # every rank ends (code 70; or a peer's exit broke its collective first), report printed
-    assert all(r.exitcode != 0 for r in result.ranks), result.describe()
+    # every rank ends by itself (code 70; or a peer's exit broke its collective first), none killed
+    # by a signal (the harness's, after the grace), report printed
+    assert all(r.exitcode > 0 for r in result.ranks), result.describe()
     assert ABORT_EXIT_CODE in [r.exitcode for r in result.ranks], result.describe()
-    assert elapsed < 60, elapsed
     for r in result.ranks:  # every rank's output on a failure: the straggler's says why
         assert re.search(rf'STRAGGLER: rank 1 is in {re.escape(phase)}.*? at \S*{where}',
                          r.output), result.describe()
@@ -58,13 +55,12 @@ def test_the_stuck_rank_is_named_and_every_rank_ends(model, stuck_data, phase, w
 @pytest.mark.dist
 def test_a_rank_killed_mid_run_is_named_by_the_ranks_it_leaves_behind():
     # on gloo a dead peer is no hang: rank 0's all-reduce raises at once, naming no rank
-    start = time.monotonic()
     result = run_on_ranks(hang_cases.hang, 2, args=('KilledInForward',), timeout=90,
                           failure_grace=30)
     assert not result.timed_out, result.describe()
     assert result.ranks[1].exitcode == -signal.SIGKILL
+    assert result.ranks[0].exitcode > 0, result.describe()  # ended by itself, not by the harness
     error = result.ranks[0].error or ''
-    assert time.monotonic() - start < 60
     assert 'PeerLost: [mmddp_hooks] HangWatchdogHook: rank 0 lost 1 peer(s)' in error, error[-3000:]
     assert re.search(r'rank 1: its last heartbeat was \d+\.\d s before this rank.s error, in '
                      r'train_step \(iteration 6\), and none came in the 3 s after it', error), error
@@ -91,14 +87,12 @@ def test_a_rank_that_posted_nothing_is_named_dead_or_unreachable():
 
 @pytest.mark.dist
 def test_the_doctor_gives_a_hanging_config_its_own_verdict():
-    start = time.monotonic()
     code, out = launch.run([sys.executable, 'tools/ddp_doctor.py', str(HANG_CONFIG), '--real-data',
                             '--iters', '8', '--hang-timeout', '4'], timeout=120,
                            # this checkout's package, not an installed one's: tools/ then
                            # runs the package it ships with
                            PYTHONPATH=os.pathsep.join([str(launch.ROOT), str(launch.ROOT / 'tests')]))
-    assert code == HANGS, out[-3000:]
-    assert time.monotonic() - start < 90
+    assert code == HANGS, out[-3000:]  # the doctor's own verdict, not launch.run's timeout
     assert 'hang_net.py HANGS under DDP:' in out and 'no progress for 4 s on 2 ranks' in out
     assert re.search(rf'STRAGGLER: rank 1 is in train_step \(iteration 6\) at \S*hang_cases.py:'
                      rf'{_line(hang_cases.SleepsInForward)} in branch', out), out[-3000:]
@@ -119,6 +113,7 @@ def test_the_report_names_each_rank_s_nccl_flight_recorder_dump():
 def test_the_watcher_and_training_code_use_the_store_at_once_without_harm():
     rows = run_distributed(hang_cases.store_beside_the_watcher, 2, timeout=60)
     for r in rows:
-        # a beat every 5 ms; on torch 2.1 each also waits 100 ms to learn there is no alarm
-        assert r['rounds'] > 50 and r['beats'] >= 10 and r['reports'] == 0, r
+        # each rank went on until it had done 60 rounds and its watcher 10 beats (a beat every
+        # 5 ms; on torch 2.1 each also waits 100 ms to learn there is no alarm), beside each other
+        assert r['rounds'] >= 60 and r['beats'] >= 10 and r['reports'] == 0, r
         assert r['exchanged'] == {0: (0, rows[0]['rounds']), 1: (1, rows[1]['rounds'])}

@@ -27,7 +27,9 @@ def _buckets_alive_at_the_next_build(bucket_view: bool):
     from mmddp_hooks.wrapper import ReconfigurableDDP
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 1))
+    # 1 MiB weights: several buckets also where DDP's first bucket takes 1 MiB whatever
+    # bucket_cap_mb says (torch 2.1 put a 64 x 64 stack in one)
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512), nn.Linear(512, 1))
     ddp = ReconfigurableDDP(model, gradient_as_bucket_view=bucket_view, bucket_cap_mb=0.01)
     buckets = []
 
@@ -48,7 +50,7 @@ def _buckets_alive_at_the_next_build(bucket_view: bool):
     for plan in (DDPPlan(True), DDPPlan(False)):
         for _ in range(3):  # the third backward runs on the buckets DDP rebuilt in the second
             buckets.clear()
-            ddp(torch.randn(4, 64)).sum().backward()
+            ddp(torch.randn(4, 512)).sum().backward()
             opt.step()
             opt.zero_grad()
         held = len(buckets)

@@ -5,12 +5,14 @@ from mmddp_hooks.testing import assert_ddp_config_ok, find_configs
 
 
 def _marked(config):
-    """mmseg, mmdet and mmpretrain configs need those packages (and mmcv): marked, so a side venv
-    skips them."""
-    for package in ('mmseg', 'mmdet', 'mmpretrain'):
-        if f'/{package}/' in str(config):
-            return pytest.param(config, marks=getattr(pytest.mark, package))
-    return config
+    """A config that needs a codebase, mmcv or new-style config support (``read_base``, with the
+    ``_base_.py`` beside it) is marked so: where that is missing it is skipped, saying why."""
+    text = config.read_text()
+    if 'read_base' in text and (config.parent / '_base_.py').exists():
+        text += (config.parent / '_base_.py').read_text()
+    needs = [package for package in ('mmseg', 'mmdet', 'mmpretrain') if f'/{package}/' in str(config)]
+    needs += ['new-style configs'] * ('read_base' in text) + ['mmcv'] * ('mmcv' in text and not needs)
+    return pytest.param(config, marks=pytest.mark.needs(*needs)) if needs else config
 
 
 @pytest.mark.parametrize('config', [_marked(c) for c in find_configs('configs')], ids=str)

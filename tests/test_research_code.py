@@ -12,7 +12,9 @@ import research_cases
 from mmddp_hooks.ranks import run_distributed
 from mmddp_hooks.report import DYNAMIC, NEVER
 
-pytestmark = [pytest.mark.dist]
+# every config here is a new-style one; the two-kinds example's data also imports mmcv's transforms
+pytestmark = [pytest.mark.dist, pytest.mark.needs('new-style configs')]
+NEEDS_MMCV = pytest.mark.needs('mmcv')
 EXAMPLES = research_cases.EXAMPLES
 
 
@@ -38,6 +40,7 @@ def truth():
                 det_only=used['det'] - used['sam'], sam_only=used['sam'] - used['det'])
 
 
+@NEEDS_MMCV
 def test_without_keep_alive_terms_the_doctor_finds_the_usage_per_batch_kind(truth):
     code, found, log = doctor_json(f'{EXAMPLES}/no_keep_alive.py')
     assert code == 1, log[-3000:]  # plain DDP as written crashes: see the training test below
@@ -55,6 +58,7 @@ def test_without_keep_alive_terms_the_doctor_finds_the_usage_per_batch_kind(trut
     assert found['batch'].startswith("per-rank batch 2 (lowered from the config's 16")
 
 
+@NEEDS_MMCV
 def test_keep_alive_terms_are_found_with_their_line_and_the_plan_without_them(truth):
     code, found, log = doctor_json(f'{EXAMPLES}/keep_alive.py')
     assert code == 0, log[-3000:]  # the terms keep plain DDP from crashing
@@ -76,6 +80,7 @@ def test_keep_alive_terms_are_found_with_their_line_and_the_plan_without_them(tr
                            'as under find_unused_parameters=True')
 
 
+@NEEDS_MMCV
 def test_plain_ddp_crashes_as_the_doctor_said_and_the_hook_trains_as_find_unused():
     iters = 100
     rows = run_distributed(research_cases.example_runs, 2, args=(iters,), timeout=300)
@@ -145,6 +150,7 @@ def test_debug_adds_every_ranks_traceback(tmp_path):
     assert code == 2 and 'Traceback' in found['details'] and '--- rank 1' in found['details']
 
 
+@NEEDS_MMCV
 def test_real_data_subset_takes_the_first_samples(tmp_path):
     from projects.two_kinds import write_demo_data
 

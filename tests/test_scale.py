@@ -15,6 +15,7 @@ import torch
 
 from benchmarks.scale_sim import node_layout, predict
 from benchmarks.store_proxy import StoreProxy
+from mmddp_hooks.compat import store_wire_protocol_known
 from mmddp_hooks.dist import tree_links
 from mmddp_hooks.ranks import free_port, run_distributed
 
@@ -64,6 +65,12 @@ def test_nodes_of_the_simulation_and_the_model():
     assert predict(12, 4, 1, 1, 1.0)['store_requests_per_rank_s'] == 4
 
 
+PROXY_PARSES = pytest.mark.skipif(
+    not store_wire_protocol_known(), reason=f'the store proxy parses the TCPStore requests of torch '
+                                            f'>= 2.2, not those of torch {torch.__version__}')
+
+
+@PROXY_PARSES
 def test_the_store_proxy_counts_each_request_as_sent():
     master = torch.distributed.TCPStore('127.0.0.1', 0, None, True,
                                         timeout=datetime.timedelta(seconds=10),
@@ -74,20 +81,23 @@ def test_the_store_proxy_counts_each_request_as_sent():
                                             timeout=datetime.timedelta(seconds=10))
         client.set('scale/rank/7', b'xyz')
         assert client.get('scale/rank/7') == b'xyz'
-        client.check(['a', 'b'])
+        checks = hasattr(client, 'check')  # not in torch 2.1's bindings
+        if checks:
+            client.check(['a', 'b'])
         client.add('n', 3)
         client.multi_set(['k1', 'k2'], ['v1', 'v2'])
         client.delete_key('k1')
         client.append('k2', 'w')
         deadline = time.time() + 5
-        while len(proxy.snapshot()[0]) < 10 and time.time() < deadline:
+        while 'append' not in [r.kind for r in proxy.snapshot()[0]] and time.time() < deadline:
             time.sleep(0.05)
         kinds = [r.kind for r in proxy.snapshot()[0]]
         # a client says who it is, then: set, get (a wait and a get on the wire), check, add, ...
-        assert kinds == ['validate', 'ping', 'set', 'wait', 'get', 'check', 'add', 'multi_set',
-                         'delete_key', 'append'], kinds
+        pings = ['ping'] * (kinds[1:2] == ['ping'])  # torch >= 2.3 (or so) pings after validating
+        assert kinds == ['validate', *pings, 'set', 'wait', 'get'] + ['check'] * checks + [
+            'add', 'multi_set', 'delete_key', 'append'], kinds
         assert proxy.connection_of('scale/rank/') == {'7': 0} and not proxy.unparsed
-        assert proxy.snapshot()[0][2].nbytes == 1 + 8 + len('/scale/rank/7') + 8 + 3
+        assert proxy.snapshot()[0][1 + len(pings)].nbytes == 1 + 8 + len('/scale/rank/7') + 8 + 3
     finally:
         proxy.close()
 
@@ -200,6 +210,7 @@ def test_the_tree_s_nodes_are_slurm_s_nodes_whatever_the_task_distribution(distr
 
 
 @pytest.mark.dist
+@PROXY_PARSES
 def test_quick_simulation_counts_a_flat_control_plane(tmp_path):
     """4 ranks in 2 nodes under the product (probe, guarded plan, watchdog at 0.2 s, one
     trainable-set change): what each rank adds, counted exactly."""
@@ -212,9 +223,10 @@ def test_quick_simulation_counts_a_flat_control_plane(tmp_path):
     assert 'ignore 2 never-used params' in run['plan'] and 'zero-fill 4' in run['plan']
     assert any('froze 2 params (aux.weight, aux.bias)' in t for t in run['trainable_log'])
     assert not run['switch_log']
-    # the watchdog: 4 requests per rank per interval, whatever the number of ranks
-    assert run['store_requests_per_interval'] == pytest.approx(4, abs=0.5)
-    assert run['store_per_rank']['idle_req_s']['max'] == pytest.approx(20, abs=2.5)
+    # the watchdog: 4 requests per rank per heartbeat, whatever the number of ranks (counted in
+    # the idle pause: a beat cut by its start or end moves a rank's count by under 3 requests)
+    per_beat = run['store_requests_per_beat']
+    assert 3.5 <= per_beat['min'] <= per_beat['max'] <= 4.5, per_beat
     # the guard: no collective per step, one int up and down the tree (2 + 2 ranks: ranks 0
     # and 2 talk to 2 others, ranks 1 and 3 to 1)
     step = run['per_step_per_rank']

@@ -13,6 +13,7 @@ from .. import batch_kinds, wrap_time
 from .. import dist as ddist
 from ..autotune import AutoTuner, ProbeSettings
 from ..branches import CONFIG_KEY, Branch, parse_branches, resolve_branches, standard_settings
+from ..compat import check_compile
 from ..plan import DDPPlan, check_policy
 from ..report import NEVER, UsageReport
 from ..trainable import optimizer_params, where_now
@@ -84,6 +85,7 @@ class DDPAutoTuneHook(Hook):
         self.wrap_time: Optional[WrapTimeFinding] = None  # requires_grad changed after the wrap
 
     def before_run(self, runner) -> None:
+        check_compile(runner.cfg.get('compile'))
         for note in standard_settings(runner.cfg)['dropped']:  # the run does not see these keys
             runner.logger.warning(f'[mmddp_hooks] {note}')
         model = runner.model
