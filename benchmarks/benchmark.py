@@ -35,10 +35,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmddp_hooks import dist as ddist
+from mmddp_hooks.autotune import AutoTuner, ProbeSettings
 from mmddp_hooks.guard import reducer_finalized, zero_fill
-from mmddp_hooks.plan import DDPPlan, choose_plan
+from mmddp_hooks.plan import DDPPlan
 from mmddp_hooks.reducer_params import ignore_keys_for
-from mmddp_hooks.report import DYNAMIC, NEVER, build_report
+from mmddp_hooks.report import DYNAMIC, NEVER
 from mmddp_hooks.wrapper import ReconfigurableDDP
 
 PARAM_TOLERANCE = 1e-6
@@ -218,17 +219,18 @@ def _wrapped_step(wrapper: ReconfigurableDDP, x: torch.Tensor, step: int,
 
 def _probe_usage(scenario: Dict[str, Any], steps: int, x: torch.Tensor):
     """The product's probe on a scratch replica: which parameters are unused, and how."""
-    wrapper = ReconfigurableDDP(_make(scenario))
-    wrapper.start_probe()
+    tuner = AutoTuner(ReconfigurableDDP(_make(scenario)), ProbeSettings(iters=steps))
+    tuner.start()
     for step in range(steps):
-        _wrapped_step(wrapper, x, step)
-    return build_report(wrapper.finish_probe())
+        _wrapped_step(tuner.model, x, step)
+        done = tuner.after_iter(None)
+    return done[0]
 
 
 class _Runner:
     """One setting's replica, optimizer and per-step validity checks on this rank."""
 
-    def __init__(self, name: str, scenario: Dict[str, Any], report) -> None:
+    def __init__(self, name: str, scenario: Dict[str, Any], report, probe_iters: int = 4) -> None:
         self.name, self.error = name, None
         module = _make(scenario)
         never = report.names_of(NEVER)
@@ -244,7 +246,8 @@ class _Runner:
             self.watched = [named[n] for n in never]
         if name == 'auto':
             self.ddp: nn.Module = ReconfigurableDDP(module)
-            self.ddp.start_probe()
+            self.tuner = AutoTuner(self.ddp, ProbeSettings(iters=probe_iters))
+            self.tuner.start()
         elif name == 'reconfigurable_true':  # what auto costs where its plan is True
             self.ddp = ReconfigurableDDP(module)
             self.ddp.apply_plan(DDPPlan(True))
@@ -305,7 +308,7 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int, probe_iters
     report = _probe_usage(scenario, probe_iters, x)
     dynamic = bool(report.names_of(DYNAMIC))
     settings = scenario.get('settings', SETTINGS)
-    runners = {name: _Runner(name, scenario, report) for name in settings
+    runners = {name: _Runner(name, scenario, report, probe_iters) for name in settings
                if not (name == 'static_graph' and dynamic)}
     invalid = {'static_graph': 'usage changes between iterations (measured): static_graph=True '
                                'raises inside backward'} if dynamic else {}
@@ -320,10 +323,12 @@ def run_scenario(scenario: Dict[str, Any], rounds: int, warmup: int, probe_iters
             if name == 'auto' and auto.ddp.probe is not None:
                 sync()
                 probe_time.append(time.perf_counter() - t0)
-        if auto.ddp.probe is not None and len(auto.ddp.probe.steps) >= probe_iters:
+        if auto.ddp.probe is not None:
             t0 = time.perf_counter()
-            auto.ddp.apply_plan(choose_plan(build_report(auto.ddp.finish_probe())))
-            rebuild_time = time.perf_counter() - t0
+            done = auto.tuner.after_iter(None)
+            if done is not None:
+                auto.tuner.apply(*done)
+                rebuild_time = time.perf_counter() - t0
         step += 1
     reference = runners['find_unused=True'].flat_params()
     for r in runners.values():
@@ -631,16 +636,16 @@ def run_keepalive(rounds: int, warmup: int, depth: int = 8, width: int = 64,
         counter = {'bytes': 0}
         wrapper.register_comm_hook(None, _count_bytes(counter, group))
         if not keep:
-            wrapper.start_probe()
+            AutoTuner(wrapper, ProbeSettings(iters=probe_iters)).start()
         opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-2)
         runs[name] = dict(module=module, ddp=wrapper, opt=opt, counter=counter, times=[])
 
     def step(run: Dict[str, Any], i: int) -> None:
         if isinstance(run['ddp'], ReconfigurableDDP):
             _wrapped_step(run['ddp'], x, i, run['opt'])
-            probe = run['ddp'].probe
-            if probe is not None and len(probe.steps) >= probe_iters:
-                run['ddp'].apply_plan(choose_plan(build_report(run['ddp'].finish_probe())))
+            done = run['ddp'].tuner.after_iter(None)
+            if done is not None:
+                run['ddp'].tuner.apply(*done)
             return
         run['ddp'](x, i).backward()
         run['opt'].step()
