@@ -24,8 +24,6 @@ from .doctor_failure import (
     cause_line,
     classify,
     first_failure,
-    killed,
-    watch_memory,
 )
 from .doctor_failure import paragraph as failure_paragraph
 from .model_from_config import (
@@ -37,6 +35,7 @@ from .model_from_config import (
     type_name,
 )
 from .plan import crash_reason
+from .rank_memory import killed, watch_memory
 from .report import UsageReport
 from .upstream_fixes import dry_run_fixes
 from .wrap_time import is_lazy, wrapper_lines
