@@ -1,8 +1,9 @@
 """DDP doctor: probe a config on CPU gloo ranks with synthetic data and say whether DDP would crash.
 
 Thin on purpose: it runs the real training entry (config -> Runner) for a few iterations with
-:class:`DDPAutoTuneHook` under ``policy='keep'``, then asks that hook's ``choose`` (the call the hook makes
-when it applies a plan) twice: what the config as written does, and what ``auto`` would choose.
+:class:`DDPAutoTuneHook` under ``policy='keep'``, then asks that hook's tuner for a plan (the
+:meth:`mmddp_hooks.autotune.AutoTuner.choose` the hook applies) twice: what the config as written
+does, and what ``auto`` would choose.
 Every rank also runs :class:`HangWatchdogHook` (``action='abort'``): a config whose ranks stall
 gets its own verdict, HANGS, with the watchdog's report of which rank is stuck where.
 """
@@ -24,8 +25,6 @@ from .doctor_failure import (
     cause_line,
     classify,
     first_failure,
-    killed,
-    watch_memory,
 )
 from .doctor_failure import paragraph as failure_paragraph
 from .model_from_config import (
@@ -37,6 +36,7 @@ from .model_from_config import (
     type_name,
 )
 from .plan import crash_reason
+from .rank_memory import killed, watch_memory
 from .report import UsageReport
 from .upstream_fixes import dry_run_fixes
 from .wrap_time import is_lazy, wrapper_lines

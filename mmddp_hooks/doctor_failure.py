@@ -10,16 +10,16 @@ Each rank classifies its own exception (:func:`classify`, with the frames and th
 and leaves it in the doctor's work folder; the doctor reads those (:func:`first_failure`: each
 distinct error with its ranks; a rank that only lost a peer is a consequence, said last), or, for
 a rank that died without a Python error, its exit code and the memory it last reported
-(:func:`killed`).
+(:func:`mmddp_hooks.rank_memory.killed`).
 """
 import errno
 import os
 import re
-import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .compat import lazy_configs_supported, mmengine_release
-from .text import code_line, innermost_user, shown
+from .registry_hint import not_registered
+from .text import code_line, innermost_user
 
 LOADING, MODEL, DATA, RUNNING = ('loading the config', 'building the model', 'building the data',
                                  'running')
@@ -41,7 +41,6 @@ CUDA_MESSAGES = ('Torch not compiled with CUDA enabled', 'Found no NVIDIA driver
                  'No CUDA GPUs are available', 'CUDA driver initialization failed',
                  'Attempting to deserialize object on a CUDA device', 'cudaGetDeviceCount')
 _NO_MODULE = re.compile(r"No module named '([^']+)'")
-_NOT_REGISTERED = re.compile(r"(\w+) is not in the (\S+) registry")
 _LAZY_LOCATION = re.compile(r' in (\S+), line (\d+)')
 
 
@@ -249,75 +248,6 @@ def _missing_module(err: BaseException, stage: str, config: Optional[str], cfg: 
     return dict(kind='missing module', cause=cause, todo=todo)
 
 
-def _class_file(name: str, config: str) -> Optional[Tuple[str, int]]:
-    """Where ``class name`` is defined in the repository around ``config``: its folder first, then
-    each parent up to the repository root (the first holding ``.git``); never the home folder, the
-    filesystem root or site-packages (a packaged config's), nor hidden folders or virtual
-    environments."""
-    pattern = re.compile(rf'^[ \t]*class[ \t]+{re.escape(name)}\b', re.M)
-    stops = {os.path.expanduser('~'), os.path.abspath(os.sep)}
-    folder, searched, budget = os.path.dirname(os.path.abspath(config)), set(), [20000]
-    while folder not in stops and os.path.basename(folder) not in ('site-packages', 'dist-packages'):
-        for root, dirs, files in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(('.', '__'))
-                             and d not in ('site-packages', 'node_modules')
-                             and os.path.join(root, d) not in searched
-                             and not os.path.exists(os.path.join(root, d, 'pyvenv.cfg')))
-            for path in (os.path.join(root, f) for f in sorted(files) if f.endswith('.py')):
-                budget[0] -= 1
-                if budget[0] < 0:
-                    return None
-                try:
-                    text = open(path, errors='replace').read()
-                except OSError:
-                    continue
-                found = pattern.search(text)
-                if found:
-                    return path, text.count('\n', 0, found.start()) + 1
-        searched.add(folder)
-        if os.path.exists(os.path.join(folder, '.git')) or os.path.dirname(folder) == folder:
-            break
-        folder = os.path.dirname(folder)
-    return None
-
-
-def _import_name(path: str) -> Tuple[str, str]:
-    """The dotted module name of a file, through the packages (``__init__.py``) around it, and
-    the folder it imports from."""
-    folder, parts = os.path.dirname(path), [os.path.splitext(os.path.basename(path))[0]]
-    if parts == ['__init__']:
-        parts, folder = [os.path.basename(folder)], os.path.dirname(folder)
-    while os.path.exists(os.path.join(folder, '__init__.py')):
-        parts.insert(0, os.path.basename(folder))
-        folder = os.path.dirname(folder)
-    return '.'.join(parts), folder
-
-
-def _not_registered(err: BaseException, config: Optional[str]) -> Optional[Dict[str, str]]:
-    """MMEngine's "X is not in the S::model registry": where ``class X`` is, and the import that
-    registers it."""
-    found = next((m for m in map(_NOT_REGISTERED.search, map(str, _chain(err))) if m), None)
-    if found is None:
-        return None
-    name, registry = found.groups()
-    cause = f'{name} is not in the {registry} registry'
-    place = _class_file(name, config) if config else None
-    if place is None:
-        return dict(kind='not registered', cause=cause + (
-            f' and no `class {name}` is in the repository around {shown(config)}' if config else ''),
-            todo='Check the type\'s spelling, or import the package that registers it: '
-                 "custom_imports = dict(imports=['<package.module>'], allow_failed_imports=False) "
-                 'in the config.')
-    module, root = _import_name(place[0])
-    here = os.path.realpath(os.getcwd()) == os.path.realpath(root)
-    return dict(kind='not registered',
-                cause=f'{cause}: `class {name}` is in {shown(place[0])}:{place[1]}, which nothing '
-                      'imports (a tools/train.py of your own may import it; the config does not)',
-                todo=f"Add custom_imports = dict(imports=['{module}'], allow_failed_imports=False) "
-                     'to the config' + ('' if here else f', and start the doctor from {shown(root)} '
-                     '(it puts the current folder on sys.path)') + '.')
-
-
 def _missing_file(err: BaseException, stage: str, cfg: Any,
                   real_data: bool) -> Dict[str, str]:
     filename = str(getattr(err, 'filename', None) or err)
@@ -356,7 +286,7 @@ def classify(err: BaseException, stage: str, config: Optional[str] = None, cfg: 
             '[mmddp_hooks] HangWatchdogHook: ', ''), todo='')
     elif any(isinstance(e, ImportError) for e in _chain(err)):
         named = _missing_module(err, stage, config, cfg, real_data)
-    elif (registry := _not_registered(err, config)) is not None:
+    elif (registry := not_registered([str(e) for e in _chain(err)], config)) is not None:
         named = registry
     elif isinstance(origin, FileNotFoundError) or (
             isinstance(origin, OSError) and origin.errno == errno.ENOENT):
@@ -433,56 +363,3 @@ def cause_line(error: str) -> str:
     own = [line for line in found if not any(p in line for p in PEER_LOST)]
     return ((own or found or [error.strip().splitlines()[-1] if error.strip() else 'no output'])
             [0])[:400]
-
-
-# ------------------------------------------------------------------------------ killed ranks
-def watch_memory(path: str, stage: Callable[[], str], interval: float = 0.5) -> Callable[[], None]:
-    """Write this process's resident and peak memory (bytes) and its ``stage()`` to ``path`` now
-    and every ``interval`` s, so that a rank the kernel kills leaves what it held, and where;
-    returns the writer, to call when the stage changes."""
-    def write() -> bool:
-        try:
-            fields = dict(line.split(':', 1) for line in open('/proc/self/status'))
-            rss, peak = (int(fields[k].split()[0]) * 1024 for k in ('VmRSS', 'VmHWM'))
-            with open(path + '.tmp', 'w') as f:
-                f.write(f'{rss} {peak} {stage()}')
-            os.replace(path + '.tmp', path)
-        except (OSError, KeyError, ValueError):
-            return False
-        return True
-
-    def loop() -> None:
-        while write():
-            threading.Event().wait(interval)
-    write()
-    threading.Thread(target=loop, name='mmddp-doctor-memory', daemon=True).start()
-    return write
-
-
-def _total_memory() -> Optional[int]:
-    try:
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (ValueError, OSError):
-        return None
-
-
-def killed(rank: int, exitcode: int, memory_file: str, nproc: int) -> Dict[str, Any]:
-    """A rank that ended by a signal (``exitcode`` < 0) or an exit code, without a Python error."""
-    held, stage = None, RUNNING
-    if os.path.exists(memory_file):
-        rss, peak, stage = open(memory_file).read().split(' ', 2)
-        held = max(int(rss), int(peak))
-    gib = f'{held / 2 ** 30:.1f} GiB' if held else 'an unknown amount of memory'
-    total = _total_memory()
-    machine = f' of the {total / 2 ** 30:.0f} GiB this machine has, for {nproc} ranks' \
-        if total else ''
-    if exitcode == -9:
-        return dict(stage=stage, rank=rank, kind='killed',
-                    cause=f'the rank was killed (signal 9, exit code -9) holding {gib}{machine}: '
-                          "most likely the kernel's OOM killer",
-                    todo='Use less memory: a smaller per-rank batch (--batch-size; at most 2 by '
-                         'default), a smaller input (--size H W) or fewer ranks (--nproc).')
-    return dict(stage=stage, rank=rank, kind='killed',
-                cause=f'the rank ended with exit code {exitcode} without a Python error, holding '
-                      f'{gib} (a crash in native code?)',
-                todo="--debug prints every rank's output.")

@@ -4,26 +4,35 @@ A plan keeps DDP on ``False`` because the probe saw a fixed usage: parameters ne
 and parameters unused on some ranks (zero-filled there). Usage can change later: a warm-up branch
 wakes up, another switches off. The guard decides such changes by gradients, never by calls (a stage
 that runs but whose output is dropped, or a head called in a no-grad val loop, changes nothing), and
-fixes the step in which they happen, before the optimizer sees it. After each synchronising backward:
+fixes the step in which they happen, before the optimizer sees it. What arrived is read from the
+wrapper's record of gradient arrival (:mod:`mmddp_hooks.arrival`: which parameters the engine
+reached, and which got a *defined* gradient), never from ``.grad``, which DDP itself writes. After
+each synchronising backward:
 
-1. zero-fill what the plan expects to be unused on this rank and did not get a gradient;
-2. decide, from this rank alone, whether its step left the plan: DDP's reducer did not finalise (a
-   parameter it waits for got no gradient), a parameter outside the reducer (ignored) got one, or
-   ``requires_grad`` differs from when DDP was built. As planned, every reducer parameter got a
-   gradient on some rank and nothing else did, so the ranks need to agree on one bit only;
+1. zero-fill what the plan expects to be unused on this rank and the engine did not reach; if the
+   reducer still did not finalise, zero-fill every reducer parameter the engine did not reach (the
+   *rescue*: each slot then holds what ``True`` would have put there). A parameter reached with no
+   gradient (a custom Function's ``None``) is never filled: DDP marked it ready already. Both come
+   from this rank's own record, before any wait: a fill can complete DDP's last bucket, whose
+   all-reduce waits for every rank's;
+2. decide, from this rank alone, whether its step left the plan: the reducer needed the rescue, a
+   parameter the plan counted on here got no defined gradient in this optimizer step, a parameter
+   outside the reducer (ignored) got one, or ``requires_grad`` differs from when DDP was built. As
+   planned, every reducer parameter got a gradient on some rank and nothing else did, so the ranks
+   need to agree on one bit only;
 3. agree on that bit: one int reduced over the control tree (:class:`mmddp_hooks.dist.ControlTree`,
    gloo point-to-point messages up and down a tree of the ranks, nothing read from a GPU). That is
    the guard's whole per-step exchange: the same few bytes per rank at any number of ranks, and a
    latency that grows as ``log N``;
-4. only in a step some rank left the plan, on every rank: zero-fill every reducer parameter whose
-   gradient did not arrive (the *rescue*: each slot then holds what ``True`` would have put there),
-   sum one int per watched parameter over the tree (did it get a gradient on this rank in this
-   step?, read from ``.grad``, or from a hook for this backward where ``.grad`` was already set
-   before it), and fix the step: where no rank used a parameter, its gradient goes back to
-   ``None``, as ``True`` leaves it (a zero would still move it through momentum and weight decay);
-   where an ignored parameter got a gradient on any rank, it is averaged by hand on the DDP group
-   (``g / world_size``, summed, as DDP's reducer does), so a branch that wakes up trains from its
-   first step.
+4. only in a step some rank left the plan, on every rank: sum one int per watched parameter over
+   the tree (did it get a defined gradient on this rank since the last optimizer step?), with the
+   count of what this rank completed with zeros and whether its reducer is still unfinished (then
+   every rank stops in that step, none left waiting for another), and fix the step: where no rank
+   used a parameter, its gradient goes back to what it was before the step (``None`` after
+   ``zero_grad()``), as ``True`` leaves it (a zero would still move it through momentum and weight
+   decay); where an ignored parameter got a gradient on any rank, it is averaged by hand on the DDP
+   group (``g / world_size``, summed, as DDP's reducer does), so a branch that wakes up trains from
+   its first step.
 
 Every rank sees the same sums, so all of them agree, at the same step, that usage changed and on the
 switch to a safer plan.
