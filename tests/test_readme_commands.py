@@ -18,54 +18,31 @@ CONFIG = 'configs/mmseg/fcn_r18_stage4-unused.py'
 # the README's commands; None: run as written, else how it is run instead
 # (how: each distinct invocation runs once)
 HOW = {
-    'bash tools/setup_env.sh': 'installs packages into .venv: make setup itself',
-    'bash tools/run_tests.sh': 'MMDDP_TEST_WORKERS=0 bash tools/run_tests.sh --version',
-    'bash tools/stress_dist.sh N [pytest args]': 'bash tools/stress_dist.sh 1 --version',
+    f'python3 tools/ddp_doctor.py {CONFIG} --size 64 64 --cfg-options custom_hooks=[]': AS_WRITTEN,
     'python3 tools/check_config.py CONFIG [--cfg-options ...] [--build] [--json]':
         f'python3 tools/check_config.py {CONFIG}',
     'bash tools/dist_train.sh configs/mmseg/fcn_r18_unfreeze-schedule.py 2 --synthetic 64 64 '
     '--iters 10': f'bash tools/dist_train.sh {CONFIG} 1 --help',
     'python3 tools/explain_ddp_error.py CONFIG train.log [--cfg-options k=v ...] [--ignore NAME ...] '
     '[--report work_dir/ddp_usage_report.json] [--json]': 'python3 tools/explain_ddp_error.py --help',
-    f'python3 tools/ddp_doctor.py {CONFIG} --size 64 64 --cfg-options custom_hooks=[]': AS_WRITTEN,
+    'PYTHONPATH=tests python3 tools/ddp_doctor.py tests/configs/hang_net.py --real-data --iters 8 '
+    '--hang-timeout 4': 'PYTHONPATH=tests python3 tools/ddp_doctor.py --help',
     'bash tools/dist_train.sh CONFIG NPROC [--work-dir DIR] [--resume] [--cfg-options k=v ...]':
         f'bash tools/dist_train.sh {CONFIG} 1 --help',
     f'bash tools/dist_train.sh {CONFIG} 2 --synthetic 64 64 --iters 6':
         f'bash tools/dist_train.sh {CONFIG} 1 --help',
-    'NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 PORT=29500 bash tools/dist_train.sh CONFIG 8':
-        f'bash tools/dist_train.sh {CONFIG} 1 --help',  # one node: the others are not here
-    'python3 tools/ddp_doctor.py mmseg::mobilenet_v3/mobilenet-v3-d8_lraspp_4xb4-320k_cityscapes-'
-    '512x1024.py --size 128 128 --iters 1': 'python3 tools/ddp_doctor.py --help',
-    'python3 tools/ddp_doctor.py configs/mmdet/yolov3_mobilenetv2_128.py --size 128 128 --iters 2 '
-    '--cfg-options custom_hooks=[]': 'python3 tools/ddp_doctor.py --help',
-    'PYTHONPATH=tests python3 tools/ddp_doctor.py tests/configs/hang_net.py --real-data --iters 8 '
-    '--hang-timeout 4': 'PYTHONPATH=tests python3 tools/ddp_doctor.py --help',
-    'python3 tools/benchmark_ddp.py --nproc 2 --rounds 200 --json docs/benchmark_results.json '
-    '--plot docs/benchmark_ratios.png': 'python3 tools/benchmark_ddp.py --help',
-    'python3 tools/benchmark_ddp.py --quick': 'python3 tools/benchmark_ddp.py --help',
-    'python3 tools/benchmark_ddp.py --keepalive --rounds 1000': 'python3 tools/benchmark_ddp.py --help',
-    'python3 tools/benchmark_ddp.py --device cuda --json docs/gpu_benchmark.json --plot '
-    'docs/gpu_benchmark.png': 'python3 tools/benchmark_ddp.py --help',
-    'python3 tools/benchmark_ddp.py --device cpu --models real --quick':
-        'python3 tools/benchmark_ddp.py --help',
-    'python3 tools/benchmark_ddp.py --scenarios fixed_unused frozen_part dynamic mmseg_fcn_r18 '
-    'mmseg_fcn_r18_frozen_stages --rounds 200 --json docs/benchmark_trainable.json':
-        'python3 tools/benchmark_ddp.py --help',
-    'python3 tools/benchmark_ddp.py --scenarios fixed_unused dynamic mmseg_fcn_r18 --rounds 100 '
-    '--watchdog-pairs 6 --watchdog-block-s 4 --json docs/benchmark_watchdog.json':
-        'python3 tools/benchmark_ddp.py --help',
     'GPUS=16 GPUS_PER_NODE=8 CPUS_PER_TASK=5 [SRUN_ARGS=...] [PORT=29500] bash tools/slurm_train.sh '
     'PARTITION JOB_NAME CONFIG [WORK_DIR] [train.py args]':
         'PATH=tests/fake_slurm:$PATH GPUS=1 GPUS_PER_NODE=1 GRES= bash tools/slurm_train.sh debug '
         f'fcn-r18 {CONFIG} /tmp/slurm_demo --help',
     'NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 PORT=29500 bash tools/dist_train.sh CONFIG 8 '
-    '[train.py args]': f'bash tools/dist_train.sh {CONFIG} 1 --help',
-    'PATH=tests/fake_slurm:$PATH GPUS=2 GPUS_PER_NODE=1 GRES= PORT=29517 bash tools/slurm_train.sh '
-    f'debug fcn-r18 {CONFIG} /tmp/slurm_demo --synthetic 64 64 --iters 12':
-        'PATH=tests/fake_slurm:$PATH GPUS=2 GPUS_PER_NODE=1 GRES= PORT=29517 bash '
-        f'tools/slurm_train.sh debug fcn-r18 {CONFIG} /tmp/slurm_demo --help',
+    '[train.py args]': f'bash tools/dist_train.sh {CONFIG} 1 --help',  # one node: the others are not here
     f'python3 tools/train.py {CONFIG} --synthetic 64 64 --iters 1 --cfg-options '
     'load_from=/tmp/evil.pth': 'python3 tools/train.py --help',  # the README made /tmp/evil.pth
+    'bash tools/setup_env.sh': 'installs packages into .venv: make setup itself',
+    'bash tools/run_tests.sh': 'MMDDP_TEST_WORKERS=0 bash tools/run_tests.sh --version',
+    'bash tools/stress_dist.sh N [pytest args]': 'bash tools/stress_dist.sh 1 --version',
+    'python3 tools/benchmark_ddp.py --quick': 'python3 tools/benchmark_ddp.py --help',
 }
 NOT_RUN = {'bash tools/setup_env.sh'}  # it installs into .venv; its own first run is make setup
 _COMMAND = re.compile(r'(?:\[?[A-Z_]+=\S*\]? )*(?:python3|bash) tools/[\w/]+\.(?:py|sh)\b[^`\n]*')
