@@ -93,3 +93,20 @@ def test_the_default_batch_is_the_configs_lowered_to_two_never_raised():
                                   "sets another, --batch-size 0 keeps the config's)", True)
     assert batch(16, 0) == (16, "per-rank batch 16 (the config's)", False)
     assert batch(1, 4) == (4, "per-rank batch 4 (--batch-size; the config's is 1)", True)
+
+
+def test_a_rank_that_raised_as_it_started_is_the_cause_not_the_rank_killed_after_it(monkeypatch):
+    error = ('Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+             'torch.distributed.DistNetworkError: The server socket has failed to listen on any '
+             'local network address. port: 20004, useIpv6: false, code: -98, name: EADDRINUSE')
+    monkeypatch.setattr(testing, 'run_on_ranks', _fake_run([
+        RankResult(0, -9, error=error),
+        RankResult(1, -9, error='rank produced no result: killed after a timeout or a peer failure')]))
+    out = doctor.run_doctor('some_config.py')
+    assert out['status'] == doctor.FAILED and out['failure']['rank'] == 0, out
+    assert out['error'] == (
+        'ddp_doctor stopped while starting the ranks on rank 0, before a verdict: '
+        'torch.distributed.DistNetworkError: The server socket has failed to listen on any local '
+        'network address. port: 20004, useIpv6: false, code: -98, name: EADDRINUSE. --debug prints '
+        "every rank's traceback. Rank 1 was then stopped by the doctor (a consequence of the error "
+        'above, not a cause).')

@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import queue
+import random
 import re
 import shutil
 import signal
@@ -120,8 +121,11 @@ class DistRunResult:
         return [r.value for r in self.ranks]
 
 
-_PORTS = itertools.count()
 PORT_BLOCK = 1000  # ports each pytest-xdist worker cycles through
+# from a place of this process's own: processes started together (two doctors, several people's
+# test runs on one machine) would otherwise all try the block's first ports, and one's ranks can
+# take a port between another's check and its bind (EADDRINUSE)
+_PORTS = itertools.count(random.SystemRandom().randrange(PORT_BLOCK))
 
 
 def free_port() -> int:
