@@ -20,8 +20,11 @@ from .branches import standard_settings
 from .doctor_failure import (
     DATA,
     LOADING,
+    LOST_PEER,
     MODEL,
+    PEER_LOST,
     RUNNING,
+    STARTING,
     cause_line,
     classify,
     first_failure,
@@ -343,22 +346,28 @@ def run_doctor(config: str, nproc: int = 2, iters: int = 4, size: Optional[List[
 
 def _first_failure(result, work_dir: str, nproc: int, timeout: float) -> Dict[str, Any]:
     """The cause of a run whose ranks did not all finish: the ranks' own Python errors (not a lost
-    peer, which is what the others see of a rank that died; :func:`first_failure`), else a rank
-    that died without one."""
+    peer, which is what the others see of a rank that died; :func:`first_failure`), those the
+    doctor classified and those raised before it ran (the rank's start: its process group), else
+    a rank that died without one."""
     found = []
     for rank in range(nproc):
         path = os.path.join(work_dir, f'failure_rank{rank}.json')
         if os.path.exists(path):
             with open(path) as f:
                 found.append(json.load(f))
+    found += [_raised_outside(r, work_dir) for r in result.ranks
+              if (r.error or '').startswith('Traceback') and r.rank not in
+              {f['rank'] for f in found}]
     own = first_failure(found)
-    if own:
+    if own:  # the ranks that died without an error were ended by the harness after it
+        own['stopped'] = sorted(r.rank for r in result.ranks if r.exitcode not in (None, 0)
+                                and not r.has_value and r.rank not in {f['rank'] for f in found})
         return own
     lost = sorted(f['rank'] for f in found)
     # no Python error of its own: killed (the OOM killer), or a crash in native code; of several,
     # the first to stop reporting its memory (the harness kills the others after it)
     dead = [r for r in result.ranks if r.exitcode not in (None, 0) and not r.has_value
-            and not (r.error or '').startswith('Traceback') and r.rank not in lost]
+            and r.rank not in lost]
     if dead and not result.timed_out:
         def stopped(r) -> float:
             path = os.path.join(work_dir, f'memory_rank{r.rank}')
@@ -374,6 +383,17 @@ def _first_failure(result, work_dir: str, nproc: int, timeout: float) -> Dict[st
                     cause=f'the ranks did not finish within --timeout {timeout:g} s',
                     todo='Give them longer (--timeout), or fewer iterations (--iters).')
     return dict(stage=RUNNING, rank=None, kind='error', cause=cause_line(result.describe()),
+                todo="--debug prints every rank's traceback.")
+
+
+def _raised_outside(rank, work_dir: str) -> Dict[str, Any]:
+    """A rank's Python error that the doctor's own code did not see (raised as the rank started,
+    e.g. its process group's port taken), from its traceback."""
+    memory = os.path.join(work_dir, f'memory_rank{rank.rank}')
+    stage = open(memory).read().split(' ', 2)[2] if os.path.exists(memory) else STARTING
+    cause = cause_line(rank.error)
+    return dict(stage=stage, rank=rank.rank, cause=cause,
+                kind=LOST_PEER if any(p in cause for p in PEER_LOST) else 'error',
                 todo="--debug prints every rank's traceback.")
 
 

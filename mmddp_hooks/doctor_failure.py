@@ -23,6 +23,7 @@ from .text import code_line, innermost_user
 
 LOADING, MODEL, DATA, RUNNING = ('loading the config', 'building the model', 'building the data',
                                  'running')
+STARTING = 'starting the ranks'  # before the doctor's code ran on a rank: its process group
 VISUALIZER, OPTIMIZER, HOOKS = ('setting up the visualizer and loggers', 'building the optimizer',
                                 'running the hooks before training')
 # the Runner's methods, by the stage they are (a failure's innermost one names its stage)
@@ -349,11 +350,15 @@ def paragraph(failure: Dict[str, Any]) -> str:
         todo = '' if other['todo'] == failure['todo'] else f" {other['todo']}"
         text += (f" {_ranks(other['ranks']).capitalize()} stopped on a different error, while "
                  f"{other['stage']}: {other['cause']}.{todo}")
-    if failure.get('consequences'):
-        lost = failure['consequences']
-        text += (f' {_ranks(lost).capitalize()} then lost {"its peer" if len(lost) == 1 else "peers"}'
-                 f" ({'a consequence' if len(lost) == 1 else 'consequences'} of the error above, "
-                 'not a cause).')
+    lost, stopped = failure.get('consequences') or [], failure.get('stopped') or []
+    after = []
+    if lost:
+        after.append(f'{_ranks(lost)} then lost {"its peer" if len(lost) == 1 else "peers"}')
+    if stopped:
+        after.append(f'{_ranks(stopped)} {"was" if len(stopped) == 1 else "were"} then stopped by '
+                     'the doctor')
+    if after:
+        text += f" {' and '.join(after).capitalize()} (a consequence of the error above, not a cause)."
     return text
 
 

@@ -107,3 +107,20 @@ def test_a_new_style_config_on_mmengine_before_0_8_names_the_version(monkeypatch
     assert failure['cause'] == ('configs/x.py is a new-style config (`with read_base():`), which '
                                 'mmengine reads from 0.8 on; mmengine 0.7.1 is installed')
     assert 'pip install "mmengine>=0.8,<1.0"' in failure['todo']
+
+
+def test_a_rank_that_raised_as_it_started_is_the_cause_not_the_rank_killed_after_it(monkeypatch):
+    error = ('Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+             'torch.distributed.DistNetworkError: The server socket has failed to listen on any '
+             'local network address. port: 20004, useIpv6: false, code: -98, name: EADDRINUSE')
+    monkeypatch.setattr(ranks, 'run_on_ranks', _fake_run([
+        RankResult(0, -9, error=error),
+        RankResult(1, -9, error='rank produced no result: killed after a timeout or a peer failure')]))
+    out = doctor.run_doctor('some_config.py')
+    assert out['status'] == doctor.FAILED and out['failure']['rank'] == 0, out
+    assert out['error'] == (
+        'ddp_doctor stopped while starting the ranks on rank 0, before a verdict: '
+        'torch.distributed.DistNetworkError: The server socket has failed to listen on any local '
+        'network address. port: 20004, useIpv6: false, code: -98, name: EADDRINUSE. --debug prints '
+        "every rank's traceback. Rank 1 was then stopped by the doctor (a consequence of the error "
+        'above, not a cause).')

@@ -13,6 +13,7 @@ each rank is then forked from a zygote that imported torch, MMEngine and this pa
 import itertools
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
@@ -35,8 +36,11 @@ STACK_DUMP_AT = 'MMDDP_STACK_DUMP_AT'
 _DUMP = re.compile(r'^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):', re.M)
 
 
-_PORTS = itertools.count()
 PORT_BLOCK = 1000  # ports each pytest-xdist worker cycles through
+# from a place of this process's own: processes started together (two doctors, several people's
+# test runs on one machine) would otherwise all try the block's first ports, and one's ranks can
+# take a port between another's check and its bind (EADDRINUSE)
+_PORTS = itertools.count(random.SystemRandom().randrange(PORT_BLOCK))
 
 
 def free_port() -> int:
