@@ -3,6 +3,8 @@ MMEngine's own ImportError, the stage the failure happened in (not how far the d
 got), advice that applies, and for a type not in the registry, the class in the repository around
 the config with the import that registers it. Each failure is raised by MMEngine's own Runner or
 registry, as on a rank, and classified as a rank does."""
+import itertools
+
 import pytest
 import research_cases
 from mmengine.config import Config
@@ -22,6 +24,7 @@ train_cfg = dict(by_epoch=False, max_iters=2)
 optim_wrapper = dict(type=OptimWrapper, optimizer=dict(type=SGD, lr=0.01))
 {extra}
 '''
+_RUNS = itertools.count()  # a Runner's visualizer is a named singleton: each build names its own
 
 
 def _runner_error(tmp_path, model: str, extra: str = '', train: bool = False, options=None):
@@ -34,7 +37,8 @@ def _runner_error(tmp_path, model: str, extra: str = '', train: bool = False, op
     cfg = Config.fromfile(str(path))
     cfg.merge_from_dict(options or {})
     use_batch_builder(cfg, 'research_cases.tiny_batch', 2)
-    cfg.update(work_dir=str(tmp_path / 'work'), log_level='WARNING')
+    cfg.update(work_dir=str(tmp_path / 'work'), log_level='WARNING',
+               experiment_name=f'doctor_failure_{next(_RUNS)}')
     try:
         runner = Runner.from_cfg(cfg)
         if train:
