@@ -7,20 +7,19 @@ tensors) and ViT-B/16 (152), each with an extra head that never reaches the loss
 it, the guard watches it), and a stack of 150 linear layers (300 tensors). Per step, in
 microseconds: ``before_backward``; ``after_backward`` without its exchange; the exchange (the one
 int over the control tree; nothing with one rank); ``after_step`` (the reads after the optimizer
-step); the record of arrival's hooks inside the backward (a backward with them against one
-without, interleaved). The median over steps, each rank; the slowest rank's. Real forward and
-backward passes on small inputs run between the timed parts: their cost is not the guard's.
+step); the record of arrival's hooks inside the backward (:func:`record_cost`). The median over
+steps, each rank; the slowest rank's. Real forward and backward passes on small inputs run between
+the timed parts: their cost is not the guard's.
 """
 import statistics
 import time
-from functools import partial
 from typing import Any, Callable, Dict, List
 
 import torch
 from torch import nn
 
 from mmddp_hooks import dist as ddist
-from mmddp_hooks.arrival import GradArrival, _hook
+from mmddp_hooks.arrival import GradArrival
 from mmddp_hooks.plan import DDPPlan
 from mmddp_hooks.wrapper import ReconfigurableDDP
 
@@ -73,9 +72,7 @@ def measure(name: str, steps: int = 100, warmup: int = 10,
     optimizer = torch.optim.SGD(wrapper.parameters(), lr=1e-3, momentum=0.9)
     exchange = _ExchangeClock()
     parts: Dict[str, List[float]] = {k: [] for k in ('before_backward', 'after_backward',
-                                                     'exchange', 'after_step', 'backward',
-                                                     'backward_bare')}
-    arrival = wrapper.arrival
+                                                     'exchange', 'after_step')}
     with exchange:
         for step in range(warmup + steps):
             loss = wrapper()
@@ -96,39 +93,43 @@ def measure(name: str, steps: int = 100, warmup: int = 10,
                 raise RuntimeError(f'guard cost: usage left the plan ({change})')
             if step >= warmup:
                 parts['before_backward'].append(t1 - t0)
-                parts['backward'].append(t2 - t1)
                 parts['after_backward'].append(t3 - t2 - exchange.seconds)
                 parts['exchange'].append(exchange.seconds)
                 parts['after_step'].append(t5 - t4)
-                parts['backward_bare'].append(_bare_backward(wrapper, arrival, optimizer,
-                                                             set_to_none))
     watched = len(wrapper.guard.names)
     wrapper.close_guard()
     medians = {k: 1e6 * statistics.median(v) for k, v in parts.items()}
-    # the record's hooks run inside the backward: a backward with them against one without,
-    # interleaved step by step in this run
-    medians['record'] = medians.pop('backward') - medians.pop('backward_bare')
+    medians['record'] = record_cost(len(wrapper.arrival.params), steps)
     medians['host'] = (medians['before_backward'] + medians['after_backward'] + medians['after_step']
                        + medians['record'])
     return dict(model=name, ranks=ddist.get_world_size(), watched=watched, steps=steps,
                 zero_grad='set_to_none' if set_to_none else 'zeros', median_us=medians)
 
 
-def _bare_backward(wrapper: ReconfigurableDDP, arrival: GradArrival,
-                   optimizer: torch.optim.Optimizer, set_to_none: bool) -> float:
-    """One step with the record's hooks taken off for its backward (nothing of the guard runs:
-    every reducer parameter is used), hooked again after it: the backward's seconds."""
-    for handle in arrival._handles:
-        handle.remove()
-    loss = wrapper()
-    t0 = time.perf_counter()
-    loss.backward()
-    seconds = time.perf_counter() - t0
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=set_to_none)
-    arrival._handles = [h for h in (_hook(p, partial(arrival._arrive, i))
-                                    for i, p in enumerate(arrival.params)) if h is not None]
-    return seconds
+def record_cost(n: int, steps: int = 100, warmup: int = 10) -> float:
+    """Microseconds the record of arrival's hooks add to a backward over ``n`` parameters: their
+    Python calls run inside the backward, where a CPU model's compute would hide them (a GPU's
+    backward is bound by the host). Timed on ``n`` one-element parameters summed, so the backward
+    is little more than their AccumulateGrad nodes; steps with the hooks and without them
+    alternate in this run, and the medians' difference is returned."""
+    params = [nn.Parameter(torch.zeros(1)) for _ in range(n)]
+    times: Dict[bool, List[float]] = {True: [], False: []}
+    for step in range(2 * (warmup + steps)):
+        hooked = step % 2 == 0
+        record = GradArrival(params) if hooked else None
+        if record is not None:
+            record.open()
+        loss = torch.stack(params).sum()
+        t0 = time.perf_counter()
+        loss.backward()
+        seconds = time.perf_counter() - t0
+        if record is not None:
+            record.close()
+        for p in params:
+            p.grad = None
+        if step >= 2 * warmup:
+            times[hooked].append(seconds)
+    return 1e6 * (statistics.median(times[True]) - statistics.median(times[False]))
 
 
 class _ExchangeClock:

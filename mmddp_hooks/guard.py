@@ -123,6 +123,11 @@ class PlanGuard:
         self._fill = np.array([rp.name in fill_names for rp in self.params], dtype=bool)
         self._fill_at = [(i, self.params[i].param) for i in np.flatnonzero(self._fill)]
         self._unclaimed = {i for i, rp in enumerate(self.params) if rp.name in unclaimed_names}
+        # whose freeze the record cannot show, since they get no gradient here either way: this
+        # rank's zero-filled parameters and the ignored ones (any other freeze or unfreeze shows in
+        # the record: a frozen reducer parameter is not reached, an unfrozen one outside it arrives)
+        self._flag_watch = [p for _, p in self._fill_at] + self.ignored
+        self._flag_watch_built = [built[id(p)] for p in self._flag_watch]
         # requires_grad differs from the build before this backward (the step takes the full
         # exchange, which names the change on every rank)
         self._flags_moved = False
@@ -144,12 +149,13 @@ class PlanGuard:
         """Call before ``loss.backward()`` (``sync``: DDP synchronises gradients in this one).
 
         Opens the record of this backward's arrivals; before a synchronising one, also reads
-        ``requires_grad`` after every hook of this iteration: a flag moved since the build,
-        whatever it does to this step's gradients, sends the step through the full exchange.
+        ``requires_grad`` of the parameters whose freeze no arrival can show (zero-filled here,
+        or ignored), after every hook of this iteration: a flag moved since the build sends the
+        step through the full exchange.
         """
         self.arrival.open()
-        if sync:
-            self._flags_moved = list(map(_REQUIRES_GRAD, self._watched)) != self._built_flags
+        if sync and self._flag_watch:
+            self._flags_moved = list(map(_REQUIRES_GRAD, self._flag_watch)) != self._flag_watch_built
 
     def after_backward(self, reducer, exchange: bool = False) -> Optional[str]:
         """Fill, rescue, agree, and where some rank left the plan, fix. Returns why usage differs
