@@ -40,8 +40,8 @@ def never_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 # The first torch release whose dynamo compiles the wrapper's train_step (MMEngine's compile=True)
 # through a usage change and freezes (tests/test_contract.py): on 2.1.2 and 2.2.2 tracing it raised
 # InternalTorchDynamoError; 2.3.1 compiled it but never retraced the model when its branch woke up
-# (modules are not guarded there), so that step trained as the first trace had; 2.5.1 passes.
-COMPILE_MIN = (2, 5)
+# (modules are not guarded there), so that step trained as the first trace had; 2.4.1 passes.
+COMPILE_MIN = (2, 4)
 
 
 def check_compile(compile_cfg: Any, version: str = torch.__version__) -> None:

@@ -40,7 +40,9 @@ EXCEPTION = re.compile(r'^[\w.]*(Error|Exception|Interrupt|StopIteration)\b')
 PEER_LOST = ('Connection closed by peer', 'Connection reset by peer', 'stopped watching')
 CUDA_MESSAGES = ('Torch not compiled with CUDA enabled', 'Found no NVIDIA driver',
                  'No CUDA GPUs are available', 'CUDA driver initialization failed',
-                 'Attempting to deserialize object on a CUDA device', 'cudaGetDeviceCount')
+                 'Attempting to deserialize object on a CUDA device', 'cudaGetDeviceCount',
+                 # torch 2.15's CUDA build without a driver, in a rank forked after torch looked
+                 'Cannot re-initialize CUDA in forked subprocess')
 _NO_MODULE = re.compile(r"No module named '([^']+)'")
 _LAZY_LOCATION = re.compile(r' in (\S+), line (\d+)')
 
