@@ -58,6 +58,18 @@ have albumentations 1.3.1 || { step "albumentations 1.3.1"; \
   "${PIP[@]}" scikit-image PyYAML "${POSE_VIDEO_PINS[@]}"; }
 have mmaction 1.2.0 || { step "mmaction2 1.2.0"; "${PIP[@]}" --no-deps mmaction2==1.2.0; \
   "${PIP[@]}" decord einops "${POSE_VIDEO_PINS[@]}"; }
+# mmaction2 1.2.0's wheel and sdist lack mmaction/models/localizers/drn (open-mmlab/mmaction2#2714,
+# open), which localizers/__init__.py imports: `import mmaction.models` fails, and every mmaction2
+# model with it. That one import (DRN: the localizer of three localization configs) is dropped.
+if ! "$PY" -c "import mmaction.models" 2>/dev/null; then
+  step "mmaction2 1.2.0: drop the import of its unshipped DRN (mmaction2#2714)"
+  "$PY" - <<'PYEOF'
+import pathlib, mmaction
+init = pathlib.Path(mmaction.__file__).parent / 'models' / 'localizers' / '__init__.py'
+text = init.read_text()
+init.write_text(text.replace('from .drn.drn import DRN\n', '').replace(", 'DRN']", ']'))
+PYEOF
+fi
 # mmcv 2.1.0 predates NumPy 2: its adjust_hue (ColorJitter, in mmpretrain's self-supervised
 # pipelines) computes np.uint8(negative shift), which NumPy 2 refuses (OverflowError). NumPy 1.26 is
 # what mmcv 2.1.0 was built for; opencv-python 4.11 and later need NumPy 2.
@@ -67,7 +79,7 @@ have mmaction 1.2.0 || { step "mmaction2 1.2.0"; "${PIP[@]}" --no-deps mmaction2
 step "mmddp_hooks (editable, test extras)"
 "${PIP[@]}" --no-build-isolation -e ".[test,mmseg,mmdet,mmpretrain]" torch==2.13.0 mmcv==2.1.0
 
-"$PY" -c "import mmcv.ops, mmseg, mmdet, mmpretrain, mmpose, mmaction, mmddp_hooks; print('[setup] ok: torch', __import__('torch').__version__, 'numpy', __import__('numpy').__version__, \
+"$PY" -c "import mmcv.ops, mmseg, mmdet, mmpretrain, mmpose, mmaction.models, mmddp_hooks; print('[setup] ok: torch', __import__('torch').__version__, 'numpy', __import__('numpy').__version__, \
 'mmengine', __import__('mmengine').__version__, 'mmcv', mmcv.__version__, 'mmseg', mmseg.__version__, \
 'mmdet', mmdet.__version__, 'mmpretrain', mmpretrain.__version__, 'mmpose', mmpose.__version__, \
 'mmaction2', mmaction.__version__, 'mmddp_hooks', mmddp_hooks.__version__)"
