@@ -1,6 +1,7 @@
 """Build a config's model on CPU, as training would see it, without data or a process group."""
 import hashlib
 import importlib
+import inspect
 import os
 import tempfile
 from typing import Any, Callable, Iterator, List, Optional, Tuple
@@ -166,6 +167,18 @@ def rewrite_nested_configs(cfg: Config, rewrite: Callable[[Config], Any]) -> Non
             d[key] = path
 
 
+def _takes(spec: dict, arg: str, scope: Optional[str]) -> bool:
+    """Whether the registered class a model config dict builds takes ``arg``."""
+    if not isinstance(spec.get('type'), str):
+        return False
+    try:
+        with MODELS.switch_scope_and_registry(scope) as registry:
+            cls = registry.get(spec['type'])
+        return arg in inspect.signature(cls).parameters
+    except Exception:  # unregistered, unimportable or without a signature: left as it is
+        return False
+
+
 def drop_remote_weights(cfg: Config) -> List[str]:
     """Drop, in place, the model's pretrained weights that are not on this machine; what was dropped.
 
@@ -181,6 +194,10 @@ def drop_remote_weights(cfg: Config) -> List[str]:
             if _remote(d[key]):
                 dropped.append(d[key])
                 d[key] = None
+                if key == 'pretrained' and _takes(d, 'pretrained2d', cfg.get('default_scope')):
+                    # mmaction2's TSM and others convert `pretrained` from 2D (default True) and
+                    # load it without asking whether there is one: nothing to convert now
+                    d['pretrained2d'] = False
         inits = d.get('init_cfg')
         many = inits if isinstance(inits, (list, tuple)) else [inits]
         kept = [i for i in many if not (isinstance(i, dict) and i.get('type') == 'Pretrained'

@@ -14,7 +14,7 @@ import torch
 from mmengine.registry import DATASETS, init_default_scope
 
 from mmddp_hooks.doctor import dry_run
-from mmddp_hooks.model_from_config import load_config
+from mmddp_hooks.model_from_config import drop_remote_weights, load_config
 from mmddp_hooks.report import NEVER
 from mmddp_hooks.synthetic import SyntheticDataUnsupported, describe, local_usage, use_synthetic
 
@@ -28,6 +28,7 @@ WHOLEBODY = ('mmpose::wholebody_2d_keypoint/topdown_heatmap/coco-wholebody/'
              'td-hm_hrnet-w32_8xb64-210e_coco-wholebody-256x192.py')
 BOTTOMUP = 'mmpose::body_2d_keypoint/dekr/coco/dekr_hrnet-w32_8xb10-140e_coco-512x512.py'
 DISTILLER = 'mmpose::wholebody_2d_keypoint/dwpose/ubody/s2_dis/dwpose_t-tt_coco-ubody-256x192.py'
+TSM = 'mmaction::recognition/tsm/tsm_imagenet-pretrained-r50_8xb16-1x1x8-50e_kinetics400-rgb.py'
 TSN = 'mmaction::recognition/tsn/tsn_imagenet-pretrained-r50_8xb32-1x1x3-100e_kinetics400-rgb.py'
 I3D = 'mmaction::recognition/i3d/i3d_imagenet-pretrained-r50_8xb8-32x2x1-100e_kinetics400-rgb.py'
 FLOW = 'mmaction::recognition/tsn/tsn_imagenet-pretrained-r50_8xb32_5x1x3-110e_kinetics400-flow.py'
@@ -78,6 +79,18 @@ def test_a_distillers_teacher_and_student_configs_are_found_and_scaled():
     student = load_config(cfg.model.student_cfg)  # written beside, scaled as the pipeline
     assert tuple(student.model.head.input_size) == (96, 128)
     assert tuple(student.model.head.in_featuremap_size) == (3, 4)
+
+
+def test_weights_not_here_are_dropped_with_a_2d_conversion_and_a_distillers_teacher():
+    cfg = load_config(TSM)  # ResNetTSM converts `pretrained` from 2D unasked (pretrained2d=True)
+    assert drop_remote_weights(cfg) == ['torchvision://resnet50']
+    assert cfg.model.backbone.pretrained is None and cfg.model.backbone.pretrained2d is False
+    cfg = load_config(DISTILLER)
+    dropped = drop_remote_weights(cfg)
+    assert 'work_dirs/dwpose_l_dis_t_coco-ubody-256x192/dw-l-t_ucoco_256.pth' in dropped
+    assert cfg.model.teacher_pretrained is None
+    student = load_config(cfg.model.student_cfg)  # its backbone's ImageNet init, from a URL
+    assert student.model.backbone.init_cfg is None and any('cspnext' in d for d in dropped)
 
 
 @pytest.mark.parametrize('config, frames, shape', [
