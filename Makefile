@@ -32,7 +32,7 @@ stress:
 lint:
 	.venv/bin/python -m ruff check .
 
-# The doctor over shipped mmseg/mmdet/mmpretrain configs (docs/zoo_configs.txt), one summary table:
+# The doctor over shipped mmseg/mmdet/mmpretrain/mmpose/mmaction2 configs (docs/zoo_configs.txt), one table:
 # the README's zoo table. Not part of `make test` (about half an hour here). make zoo [ZOO=list]
 zoo:
 	.venv/bin/python tools/ddp_doctor.py --list $(or $(ZOO),docs/zoo_configs.txt) --size 64 64 \

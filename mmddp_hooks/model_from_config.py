@@ -1,7 +1,10 @@
 """Build a config's model on CPU, as training would see it, without data or a process group."""
+import hashlib
 import importlib
+import inspect
 import os
-from typing import Any, Iterator, List, Optional, Tuple
+import tempfile
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
@@ -128,18 +131,73 @@ def _remote(path: Any) -> bool:
     return not (path.startswith(('http://', 'https://')) and os.path.exists(cached))
 
 
+def _nested_path(path: str, scope: Optional[str]) -> str:
+    """A config file a model names (mmpose's distillers' ``teacher_cfg='configs/...'``, relative
+    to the codebase's repository): as given where it exists, else the installed package's copy."""
+    if os.path.exists(path) or not scope:
+        return path
+    try:
+        shipped = config_path(f'{scope}::{path.split("configs/", 1)[-1]}')
+    except ImportError:
+        return path
+    return shipped if os.path.exists(shipped) else path
+
+
+def rewrite_nested_configs(cfg: Config, rewrite: Callable[[Config], Any]) -> None:
+    """Apply ``rewrite`` to the config files the model builds parts from (a ``*_cfg`` key naming a
+    ``.py`` file: mmpose's ``DWPoseDistiller`` reads its teacher and student so), in place: each is
+    loaded, rewritten, written to the temporary folder under a name of its content, and named
+    instead."""
+    scope = cfg.get('default_scope')
+    for d in config_dicts(cfg.get('model')):
+        for key, value in list(d.items()):
+            if not (key.endswith('_cfg') and isinstance(value, str) and value.endswith('.py')):
+                continue
+            nested = Config.fromfile(_nested_path(value, scope))
+            rewrite(nested)
+            text = unformatted(nested).pretty_text
+            folder = os.path.join(tempfile.gettempdir(), 'mmddp_nested_configs')
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, hashlib.sha1(text.encode()).hexdigest()[:16] + '.py')
+            if not os.path.exists(path):
+                tmp = f'{path}.{os.getpid()}'
+                with open(tmp, 'w') as f:
+                    f.write(text)
+                os.replace(tmp, path)  # ranks write the same text: whichever lands is whole
+            d[key] = path
+
+
+def _takes(spec: dict, arg: str, scope: Optional[str]) -> bool:
+    """Whether the registered class a model config dict builds takes ``arg``."""
+    if not isinstance(spec.get('type'), str):
+        return False
+    try:
+        with MODELS.switch_scope_and_registry(scope) as registry:
+            cls = registry.get(spec['type'])
+        return arg in inspect.signature(cls).parameters
+    except Exception:  # unregistered, unimportable or without a signature: left as it is
+        return False
+
+
 def drop_remote_weights(cfg: Config) -> List[str]:
     """Drop, in place, the model's pretrained weights that are not on this machine; what was dropped.
 
     For dry runs offline (the DDP doctor): an ``init_cfg`` of type ``Pretrained`` and a ``pretrained``
-    key that name a URL or a missing file. Which parameters receive gradients does not depend on
-    their starting values; local files stay (``--trust-checkpoint`` decides how they load).
+    key (or ``*_pretrained``: a distiller's teacher) that name a URL or a missing file, also in the
+    config files the model builds parts from. Which parameters receive gradients does not depend
+    on their starting values; local files stay (``--trust-checkpoint`` decides how they load).
     """
-    dropped = []
+    dropped: List[str] = []
+    rewrite_nested_configs(cfg, lambda nested: dropped.extend(drop_remote_weights(nested)))
     for d in config_dicts(cfg.get('model')):
-        if _remote(d.get('pretrained')):
-            dropped.append(d['pretrained'])
-            d['pretrained'] = None
+        for key in [k for k in d if k == 'pretrained' or str(k).endswith('_pretrained')]:
+            if _remote(d[key]):
+                dropped.append(d[key])
+                d[key] = None
+                if key == 'pretrained' and _takes(d, 'pretrained2d', cfg.get('default_scope')):
+                    # mmaction2's TSM and others convert `pretrained` from 2D (default True) and
+                    # load it without asking whether there is one: nothing to convert now
+                    d['pretrained2d'] = False
         inits = d.get('init_cfg')
         many = inits if isinstance(inits, (list, tuple)) else [inits]
         kept = [i for i in many if not (isinstance(i, dict) and i.get('type') == 'Pretrained'

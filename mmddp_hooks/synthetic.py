@@ -14,137 +14,44 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from mmengine.config import Config
 
-from .model_from_config import config_dicts, innermost_datasets, train_only, type_name
-from .synthetic_data import CLS, DET, GENERIC, KNOWN_KEYS, SEG, SyntheticDataUnsupported
+from .model_from_config import (
+    config_dicts,
+    innermost_datasets,
+    rewrite_nested_configs,
+    train_only,
+    type_name,
+)
+from .synthetic_data import GENERIC, KNOWN_KEYS, SyntheticDataUnsupported
+from .synthetic_pose_video import ACTION, FILE_READERS, POSE, pose_factor, skeleton_shape, stand_in
+from .synthetic_sizes import (
+    POSE_SIZE_KEYS,
+    SIZE_KEYS,
+    raw_size,
+    scale_sizes,
+    synthetic_task,
+    train_size,
+)
 
 IMAGE_LOADERS = ('LoadImageFromFile', 'LoadImageFromNDArray')
 ANNOTATION_LOADERS = ('LoadAnnotations', 'LoadPanopticAnnotations')
-# keys whose integers are pixel sizes, in transforms and data preprocessors; scaled by --size
-SIZE_KEYS = ('scale', 'scales', 'img_scale', 'crop_size', 'size', 'random_size_range', 'border')
-RESIZES = ('Resize', 'RandomResize', 'RandomChoiceResize', 'FixScaleResize')
-CLS_SIZES = ('RandomResizedCrop', 'CenterCrop', 'RandomCrop', 'ResizeEdge', 'Resize')
-CLS_PREPROCESSORS = ('ClsDataPreprocessor', 'SelfSupDataPreprocessor', 'TwoNormDataPreprocessor')
-DEFAULT_SIZE = {SEG: (512, 512), DET: (128, 128), CLS: (224, 224), GENERIC: (64, 64)}
+KEEP_CLASS = (GENERIC, POSE, ACTION)  # tasks whose dataset class is kept, its samples made
 DISCOVERY_SAMPLES = 8  # samples run through an unknown pipeline to find the keys it reads
 __all__ = ['SyntheticDataUnsupported', 'use_synthetic', 'use_batch_builder', 'describe']
 
 
-def synthetic_task(cfg: Config) -> str:
-    """``'mmseg'``, ``'mmdet'`` or ``'mmpretrain'``: the raw data format that fits the config's model,
-    else ``'generic'`` (a model the doctor does not know: its own dataset class is kept, see
-    :func:`use_synthetic`).
-
-    Read from the config alone (no import, no model built), so a launcher can check it before it
-    starts ranks.
-    """
-    model = cfg.get('model') or {}
-    # mmpretrain's configs keep it at the top level; the Runner puts it into the model
-    preprocessor = type_name(model.get('data_preprocessor') or cfg.get('data_preprocessor'))
-    if preprocessor == 'SegDataPreProcessor' or model.get('decode_head') is not None:
-        return SEG
-    if preprocessor == 'DetDataPreprocessor' or any(
-            model.get(head) is not None for head in ('bbox_head', 'roi_head', 'rpn_head')):
-        return DET
-    if preprocessor in CLS_PREPROCESSORS or cfg.get('default_scope') == CLS:
-        return CLS
-    return GENERIC
-
-
-def _hw(scale: Any, keep_ratio: bool) -> Tuple[int, int]:
-    """(H, W) of a resize ``scale`` (mmcv's (w, h); with ``keep_ratio`` a long and a short edge)."""
-    if isinstance(scale, int):
-        return scale, scale
-    w, h = scale
-    return (min(w, h), max(w, h)) if keep_ratio else (h, w)
-
-
-def _first_resize(cfg: Config) -> Optional[Tuple[int, int]]:
-    """(H, W) the train pipeline's first resize aims at (the largest of a random choice), or None."""
-    for t in config_dicts(cfg.get('train_dataloader')):
-        scales = t.get('scale') or t.get('scales')
-        if type_name(t) in RESIZES and scales:
-            # ``scales`` are choices (ints: short edges); a ``scale`` is one, or a range of two
-            many = 'scales' in t or not isinstance(scales[0] if isinstance(scales, (list, tuple))
-                                                   else scales, int)
-            sizes = [_hw(s, t.get('keep_ratio', False)) for s in (scales if many else [scales])]
-            return max(sizes, key=lambda hw: hw[0] * hw[1])
-    return None
-
-
-def _det_size(cfg: Config) -> Optional[Tuple[int, int]]:
-    """A detector's first train resize capped by an absolute ``RandomCrop`` (mmdet's crop is
-    (w, h)), else the preprocessor's fixed-size pad."""
-    size = _first_resize(cfg)
-    if size:
-        for t in config_dicts(cfg.get('train_dataloader')):
-            if type_name(t) == 'RandomCrop' and t.get('crop_type', 'absolute') == 'absolute':
-                size = min(size[0], t['crop_size'][1]), min(size[1], t['crop_size'][0])
-        return size
-    preprocessor = cfg.model.get('data_preprocessor') or {}
-    for t in config_dicts(preprocessor.get('batch_augments')):
-        if type_name(t) == 'BatchFixedSizePad':
-            return tuple(t['size'])
-    return None
-
-
-def _cls_size(cfg: Config) -> Optional[Tuple[int, int]]:
-    """A classifier's train crop (mmpretrain's sizes are an int or (h, w))."""
-    for t in config_dicts(cfg.get('train_dataloader')):
-        value = t.get('crop_size', t.get('scale')) if type_name(t) in CLS_SIZES else None
-        if isinstance(value, int):
-            return value, value
-        if isinstance(value, (list, tuple)) and len(value) == 2 and \
-                all(isinstance(v, int) for v in value):
-            return tuple(value)
-    return None
-
-
-def raw_size(cfg: Config, task: str) -> Tuple[int, int]:
-    """The (H, W) of the raw images: what the train pipeline's first resize aims at (a dataset's
-    images are about that size: Cityscapes' 1024x2048 for ``scale=(2048, 1024)``), else the train
-    size (a classifier's crops take any image)."""
-    return (task != CLS and _first_resize(cfg)) or train_size(cfg, task)
-
-
-def train_size(cfg: Config, task: str) -> Tuple[int, int]:
-    """The (H, W) the config as shipped trains on: a segmentor's ``crop_size`` (its preprocessor
-    pads to it), a detector's train resize capped by its crop, a classifier's train crop."""
-    if task == SEG:
-        size = (cfg.model.get('data_preprocessor') or {}).get('size') or cfg.get('crop_size')
-    else:
-        size = _det_size(cfg) if task == DET else _cls_size(cfg)
-    return tuple(int(s) for s in size) if size else DEFAULT_SIZE[task]
-
-
-def _scaled(value: Any, factor: float) -> Any:
-    """Every int in ``value`` times ``factor`` (at least 1 in size); floats (ratios) as they are."""
-    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
-        return value
-    if isinstance(value, int):
-        return (1 if value > 0 else -1) * max(1, round(abs(value) * factor)) if value else 0
-    return type(value)(_scaled(v, factor) for v in value)
-
-
-def scale_sizes(node: Any, factor: float) -> None:
-    """Scale, in place, the pixel sizes (``SIZE_KEYS``) of every transform under ``node``."""
-    if factor == 1:
-        return
-    for d in config_dicts(node):
-        for key in SIZE_KEYS:
-            if key in d and 'type' in d:
-                d[key] = _scaled(d[key], factor)
-
-
-def _loader(step: dict, where: str, generic: bool) -> dict:
+def _loader(step: dict, where: str, task: str) -> dict:
     """The synthetic stand-in of one loading step. An unknown loader of a known task is named,
     with the way out; of an unknown model's, it reads nothing (the sample brings what later
     steps read)."""
     name = type_name(step)
+    pose_or_video = stand_in(step, name, task)
+    if pose_or_video:
+        return pose_or_video
     if name in IMAGE_LOADERS:
         return dict(step, type='SyntheticLoadImage', replaces=name)
     if name in ANNOTATION_LOADERS:
         return dict(type='SyntheticLoadAnnotations', replaces=dict(step))
-    if generic:
+    if task in KEEP_CLASS:
         return dict(type='SyntheticLoad', replaces=name)
     raise SyntheticDataUnsupported(
         f'{where} is {step["type"]!r}, a loading step the synthetic data cannot stand in for (it '
@@ -152,18 +59,18 @@ def _loader(step: dict, where: str, generic: bool) -> dict:
         "the config's own data, or replace the step with --cfg-options.")
 
 
-def replace_loaders(node: Any, where: str, replaced: List[str], generic: bool = False) -> Any:
-    """``node`` with every loading step (a transform whose type starts with ``Load``) replaced;
-    ``replaced`` collects their types."""
+def replace_loaders(node: Any, where: str, replaced: List[str], task: str = GENERIC) -> Any:
+    """``node`` with every loading step (a transform whose type starts with ``Load``, and the
+    video readers and decoders) replaced; ``replaced`` collects their types."""
     if isinstance(node, dict):
         name = type_name(node)
-        if isinstance(name, str) and name.startswith('Load'):
+        if isinstance(name, str) and (name.startswith('Load') or name in FILE_READERS):
             replaced.append(name)
-            return _loader(node, where, generic)
-        return type(node)({k: replace_loaders(v, f'{where}.{k}', replaced, generic)
+            return _loader(node, where, task)
+        return type(node)({k: replace_loaders(v, f'{where}.{k}', replaced, task)
                            for k, v in node.items()})
     if isinstance(node, (list, tuple)):
-        return type(node)(replace_loaders(v, f'{where}[{i}]', replaced, generic)
+        return type(node)(replace_loaders(v, f'{where}[{i}]', replaced, task)
                           for i, v in enumerate(node))
     return node
 
@@ -195,6 +102,8 @@ def use_synthetic(cfg: Config, img_size: Optional[Sequence[int]] = None,
         if len(img_size) != 2 or min(img_size) < 1:
             raise ValueError(f'img_size must be (H, W) with positive sizes, got {img_size}')
         factor = min(img_size[0] / shipped[0], img_size[1] / shipped[1])
+        if task == POSE:
+            factor = pose_factor(shipped, factor)
     size = tuple(max(1, round(s * factor)) for s in shipped)
     raw = tuple(max(1, round(s * factor)) for s in raw_size(cfg, task))
     loader = cfg.get('train_dataloader')
@@ -203,14 +112,17 @@ def use_synthetic(cfg: Config, img_size: Optional[Sequence[int]] = None,
     train_only(cfg, max_iters)
     labels = max(_num_classes(cfg.model), default=None)
     datasets, steps = [], []
-    generic = task == GENERIC
+    keep = task in KEEP_CLASS
     for dataset, where in list(innermost_datasets(loader['dataset'], 'train_dataloader.dataset')):
         if type_name(dataset) in ('SyntheticRawDataset', 'SyntheticRawLike'):
             continue  # one dict in two wrappers (a config variable used twice): replaced already
-        if generic:  # its own class, pipeline and arguments; only its samples are synthetic
+        if keep:  # its own class, pipeline and arguments; only its samples are synthetic
             new = dict(type='SyntheticRawLike', replaces=dict(dataset), num_samples=num_samples,
-                       img_size=raw, num_classes=labels,
+                       img_size=raw, num_classes=labels, task=task,
                        values=dict((cfg.get('ddp_doctor') or {}).get('synthetic_values') or {}))
+            if task == ACTION:
+                new['skeleton'] = skeleton_shape(cfg.model, list(config_dicts(
+                    dataset.get('pipeline'))))
         else:
             new = dict(type='SyntheticRawDataset', task=task, num_samples=num_samples,
                        img_size=raw, num_classes=labels, replaces=dataset.get('type'),
@@ -223,18 +135,21 @@ def use_synthetic(cfg: Config, img_size: Optional[Sequence[int]] = None,
         dataset.clear()
         dataset.update(new)
     loader['dataset'] = replace_loaders(loader['dataset'], 'train_dataloader.dataset', steps,
-                                        generic)
+                                        task)
     if cfg.get('custom_hooks'):  # e.g. RTMDet's PipelineSwitchHook carries a second pipeline
-        cfg.custom_hooks = replace_loaders(cfg.custom_hooks, 'custom_hooks', steps, generic)
+        cfg.custom_hooks = replace_loaders(cfg.custom_hooks, 'custom_hooks', steps, task)
     for node in (loader['dataset'], cfg.get('custom_hooks'), cfg.model.get('data_preprocessor'),
                  cfg.get('data_preprocessor')):
-        scale_sizes(node, factor)
+        scale_sizes(node, factor, SIZE_KEYS + POSE_SIZE_KEYS * (task in (POSE, ACTION)))
+    if task == POSE:  # the heads' sizes, also in the config files a distiller builds from
+        scale_sizes(cfg.model, factor, POSE_SIZE_KEYS)
+        rewrite_nested_configs(cfg, lambda sub: scale_sizes(sub.model, factor, POSE_SIZE_KEYS))
     loader.update(num_workers=0, persistent_workers=False)
     sampler = loader.get('sampler') or {}
     if max_iters is not None and type_name(sampler) == 'DefaultSampler':
         # an iteration-based loop restarts a finite sampler, with MMEngine's 2 s pause each time
         loader['sampler'] = dict(sampler, type='InfiniteSampler')
-    keys = _discover_keys(cfg) if generic else []
+    keys = _discover_keys(cfg) if keep else []
     return dict(task=task, shipped_size=shipped, train_size=size, raw_size=raw, factor=factor,
                 datasets=datasets, steps=steps, keys=keys)
 
@@ -297,14 +212,17 @@ def describe(done: Dict[str, Any]) -> str:
         return (f"synthetic samples of {done['raw_size'][0]}x{done['raw_size'][1]} in {kept}; "
                 f"loading steps replaced: {', '.join(sorted(set(done['steps']))) or 'none'}; keys "
                 f"made for the later steps: {', '.join(done['keys']) or 'none'}")
-    replaced = ', '.join(f'{where} ({kind})' for where, kind in done['datasets'])
+    kept = done['task'] in KEEP_CLASS  # a pose or video dataset: its class makes the samples
+    replaced = ', '.join(f"{where} ({kind}{', its class kept' if kept else ''})"
+                         for where, kind in done['datasets'])
     steps = ', '.join(sorted(set(done['steps']))) or 'none'
     scale = '' if done['factor'] == 1 else \
         f", pipeline sizes scaled by {done['factor']:.3g} from {done['shipped_size'][0]}x" \
         f"{done['shipped_size'][1]}"
-    return (f"synthetic {done['task']} samples of {done['raw_size'][0]}x{done['raw_size'][1]} stand "
-            f"in for {replaced}; train size {h}x{w}{scale}; "
-            f"loading steps replaced: {steps}; every other step of the config's pipeline runs")
+    made = f"; keys made for the later steps: {', '.join(done['keys'])}" if done['keys'] else ''
+    return (f"synthetic {done['task']} samples of {done['raw_size'][0]}x{done['raw_size'][1]} "
+            f"{'in' if kept else 'stand in for'} {replaced}; train size {h}x{w}{scale}; "
+            f"loading steps replaced: {steps}{made}; every other step of the config's pipeline runs")
 
 
 def _pipeline_step(tb: Any) -> Optional[str]:

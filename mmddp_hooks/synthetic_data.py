@@ -318,14 +318,21 @@ class _RawLike:
                         synthetic=dict(seed=seed, num_classes=s['num_classes']))
             info['instances'] = [_instance(rng, h, w, s['num_classes']) for _ in range(
                 rng.randint(1, 4))]
-            for key, choices in (s.get('values') or {}).items():  # the user's: data_tag=[...]
-                info[key] = choices[i % len(choices)] if isinstance(choices, (list, tuple)) \
-                    else choices
-            out.append(info)
+            out.append(self._values(info, i))
         return out
 
+    def _values(self, info: dict, index: int) -> dict:
+        """``info`` with the user's ``values`` (``data_tag=[...]``: taken in turn)."""
+        for key, choices in (self._synthetic.get('values') or {}).items():
+            info[key] = choices[index % len(choices)] if isinstance(choices, (list, tuple)) \
+                else choices
+        return info
+
     def get_data_info(self, idx: int) -> dict:
-        info = super().get_data_info(idx)
+        return self._with_keys(super().get_data_info(idx))
+
+    def _with_keys(self, info: dict) -> dict:
+        """``info`` with the keys the pipeline was found to read."""
         s = self._synthetic
         h, w = s['img_size']
         for key in s['keys']:
@@ -346,11 +353,16 @@ def _instance(rng: np.random.RandomState, h: int, w: int, n: int) -> dict:
 @DATASETS.register_module()
 def SyntheticRawLike(replaces: dict, num_samples: int = 32, img_size: Sequence[int] = (64, 64),
                      num_classes: Optional[int] = None, keys: Sequence[str] = (),
-                     values: Optional[dict] = None, seed: int = 0) -> BaseDataset:
+                     values: Optional[dict] = None, seed: int = 0, task: str = GENERIC,
+                     skeleton: Optional[Sequence[int]] = None) -> BaseDataset:
     """The config's own dataset (``replaces``, its class and arguments kept), its
     ``load_data_list`` replaced by ``num_samples`` synthetic raw samples of ``img_size``: an image
     path, 1-3 ``instances``, a ``gt_label``, the user's ``values`` (a key: a value or a list to
-    take in turn) and the ``keys`` of :data:`KNOWN_KEYS` that its pipeline reads."""
+    take in turn) and the ``keys`` of :data:`KNOWN_KEYS` that its pipeline reads. A pose or video
+    dataset (``task``) gets its own format's samples instead
+    (:mod:`~mmddp_hooks.synthetic_pose_video`; ``skeleton``: joints and coordinates)."""
+    from .synthetic_pose_video import mixin_for
+
     spec = dict(replaces)
     cls = spec.pop('type')
     if isinstance(cls, str):
@@ -360,11 +372,11 @@ def SyntheticRawLike(replaces: dict, num_samples: int = 32, img_size: Sequence[i
         raise SyntheticDataUnsupported(
             f'{getattr(cls, "__name__", cls)} is not an MMEngine BaseDataset: the synthetic data '
             'keeps a dataset class and replaces its load_data_list, which this class does not have')
-    keep = type(f'Synthetic{cls.__name__}', (_RawLike, cls), {})
+    keep = type(f'Synthetic{cls.__name__}', (mixin_for(task, cls) or _RawLike, cls), {})
     spec.pop('lazy_init', None)
     return keep(synthetic=dict(num_samples=num_samples, img_size=tuple(img_size), seed=seed,
                                num_classes=int(num_classes or 2), keys=list(keys),
-                               values=values or {}), **spec)
+                               values=values or {}, skeleton=skeleton), **spec)
 
 
 @TRANSFORMS.register_module()

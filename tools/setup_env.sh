@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Take a fresh machine to a working .venv with torch (CPU wheel), mmengine, a full mmcv 2.1.0 build
 # with CPU ops, mmsegmentation 1.2.2, mmdetection 3.3.0,
-# mmpretrain 1.2.0 and this package (editable, with test extras).
+# mmpretrain 1.2.0, mmpose 1.3.2, mmaction2 1.2.0 and this package (editable, with test extras).
 # Idempotent: each step is skipped when what it installs is already importable at the right version,
 # so a second run takes seconds. mmcv's ~6 min source build is cached by pip's wheel cache.
 set -euo pipefail
@@ -44,6 +44,32 @@ have sklearn 1.7.2 || { step "scikit-learn 1.7.2"; "${PIP[@]}" scikit-learn==1.7
 # torch==2.1.2 pin; torchvision.extension._has_ops() is False, and nothing here uses those ops).
 have torchvision 0.16.2 || { step "torchvision 0.16.2 (Python part only)"; "${PIP[@]}" --no-deps torchvision==0.16.2; "${PIP[@]}" requests pillow; }
 have mmpretrain 1.2.0 || { step "mmpretrain 1.2.0"; "${PIP[@]}" mmpretrain==1.2.0 torch==2.13.0 mmcv==2.1.0; }
+# mmpose 1.3.2 and mmaction2 1.2.0 go in without their pip dependencies, which are installed here
+# instead: mmpose's unpinned torchvision makes pip swap 0.16.2 above for 0.28.0 (pip --dry-run),
+# and mmaction2's opencv-contrib-python resolves to 4.11 (NumPy 2 builds) and writes a second cv2
+# over opencv-python's (its contrib modules are unused here).
+POSE_VIDEO_PINS=(torch==2.13.0 mmcv==2.1.0 "numpy<2" "opencv-python<4.11")
+have mmpose 1.3.2 || { step "mmpose 1.3.2"; "${PIP[@]}" --no-deps mmpose==1.3.2; \
+  "${PIP[@]}" chumpy xtcocotools json-tricks munkres matplotlib scipy "${POSE_VIDEO_PINS[@]}"; }
+# RTMPose's pipelines (the DWPose distillers') blur and drop out through albumentations; 1.3.1 and
+# its qudida name opencv-python-headless, another cv2 over opencv-python's: installed without it.
+have albumentations 1.3.1 || { step "albumentations 1.3.1"; \
+  "${PIP[@]}" --no-deps albumentations==1.3.1 qudida==0.0.4; \
+  "${PIP[@]}" scikit-image PyYAML "${POSE_VIDEO_PINS[@]}"; }
+have mmaction 1.2.0 || { step "mmaction2 1.2.0"; "${PIP[@]}" --no-deps mmaction2==1.2.0; \
+  "${PIP[@]}" decord einops "${POSE_VIDEO_PINS[@]}"; }
+# mmaction2 1.2.0's wheel and sdist lack mmaction/models/localizers/drn (open-mmlab/mmaction2#2714,
+# open), which localizers/__init__.py imports: `import mmaction.models` fails, and every mmaction2
+# model with it. That one import (DRN: the localizer of three localization configs) is dropped.
+if ! "$PY" -c "import mmaction.models" 2>/dev/null; then
+  step "mmaction2 1.2.0: drop the import of its unshipped DRN (mmaction2#2714)"
+  "$PY" - <<'PYEOF'
+import pathlib, mmaction
+init = pathlib.Path(mmaction.__file__).parent / 'models' / 'localizers' / '__init__.py'
+text = init.read_text()
+init.write_text(text.replace('from .drn.drn import DRN\n', '').replace(", 'DRN']", ']'))
+PYEOF
+fi
 # mmcv 2.1.0 predates NumPy 2: its adjust_hue (ColorJitter, in mmpretrain's self-supervised
 # pipelines) computes np.uint8(negative shift), which NumPy 2 refuses (OverflowError). NumPy 1.26 is
 # what mmcv 2.1.0 was built for; opencv-python 4.11 and later need NumPy 2.
@@ -53,6 +79,7 @@ have mmpretrain 1.2.0 || { step "mmpretrain 1.2.0"; "${PIP[@]}" mmpretrain==1.2.
 step "mmddp_hooks (editable, test extras)"
 "${PIP[@]}" --no-build-isolation -e ".[test,mmseg,mmdet,mmpretrain]" torch==2.13.0 mmcv==2.1.0
 
-"$PY" -c "import mmcv.ops, mmseg, mmdet, mmpretrain, mmddp_hooks; print('[setup] ok: torch', __import__('torch').__version__, 'numpy', __import__('numpy').__version__, \
+"$PY" -c "import mmcv.ops, mmseg, mmdet, mmpretrain, mmpose, mmaction.models, mmddp_hooks; print('[setup] ok: torch', __import__('torch').__version__, 'numpy', __import__('numpy').__version__, \
 'mmengine', __import__('mmengine').__version__, 'mmcv', mmcv.__version__, 'mmseg', mmseg.__version__, \
-'mmdet', mmdet.__version__, 'mmpretrain', mmpretrain.__version__, 'mmddp_hooks', mmddp_hooks.__version__)"
+'mmdet', mmdet.__version__, 'mmpretrain', mmpretrain.__version__, 'mmpose', mmpose.__version__, \
+'mmaction2', mmaction.__version__, 'mmddp_hooks', mmddp_hooks.__version__)"
