@@ -118,10 +118,13 @@ class PlanGuard:
         self._owns_arrival = arrival is None
         self.arrival = arrival if arrival is not None else GradArrival(self._watched)
         self._at = self.arrival.indices(self._watched)  # watched -> the record's positions
+        n = len(self.params)
+        self._at_off = self._at[n:]
         self.trainable_change: Optional[TrainableChange] = None  # set by the step it shows in
         fill_names, unclaimed_names = set(fill), set(unclaimed)
         self._fill = np.array([rp.name in fill_names for rp in self.params], dtype=bool)
         self._fill_at = [(i, self.params[i].param) for i in np.flatnonzero(self._fill)]
+        self._at_counted = self._at[:n][~self._fill]  # what the plan counts on here
         self._unclaimed = {i for i, rp in enumerate(self.params) if rp.name in unclaimed_names}
         # whose freeze the record cannot show, since they get no gradient here either way: this
         # rank's zero-filled parameters and the ignored ones (any other freeze or unfreeze shows in
@@ -172,6 +175,11 @@ class PlanGuard:
         record = self.arrival
         record.close_backward()
         record.end_window()  # read below; the next backward opens a new one
+        planned = not (self._fill_at or self._flags_moved or record.was_none or exchange) and \
+            record.window[self._at_counted].all() and not record.window[self._at_off].any() \
+            and reducer_finalized(reducer)  # as planned here, told with the fewest reads
+        if planned and (self._alone or not self._agree(False)):
+            return None
         n = len(self.params)
         reached = record.reached[self._at[:n]]
         filled = [i for i, _ in self._fill_at if not reached[i]]
@@ -192,13 +200,17 @@ class PlanGuard:
         left = bool(not finalized or self._flags_moved or missed.any() or window[n:].any()
                     or not self._unclaimed.isdisjoint(filled))
         self._flags_moved = False
-        if not exchange:
+        if not (exchange or planned):  # (planned: agreed above that some other rank left)
             if self._alone and not left:
                 return None
-            self._left[0] = left
-            if not ddist.all_reduce_flags(self._left, self.group, ReduceOp.MAX)[0]:
+            if not self._agree(left):
                 return None  # as planned on every rank
         return self._fix(reducer, window, missed, was_none)
+
+    def _agree(self, left: bool) -> bool:
+        """Whether any rank's step left the plan: one int, reduced over the control tree."""
+        self._left[0] = left
+        return bool(ddist.all_reduce_flags(self._left, self.group, ReduceOp.MAX)[0])
 
     def _fix(self, reducer, window: np.ndarray, missed: np.ndarray,
              was_none: Dict[int, bool]) -> Optional[str]:
