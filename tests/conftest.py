@@ -46,7 +46,8 @@ LONGEST = {
     'tests/test_autotune_runner.py': 26, 'tests/test_trainable.py::2ranks': 20,
     'tests/test_contract.py::2ranks': 18, 'tests/test_contrastive.py': 17,
     'tests/test_benchmark.py': 16, 'tests/test_trainable.py': 13, 'tests/test_synthetic.py': 11,
-    'tests/test_branches.py': 9,
+    'tests/test_branches.py': 9, 'tests/test_readme_commands.py': 90, 'tests/test_pose_video.py': 75,
+    'tests/test_research_code.py': 40, 'tests/test_arrival.py': 25, 'tests/test_late_freeze.py': 18,
 }
 _RANKS = re.compile(r'\[(\d+ranks)[-\]]')
 
